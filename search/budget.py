@@ -1,0 +1,87 @@
+"""The search's FLOPs budget: who may start, and when everything stops.
+
+Spend is the sum over every trial of its last reported ``train_flops``. Two parties
+read it:
+
+* the searcher (:class:`search.searcher.BudgetedOptunaSearch`) starts a new trial only if
+  what is left, after the running trials reach their next ASHA milestone, still covers a
+  new trial's grace period, and declares the search finished once less than a grace
+  period is left;
+* :class:`BudgetStopper` stops every running trial once the budget is spent. It is also a
+  Tune callback, so after a restore it rebuilds the spend of trials that finished before
+  the interruption from their last results.
+
+So the total can overshoot ``budget_flops`` by at most one report interval of each trial
+running at the moment the budget is reached.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ray import tune
+
+__all__ = ["BudgetPolicy", "BudgetStopper"]
+
+Decision = Literal["start", "wait", "done"]
+
+
+@dataclass(frozen=True)
+class BudgetPolicy:
+    """Admission rule for new trials under a global FLOPs budget.
+
+    Args:
+        budget_flops: the whole search's training FLOPs.
+        grace_flops: what a new trial must be able to spend (ASHA's first rung).
+        milestones: ASHA's rungs in FLOPs, ending with ``trial_flops``.
+    """
+
+    budget_flops: float
+    grace_flops: float
+    milestones: tuple[float, ...]
+
+    def next_milestone(self, spent: float) -> float:
+        i = bisect_right(self.milestones, spent)
+        return self.milestones[min(i, len(self.milestones) - 1)]
+
+    def committed(self, spent: float) -> float:
+        """FLOPs a running trial will spend before ASHA next looks at it."""
+        return max(0.0, self.next_milestone(spent) - spent)
+
+    def decide(self, spent: Mapping[str, float], running: Iterable[str]) -> Decision:
+        total = sum(spent.values())
+        if self.budget_flops - total < self.grace_flops:
+            return "done"
+        reserved = sum(self.committed(spent.get(t, 0.0)) for t in running)
+        if self.budget_flops - total - reserved >= self.grace_flops:
+            return "start"
+        return "wait"
+
+
+class BudgetStopper(tune.Stopper, tune.Callback):
+    """Stops the whole search once the trials' summed ``train_flops`` reach the budget."""
+
+    def __init__(self, budget_flops: float) -> None:
+        self.budget_flops = budget_flops
+        self.spent: dict[str, float] = {}
+
+    @property
+    def total(self) -> float:
+        return sum(self.spent.values())
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        if "train_flops" in result:
+            self.spent[trial_id] = float(result["train_flops"])
+        return self.total >= self.budget_flops
+
+    def stop_all(self) -> bool:
+        return self.total >= self.budget_flops
+
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        for trial in trials:  # restored trials carry their spend in last_result
+            flops = (trial.last_result or {}).get("train_flops")
+            if flops is not None:
+                self.spent[trial.trial_id] = max(self.spent.get(trial.trial_id, 0.0), float(flops))

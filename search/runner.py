@@ -1,0 +1,288 @@
+"""Run one search: data once, OptunaSearch + ASHA on FLOPs, budget, resources, MLflow.
+
+``run_search`` is what ``recscale search`` calls; tests call it directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+import pandas as pd
+
+from search.budget import BudgetPolicy, BudgetStopper
+from search.checks import ConfigCheck
+from search.resources import TrialResources
+from search.settings import SearchConfig, asha_milestones
+from search.tracking import (
+    TrialStatusCallback,
+    default_tracking_uri,
+    end_parent,
+    find_or_create_parent,
+)
+from spaces.search_space import SearchSpace, bundled_space, load_space
+from trainers.data import EncodedDataset, load_dataset
+
+__all__ = ["SearchError", "SearchOutcome", "ensure_feasible", "resolve_space", "run_search"]
+
+log = logging.getLogger(__name__)
+
+SETTINGS_FILE = "recscale_search.json"
+# Settings a resumed search must share with the interrupted one.
+_RESUME_KEYS = ("space", "data", "budget_flops", "trial_flops", "max_flops_per_example",
+                "grace_flops", "reduction_factor", "searcher", "scheduler", "objective", "seed")
+
+
+class SearchError(ValueError):
+    """A search that cannot run as asked; the message is one line."""
+
+
+@dataclass
+class SearchOutcome:
+    """What a finished search leaves: its trials, budget spent and MLflow ids."""
+
+    name: str
+    trials: pd.DataFrame
+    spent_flops: float
+    budget_flops: float
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    storage_path: str
+    rejected_samples: int
+
+    def best(self, n: int = 10) -> pd.DataFrame:
+        if self.trials.empty or "val_logloss" not in self.trials:
+            return self.trials
+        return self.trials.sort_values("val_logloss").head(n)
+
+
+def resolve_space(space: str) -> Path:
+    """A space file path, or the name of one shipped in ``spaces/`` (``unified``)."""
+    path = Path(space)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    return bundled_space(space)
+
+
+def ensure_feasible(space: SearchSpace, check: ConfigCheck, seed: int, draws: int = 400) -> int:
+    """Raise ``SearchError`` unless random draws from ``space`` find a trainable config.
+
+    Returns how many of the draws were feasible.
+    """
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    feasible, cheapest, reason = 0, float("inf"), ""
+    for _ in range(draws):
+        trial = study.ask()
+        flat = {**space.suggest(trial), **trial.params}
+        ok, _, why = check(flat)
+        study.tell(trial, 0.0)
+        if ok:
+            feasible += 1
+        else:
+            reason = why
+            try:
+                cheapest = min(cheapest, check.flops(flat))
+            except Exception:  # an invalid combination has no cost
+                pass
+    if feasible == 0:
+        cap = check.max_flops_per_example
+        raise SearchError(
+            f"no config in space {space.name!r} fits: cap max_flops_per_example="
+            f"{cap if cap is None else f'{cap:.3g}'}, trial_flops={check.trial_flops:.3g}; "
+            f"cheapest sampled config costs {cheapest:.3g} FLOPs/example (last reason: {reason})"
+        )
+    return feasible
+
+
+def _settings_record(cfg: SearchConfig) -> dict[str, Any]:
+    return json.loads(cfg.model_dump_json())
+
+
+def _check_resume(path: Path, cfg: SearchConfig) -> None:
+    record = path / SETTINGS_FILE
+    if not record.exists():
+        return
+    old = json.loads(record.read_text())
+    new = _settings_record(cfg)
+    changed = [k for k in _RESUME_KEYS if old.get(k) != new.get(k)]
+    if changed:
+        raise SearchError(
+            f"search {cfg.name!r} exists in {path.parent} with other settings ({', '.join(changed)}); "
+            "resume with the same settings or choose another --name"
+        )
+
+
+def _trial_table(results: Any) -> pd.DataFrame:
+    df = results.get_dataframe()
+    if df.empty:
+        return df
+    keep = [c for c in df.columns if c.startswith("config/") or c in (
+        "trial_id", "val_logloss", "val_auc", "val_ne", "train_loss", "train_flops",
+        "examples_seen", "flops_per_example", "params_dense", "params_embedding",
+        "examples_per_s", "trial_status", "mlflow_run_id", "device")]
+    df = df[keep].rename(columns=lambda c: c.removeprefix("config/"))
+    return df.reset_index(drop=True)
+
+
+def run_search(
+    cfg: SearchConfig,
+    tracking_uri: str | None = None,
+    storage: str | os.PathLike[str] | None = None,
+    address: str | None = None,
+    resume: Literal["auto", "always", "never"] = "auto",
+    verbose: int = 1,
+    dataset: EncodedDataset | None = None,
+) -> SearchOutcome:
+    """Run (or resume) the search ``cfg`` describes and return its outcome.
+
+    Args:
+        cfg: the search settings.
+        tracking_uri: MLflow tracking URI (default: flag > ``MLFLOW_TRACKING_URI`` >
+            ``sqlite:///./mlflow.db``).
+        storage: where Ray Tune keeps the search's state (default ``./recscale_runs``);
+            must be reachable from every node on a cluster.
+        address: an existing Ray cluster (default: start Ray locally).
+        resume: ``auto`` resumes an interrupted search of the same name, ``always``
+            requires one, ``never`` refuses to touch one.
+        verbose: 0 silent, 1 progress table, 2 Tune's full output.
+        dataset: an already-encoded dataset (tests); by default ``cfg.data`` is loaded.
+    """
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from search.searcher import BudgetedOptunaSearch, make_sampler
+    from search.trainable import TrialContext, run_trial, share_dataset
+
+    space_path = resolve_space(cfg.space)
+    space = load_space(space_path)
+    storage_path = Path(storage or "recscale_runs").absolute()
+    exp_path = storage_path / cfg.name
+    restoring = tune.Tuner.can_restore(str(exp_path))
+    if restoring and resume == "never":
+        raise SearchError(f"search {cfg.name!r} already exists in {storage_path}; "
+                          "pass --resume or choose another --name")
+    if not restoring and resume == "always":
+        raise SearchError(f"no interrupted search {cfg.name!r} in {storage_path} to resume")
+    if restoring:
+        _check_resume(exp_path, cfg)
+
+    ds = dataset if dataset is not None else load_dataset(cfg.data)
+    trial_flops = cfg.trial_budget
+    check = ConfigCheck(cfg.data, ds.spec, cfg.max_flops_per_example, trial_flops)
+    ensure_feasible(space, check, cfg.seed)
+    if cfg.scheduler == "asha":
+        milestones = asha_milestones(cfg.grace, cfg.reduction_factor, trial_flops)
+        admission = cfg.grace
+    else:
+        milestones, admission = [trial_flops], trial_flops
+    if cfg.budget_flops < admission:
+        raise SearchError(f"budget_flops={cfg.budget_flops:.3g} cannot pay one trial's "
+                          f"first {admission:.3g} FLOPs")
+    policy = BudgetPolicy(cfg.budget_flops, admission, tuple(milestones))
+
+    uri = default_tracking_uri(tracking_uri)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    params = {f"search.{k}": v for k, v in _flat(_settings_record(cfg)).items()}
+    params.update({f"space.{k}": _describe(v) for k, v in space.dimensions().items()})
+    params["data.fingerprint"] = ds.fingerprint
+    exp_id, parent_id, _ = find_or_create_parent(
+        client, cfg.name, params, tags={"recscale.data_fingerprint": ds.fingerprint,
+                                        "recscale.storage": str(exp_path)})
+    client.log_artifact(parent_id, str(space_path))
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=verbose > 1,
+                 logging_level=logging.WARNING if verbose < 2 else logging.INFO)
+    use_gpus = cfg.resources.gpus == "on" or (
+        cfg.resources.gpus == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+
+    ctx = TrialContext(
+        search=cfg.name, data=cfg.data, trial_flops=trial_flops,
+        milestones=tuple(milestones),
+        report_every_flops=min(cfg.grace, trial_flops) / cfg.reports_per_grace,
+        eval_max_examples=cfg.eval_max_examples, tracking_uri=uri,
+        experiment_id=exp_id, parent_run_id=parent_id,
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, ctx=ctx, data=share_dataset(ds)),
+        TrialResources(cfg.resources, use_gpus, check.flops),
+    )
+    stopper = BudgetStopper(cfg.budget_flops)
+    status_cb = TrialStatusCallback(uri, exp_id, parent_id)
+    multi = cfg.objective == "multi"
+    searcher = BudgetedOptunaSearch(
+        space=space.suggest, feasibility=check, policy=policy,
+        metric=["val_logloss", "flops_per_example"] if multi else "val_logloss",
+        mode=["min", "min"] if multi else "min",
+        sampler=make_sampler(cfg.searcher, cfg.seed, multi),
+    )
+    scheduler = (ASHAScheduler(time_attr="train_flops", metric="val_logloss", mode="min",
+                               max_t=trial_flops, grace_period=cfg.grace,
+                               reduction_factor=cfg.reduction_factor)
+                 if cfg.scheduler == "asha" else FIFOScheduler())
+    reporter = tune.CLIReporter(
+        parameter_columns={"model.block": "block", "model.d_model": "D",
+                           "model.n_layers": "L", "model.n_tokens": "T"},
+        metric_columns={"val_logloss": "val_logloss", "val_auc": "auc",
+                        "train_flops": "train_flops", "flops_per_example": "flops/ex"},
+        max_report_frequency=30, sort_by_metric=True, metric="val_logloss", mode="min",
+    )
+    run_config = tune.RunConfig(
+        name=cfg.name, storage_path=str(storage_path), stop=stopper,
+        callbacks=[stopper, status_cb],
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        failure_config=tune.FailureConfig(max_failures=2),
+        progress_reporter=reporter if verbose >= 1 else None,
+        verbose=verbose,
+    )
+    if restoring:
+        tuner = tune.Tuner.restore(str(exp_path), trainable=trainable,
+                                   resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                        num_samples=-1,
+                                        max_concurrent_trials=cfg.max_concurrent,
+                                        reuse_actors=True),
+            run_config=run_config,
+        )
+    exp_path.mkdir(parents=True, exist_ok=True)
+    (exp_path / SETTINGS_FILE).write_text(json.dumps(_settings_record(cfg), indent=2))
+    try:
+        results = tuner.fit()
+    except BaseException:
+        end_parent(uri, parent_id, "KILLED", {})
+        raise
+    trials = _trial_table(results)
+    spent = float(trials["train_flops"].fillna(0).sum()) if "train_flops" in trials else 0.0
+    best = float(trials["val_logloss"].min()) if "val_logloss" in trials and len(trials) else float("nan")
+    end_parent(uri, parent_id, "FINISHED", {
+        "spent_flops": spent, "budget_flops": cfg.budget_flops, "n_trials": float(len(trials)),
+        "best_val_logloss": best, "rejected_samples": float(len(searcher.rejected)),
+    })
+    return SearchOutcome(cfg.name, trials, spent, cfg.budget_flops, uri, exp_id, parent_id,
+                         str(exp_path), len(searcher.rejected))
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    from trainers.experiment import flatten
+
+    return flatten(tree, prefix)
+
+
+def _describe(knob: Any) -> str:
+    if hasattr(knob, "model_dump"):
+        return json.dumps(knob.model_dump(by_alias=True))
+    return json.dumps(knob) if not isinstance(knob, str) else knob

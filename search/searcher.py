@@ -1,0 +1,99 @@
+"""OptunaSearch that never proposes an infeasible config and spends a FLOPs budget.
+
+Feasibility is decided from the config alone (analytic FLOPs, block dimension rules)
+before a trial exists: an infeasible sample is told to Optuna as PRUNED with a positive
+constraint value (``Trial.set_constraint``), so TPE learns to avoid that region, and is
+re-sampled. Such a config is never trained.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from search.budget import BudgetPolicy
+
+__all__ = ["BudgetedOptunaSearch", "Feasibility", "make_sampler"]
+
+log = logging.getLogger(__name__)
+
+# (feasible, constraint value (<= 0 feasible), reason)
+Feasibility = Callable[[dict[str, Any]], tuple[bool, float, str]]
+
+MAX_RESAMPLES = 500
+
+
+def make_sampler(kind: str, seed: int, multi_objective: bool = False) -> optuna.samplers.BaseSampler:
+    """TPE (default; multivariate, grouped so conditional knobs are modelled jointly),
+    NSGA-II for the multi-objective mode, or plain random sampling."""
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if multi_objective:
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=6, multivariate=True,
+                                      group=True, constant_liar=True)
+
+
+class BudgetedOptunaSearch(OptunaSearch):
+    """``OptunaSearch`` with a feasibility filter and a FLOPs-budget admission rule.
+
+    Args:
+        space: the define-by-run function (``SearchSpace.suggest``).
+        feasibility: maps a flat sampled config to ``(ok, constraint, reason)``.
+        policy: the budget admission rule.
+        **kwargs: passed to ``OptunaSearch`` (metric, mode, sampler, ...).
+    """
+
+    def __init__(self, space: Callable[..., Any], feasibility: Feasibility,
+                 policy: BudgetPolicy, **kwargs: Any) -> None:
+        super().__init__(space=space, **kwargs)
+        self._feasibility = feasibility
+        self._policy = policy
+        self._spent: dict[str, float] = {}
+        self._live: set[str] = set()
+        self.rejected: list[str] = []
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if trial_id not in self._ot_trials:
+            decision = self._policy.decide(self._spent, self._live)
+            if decision == "done":
+                return Searcher.FINISHED
+            if decision == "wait":
+                return None
+        for _ in range(MAX_RESAMPLES):
+            params = super().suggest(trial_id)
+            assert params is not None
+            ot_trial = self._ot_trials[trial_id]
+            ok, violation, reason = self._feasibility(params)
+            ot_trial.set_constraint("feasible", violation)
+            if ok:
+                self._live.add(trial_id)
+                self._spent.setdefault(trial_id, 0.0)
+                return params
+            self.rejected.append(reason)
+            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+            del self._ot_trials[trial_id]
+        log.error("no feasible config in %d samples; last reason: %s", MAX_RESAMPLES, reason)
+        return Searcher.FINISHED
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if "train_flops" in result:
+            self._spent[trial_id] = float(result["train_flops"])
+        super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
+                          error: bool = False) -> None:
+        if result and "train_flops" in result:
+            self._spent[trial_id] = float(result["train_flops"])
+        self._live.discard(trial_id)
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+    @property
+    def spent(self) -> float:
+        return sum(self._spent.values())

@@ -1,0 +1,93 @@
+"""The typed settings of one search (``search.*`` keys on the parent MLflow run)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from trainers.data import DataConfig
+
+__all__ = ["ResourceConfig", "SearchConfig", "asha_milestones"]
+
+
+class ResourceConfig(BaseModel):
+    """What one trial asks Ray for.
+
+    A trial gets ``cpus_per_trial`` CPUs. Where the cluster has GPUs (``gpus="auto"``) or
+    the user says so (``gpus="on"``), it also gets a GPU share that grows with the
+    config's forward FLOPs: ``flops_per_example / gpu_full_at_flops`` rounded up to a
+    power-of-two fraction, between ``gpu_min_fraction`` and 1 GPU.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus: Literal["auto", "on", "off"] = "auto"
+    gpu_full_at_flops: float = Field(5e7, gt=0)
+    gpu_min_fraction: float = Field(0.125, gt=0, le=1)
+
+
+class SearchConfig(BaseModel):
+    """One search: what to search, on which data, with which budgets.
+
+    Budgets (ARCHITECTURE.md): ``max_flops_per_example`` caps serving cost (a config over
+    it is never trained); ``trial_flops`` is the most one trial may spend (ASHA's
+    ``max_t``); ``budget_flops`` is the whole search's training compute. ASHA's time axis
+    is ``train_flops``, with milestones ``grace_flops · reduction_factor^k``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field("recscale", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    space: str = "unified"
+    data: DataConfig = Field(default_factory=DataConfig)
+    budget_flops: float = Field(gt=0)
+    trial_flops: float | None = Field(None, gt=0)
+    max_flops_per_example: float | None = Field(None, gt=0)
+    grace_flops: float | None = Field(None, gt=0)
+    reduction_factor: int = Field(3, ge=2)
+    searcher: Literal["tpe", "random"] = "tpe"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    objective: Literal["single", "multi"] = "single"
+    max_concurrent: int = Field(2, ge=1)
+    seed: int = 0
+    eval_max_examples: int | None = Field(20_000, ge=1)
+    reports_per_grace: int = Field(2, ge=1)
+    resources: ResourceConfig = Field(default_factory=ResourceConfig)
+
+    @model_validator(mode="after")
+    def _budgets(self) -> SearchConfig:
+        trial = self.trial_budget
+        if trial > self.budget_flops:
+            raise ValueError(
+                f"trial_flops={trial:.3g} exceeds budget_flops={self.budget_flops:.3g}"
+            )
+        if self.grace > trial:
+            raise ValueError(f"grace_flops={self.grace:.3g} exceeds trial_flops={trial:.3g}")
+        return self
+
+    @property
+    def trial_budget(self) -> float:
+        """``trial_flops``, by default an eighth of the whole budget."""
+        return self.trial_flops if self.trial_flops is not None else self.budget_flops / 8
+
+    @property
+    def grace(self) -> float:
+        """ASHA's grace period in FLOPs: by default two rungs below ``trial_flops``."""
+        if self.grace_flops is not None:
+            return self.grace_flops
+        return self.trial_budget / self.reduction_factor**2
+
+
+def asha_milestones(grace: float, reduction_factor: int, max_t: float) -> list[float]:
+    """ASHA's rungs ``grace · rf^k`` below ``max_t``, then ``max_t`` itself."""
+    out: list[float] = []
+    k = 0
+    while grace * reduction_factor**k < max_t * (1 - 1e-9):
+        out.append(grace * reduction_factor**k)
+        k += 1
+        if k > 64 or math.isinf(out[-1]):
+            break
+    return [*out, max_t]

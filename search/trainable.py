@@ -1,0 +1,131 @@
+"""The Ray Tune trainable: thin glue between Tune, the training loop and MLflow.
+
+Everything heavy lives elsewhere: configs in ``spaces``/``trainers``, the loop in
+``trainers.loop``. The dataset arrives once through the Ray object store
+(``tune.with_parameters``) as NumPy arrays shared by every trial on a node.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from ray import tune
+
+from spaces import FeatureSpec, model_cost
+from trainers.data import DataConfig
+from trainers.experiment import experiment_from_flat
+from trainers.loop import train
+
+__all__ = ["SharedData", "TrialContext", "run_trial", "share_dataset"]
+
+STATE_FILE = "state.pt"
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial needs besides its config (small; pickled per trial)."""
+
+    search: str
+    data: DataConfig
+    trial_flops: float
+    milestones: tuple[float, ...]
+    report_every_flops: float
+    eval_max_examples: int | None
+    tracking_uri: str | None
+    experiment_id: str | None
+    parent_run_id: str | None
+
+
+@dataclass(frozen=True)
+class _SplitView:
+    cat: torch.Tensor
+    num: torch.Tensor
+    label: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+
+SharedData = dict[str, Any]
+
+
+def share_dataset(ds: Any) -> SharedData:
+    """The encoded dataset as plain NumPy arrays (zero-copy in Ray's object store)."""
+    out: SharedData = {"spec": ds.spec}
+    for name in ("train", "val"):
+        split = getattr(ds, name)
+        out[name] = {k: getattr(split, k).numpy() for k in ("cat", "num", "label")}
+    return out
+
+
+def _view(arrays: dict[str, np.ndarray]) -> _SplitView:
+    with warnings.catch_warnings():  # object-store arrays are read-only; we never write
+        warnings.simplefilter("ignore", UserWarning)
+        return _SplitView(*(torch.from_numpy(arrays[k]) for k in ("cat", "num", "label")))
+
+
+def _trial_threads() -> int:
+    try:
+        bundles = tune.get_context().get_trial_resources().bundles
+        return max(1, int(sum(b.get("CPU", 0) for b in bundles)))
+    except Exception:  # outside Tune (direct calls in tests)
+        return 1
+
+
+def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> None:
+    """Train one sampled config, reporting at ASHA milestones and every report interval."""
+    torch.set_num_threads(_trial_threads())
+    spec: FeatureSpec = data["spec"]
+    exp = experiment_from_flat(config, ctx.data)
+    fpe = model_cost(exp.model, spec).flops_per_example
+    per_example = 3 * fpe
+    max_examples = max(1, int(ctx.trial_flops // per_example))
+    interval = max(1, int(ctx.report_every_flops // per_example))
+    eval_at = [min(max_examples, math.ceil(m / per_example)) for m in ctx.milestones]
+    train_cfg = exp.train.model_copy(update={
+        "max_examples": max_examples, "eval_every": interval,
+        "eval_max_examples": ctx.eval_max_examples,
+    })
+    trial_id = tune.get_context().get_trial_id() or "local"
+    device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu"
+
+    tracker = None
+    if ctx.tracking_uri and ctx.experiment_id and ctx.parent_run_id:
+        from search.tracking import TrialTracker
+
+        tracker = TrialTracker(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id,
+                               trial_id, exp.model.block, exp.flat(), ctx.search)
+
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            resume = torch.load(os.path.join(d, STATE_FILE), weights_only=True)
+
+    extra = {"mlflow_run_id": tracker.run_id if tracker else "", "device": device}
+
+    def report(metrics: dict[str, float], state: Any) -> bool:
+        done = metrics["examples_seen"] >= max_examples
+        if tracker is not None:
+            tracker.log(metrics, step=int(metrics["examples_seen"]))
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state(), os.path.join(d, STATE_FILE))
+            tune.report({**metrics, **extra, "trial_status": "completed" if done else "running"},
+                        checkpoint=tune.Checkpoint.from_directory(d))
+        return False
+
+    result = train(exp.model, train_cfg, spec, _view(data["train"]), _view(data["val"]),
+                   report=report, resume=resume, eval_at=eval_at, device=device)
+    if result.status == "diverged":
+        last = result.history[-1] if result.history else {
+            "val_logloss": float("inf"), "train_flops": 0.0, "examples_seen": 0.0}
+        tune.report({**last, **extra, "trial_status": "diverged", "message": result.message})
+    if tracker is not None:
+        tracker.flush()

@@ -1,0 +1,249 @@
+"""Search-space files: YAML -> typed :class:`SearchSpace` -> define-by-run sampling.
+
+A space names the families to search, the knobs shared by every family, each family's
+own knobs and the training knobs. Every knob is either a constant or one of::
+
+    {choice: [a, b, c]}                 # categorical
+    {int: [lo, hi], log: false, step: 1}
+    {float: [lo, hi], log: true}
+
+Example (``spaces/unified.yaml`` is the full one)::
+
+    name: tiny
+    families: [tokenmixer, wukong]
+    model:                      # shared knobs: ModelConfig fields
+      n_layers: {int: [1, 3]}
+      d_model: {choice: [16, 32]}
+    blocks:                     # per-family knobs: that family's config fields
+      wukong: {k: {choice: [4, 8]}}
+    train:                      # TrainConfig fields
+      lr: {float: [1.0e-4, 1.0e-2], log: true}
+
+:meth:`SearchSpace.suggest` is the define-by-run function Optuna runs: it only calls
+``trial.suggest_*`` (names are the dotted keys, e.g. ``model.wukong.k``; a family's knobs
+are only sampled when that family is chosen) and returns the constants.
+:func:`experiment_from_flat` turns the sampled flat dict back into typed configs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from spaces.blocks import get_block
+from spaces.model import ModelConfig
+
+__all__ = [
+    "Choice",
+    "FloatRange",
+    "IntRange",
+    "SearchSpace",
+    "SpaceError",
+    "bundled_space",
+    "load_space",
+    "unflatten",
+]
+
+SPACES_DIR = Path(__file__).parent
+
+
+class SpaceError(ValueError):
+    """A search-space file that cannot be used; the message is one line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Choice(_Strict):
+    choice: list[Any] = Field(min_length=1)
+
+
+class IntRange(_Strict):
+    bounds: tuple[int, int] = Field(alias="int")
+    log: bool = False
+    step: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> IntRange:
+        lo, hi = self.bounds
+        if lo > hi or (self.log and lo < 1):
+            raise ValueError(f"bad int range {list(self.bounds)} (log={self.log})")
+        return self
+
+
+class FloatRange(_Strict):
+    bounds: tuple[float, float] = Field(alias="float")
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _order(self) -> FloatRange:
+        lo, hi = self.bounds
+        if lo > hi or (self.log and lo <= 0):
+            raise ValueError(f"bad float range {list(self.bounds)} (log={self.log})")
+        return self
+
+
+Knob = Choice | IntRange | FloatRange | Any
+
+
+def _parse_knob(value: Any) -> Any:
+    """A dict with one of the keys choice/int/float is a distribution; else a constant."""
+    if isinstance(value, dict) and value.keys() & {"choice", "int", "float"}:
+        if "choice" in value:
+            return Choice(**value)
+        if "int" in value:
+            return IntRange(**value)
+        return FloatRange(**value)
+    return value
+
+
+class TrialLike(Protocol):
+    def suggest_categorical(self, name: str, choices: Any) -> Any: ...
+    def suggest_int(self, name: str, low: int, high: int, step: int = 1, log: bool = False) -> int: ...
+    def suggest_float(self, name: str, low: float, high: float, *, log: bool = False) -> float: ...
+
+
+def _sample(trial: TrialLike, name: str, knob: Any) -> Any:
+    if isinstance(knob, Choice):
+        plain = [tuple(c) if isinstance(c, list) else c for c in knob.choice]
+        value = trial.suggest_categorical(name, plain)
+        return list(value) if isinstance(value, tuple) else value
+    if isinstance(knob, IntRange):
+        return trial.suggest_int(name, knob.bounds[0], knob.bounds[1], step=knob.step, log=knob.log)
+    if isinstance(knob, FloatRange):
+        return trial.suggest_float(name, knob.bounds[0], knob.bounds[1], log=knob.log)
+    return knob
+
+
+class SearchSpace(_Strict):
+    """A validated search space (see the module docstring for the file format)."""
+
+    name: str = "space"
+    description: str = ""
+    families: list[str] = Field(min_length=1)
+    model: dict[str, Any] = Field(default_factory=dict)
+    blocks: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("families")
+    @classmethod
+    def _known_families(cls, families: list[str]) -> list[str]:
+        for name in families:
+            get_block(name)  # raises with the list of valid names
+        if len(set(families)) != len(families):
+            raise ValueError(f"families listed twice: {families}")
+        return families
+
+    @field_validator("model", "train")
+    @classmethod
+    def _parse_shared(cls, knobs: dict[str, Any]) -> dict[str, Any]:
+        return {k: _parse_knob(v) for k, v in knobs.items()}
+
+    @field_validator("blocks")
+    @classmethod
+    def _parse_blocks(cls, blocks: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {fam: {k: _parse_knob(v) for k, v in knobs.items()} for fam, knobs in blocks.items()}
+
+    @model_validator(mode="after")
+    def _known_keys(self) -> SearchSpace:
+        from trainers.loop import TrainConfig  # local: spaces must not need trainers at import
+
+        model_fields = set(ModelConfig.model_fields) - {"block", "mixer"}
+        for key in self.model:
+            if key not in model_fields:
+                raise ValueError(f"model.{key} is not a model knob; valid: {sorted(model_fields)}")
+        for fam, knobs in self.blocks.items():
+            if fam not in self.families:
+                raise ValueError(f"blocks.{fam} given but {fam!r} is not in families {self.families}")
+            fields = set(get_block(fam).Config.model_fields)
+            for key in knobs:
+                if key not in fields:
+                    raise ValueError(f"blocks.{fam}.{key} is not a {fam} knob; valid: {sorted(fields)}")
+        for key in self.train:
+            if key not in TrainConfig.model_fields:
+                raise ValueError(f"train.{key} is not a training knob; valid: {sorted(TrainConfig.model_fields)}")
+        return self
+
+    def suggest(self, trial: TrialLike) -> dict[str, Any]:
+        """Define-by-run sampling: only ``trial.suggest_*`` calls; returns the constants.
+
+        The sampled and constant values together form one flat dict with dotted keys
+        (``model.block``, ``model.d_model``, ``model.<family>.<knob>``, ``train.lr``).
+        """
+        constants: dict[str, Any] = {}
+
+        def put(name: str, knob: Any) -> None:
+            value = _sample(trial, name, knob)
+            if not isinstance(knob, Choice | IntRange | FloatRange):
+                constants[name] = value
+
+        family = trial.suggest_categorical("model.block", list(self.families))
+        for key, knob in self.model.items():
+            put(f"model.{key}", knob)
+        for key, knob in self.blocks.get(str(family), {}).items():
+            put(f"model.{family}.{key}", knob)
+        for key, knob in self.train.items():
+            put(f"train.{key}", knob)
+        return constants
+
+    def dimensions(self) -> dict[str, Any]:
+        """Every knob by dotted name (for reports and the search's parent run)."""
+        out: dict[str, Any] = {"model.block": self.families}
+        out.update({f"model.{k}": v for k, v in self.model.items()})
+        for fam, knobs in self.blocks.items():
+            out.update({f"model.{fam}.{k}": v for k, v in knobs.items()})
+        out.update({f"train.{k}": v for k, v in self.train.items()})
+        return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1} -> {"a": {"b": 1}}`` (inverse of ``trainers.experiment.flatten``)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and validate a search-space YAML; any problem is one ``SpaceError`` line."""
+    path = Path(path)
+    if not path.exists() and (SPACES_DIR / path.name).exists() and path.parent == Path("."):
+        path = SPACES_DIR / path.name
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpaceError(f"{path}: search-space file not found") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise SpaceError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{path}: expected a mapping with families/model/blocks/train")
+    try:
+        return SearchSpace(**raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise SpaceError(f"{path}: {loc}: {first['msg'].removeprefix('Value error, ')}") from None
+
+
+def bundled_space(name: str) -> Path:
+    """Path of a space file shipped in ``spaces/`` (``unified`` -> ``spaces/unified.yaml``)."""
+    path = SPACES_DIR / f"{name}.yaml"
+    if not path.exists():
+        shipped = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+        raise SpaceError(f"no bundled space {name!r}; shipped: {', '.join(shipped)}")
+    return path
+
+
+def bundled_spaces() -> list[Path]:
+    return sorted(SPACES_DIR.glob("*.yaml"))
+

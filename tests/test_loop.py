@@ -1,0 +1,117 @@
+"""The training loop: metrics contract, exact resume, divergence, optimiser groups."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from spaces import ModelConfig
+from tests.test_model import planted_pairwise
+from trainers.loop import TrainConfig, normalized_entropy, train
+
+METRICS = {"val_logloss", "val_auc", "val_ne", "train_loss", "examples_seen", "train_flops",
+           "flops_per_example", "params_dense", "params_embedding", "examples_per_s"}
+CFG = ModelConfig(block="tokenmixer", d_model=16, n_tokens=4, n_layers=1, embed_dim=8,
+                  head_hidden=(16,))
+
+
+@pytest.fixture(scope="module")
+def data():
+    spec, tr = planted_pairwise(3000, seed=0)
+    _, va = planted_pairwise(1000, seed=1)
+    return spec, tr, va
+
+
+def test_reports_every_contract_metric(data) -> None:
+    spec, tr, va = data
+    seen: list[dict] = []
+    tc = TrainConfig(batch_size=100, max_examples=1000, eval_every=250)
+    res = train(CFG, tc, spec, tr, va, report=lambda m, s: seen.append(m) or False)
+    assert [m["examples_seen"] for m in seen] == [250, 500, 750, 1000]
+    for m in seen:
+        assert set(m) == METRICS
+        assert m["train_flops"] == 3 * m["flops_per_example"] * m["examples_seen"]
+    assert res.metrics == seen[-1]
+    assert seen[-1]["val_ne"] == pytest.approx(
+        normalized_entropy(seen[-1]["val_logloss"], float(tr.label.mean())))
+
+
+def test_extra_evaluation_points_are_hit_exactly(data) -> None:
+    spec, tr, va = data
+    seen: list[float] = []
+    tc = TrainConfig(batch_size=128, max_examples=1000, eval_every=10_000)
+    train(CFG, tc, spec, tr, va, report=lambda m, s: seen.append(m["examples_seen"]) or False,
+          eval_at=[333, 777])
+    assert seen == [333, 777, 1000]
+
+
+def test_callback_can_stop_the_run(data) -> None:
+    spec, tr, va = data
+    tc = TrainConfig(batch_size=100, max_examples=2000, eval_every=500)
+    res = train(CFG, tc, spec, tr, va, report=lambda m, s: m["examples_seen"] >= 1000)
+    assert res.status == "stopped" and res.metrics["examples_seen"] == 1000
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resume_is_exact(data, schedule: str) -> None:
+    """Interrupt at 1800 of 4000 examples (mid-epoch), save through torch.save /
+    torch.load(weights_only=True), resume: same weights and metrics as uninterrupted."""
+    spec, tr, va = data
+    tc = TrainConfig(batch_size=128, max_examples=4000, eval_every=600, schedule=schedule, seed=7)
+    full = train(CFG, tc, spec, tr, va)
+    saved: dict = {}
+
+    def interrupt(m, state):
+        if m["examples_seen"] >= 1800:
+            buf = io.BytesIO()
+            torch.save(state(), buf)
+            saved["state"] = buf.getvalue()
+            return True
+        return False
+
+    first = train(CFG, tc, spec, tr, va, report=interrupt)
+    assert first.status == "stopped"
+    state = torch.load(io.BytesIO(saved["state"]), weights_only=True)
+    resumed = train(CFG, tc, spec, tr, va, resume=state)
+    assert resumed.status == "completed"
+    for (n, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), n
+    timing = {"examples_per_s"}
+    assert {k: v for k, v in full.metrics.items() if k not in timing} == \
+        {k: v for k, v in resumed.metrics.items() if k not in timing}
+    assert len(resumed.history) == len(full.history)
+
+
+def test_divergence_ends_with_a_status(data) -> None:
+    spec, tr, va = data
+    tc = TrainConfig(lr=1.0, batch_size=64, max_examples=3000, eval_every=500, grad_clip=None)
+    bad = tr.__class__(tr.cat, tr.num, tr.label.clone())
+    bad.label[5] = float("nan")  # a poisoned label makes the loss NaN
+    res = train(CFG, tc, spec, bad, va)
+    assert res.status == "diverged"
+    assert "nan" in res.message.lower()
+
+
+def test_split_optimizer_uses_the_embedding_lr(data) -> None:
+    spec, tr, va = data
+    tc = TrainConfig(optimizer="adamw_split", lr=1e-3, embedding_lr=1e-3,
+                     batch_size=100, max_examples=300)
+    torch.manual_seed(tc.seed)
+    res = train(CFG, tc.model_copy(update={"embedding_lr": 1e-9}), spec, tr, va)
+    from spaces import build_model
+
+    torch.manual_seed(tc.seed)
+    init = build_model(CFG, spec)
+    delta_emb = (res.model.embedding.weight - init.embedding.weight).abs().max()
+    delta_head = max((a - b).abs().max() for (n, a), (_, b) in
+                     zip(res.model.state_dict().items(), init.state_dict().items()) if n.startswith("head"))
+    assert delta_emb < 1e-6 < delta_head
+
+
+def test_normalized_entropy_of_the_base_rate_is_one() -> None:
+    p = 0.3
+    ll = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    assert normalized_entropy(ll, p) == pytest.approx(1.0)

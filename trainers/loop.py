@@ -1,0 +1,300 @@
+"""One training loop for any (model config, training config, data tensors).
+
+No Ray and no MLflow in here: the Ray trainable (``search``) and ``recscale train`` both
+call :func:`train` with a ``report`` callback. Every ``eval_every`` examples the loop
+evaluates on the validation split and calls ``report(metrics, state)``; the callback may
+save ``state`` (a plain dict of tensors and numbers, loadable with
+``torch.load(weights_only=True)``) and may return ``True`` to stop the run early.
+
+Resume is exact: the epoch permutation comes from a generator seeded with
+``(seed, epoch)``, and the state carries model, optimiser, RNG and position, so a run
+resumed from a state ends with the same weights and metrics as one never interrupted.
+
+Metric names are the contract of ARCHITECTURE.md: ``val_logloss``, ``val_auc``,
+``val_ne``, ``train_loss``, ``examples_seen``, ``train_flops``, ``flops_per_example``,
+``params_dense``, ``params_embedding``, ``examples_per_s``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from spaces import FeatureSpec, ModelConfig, RecModel, build_model
+
+__all__ = [
+    "Metrics",
+    "ReportFn",
+    "TrainConfig",
+    "TrainResult",
+    "evaluate",
+    "normalized_entropy",
+    "train",
+]
+
+Metrics = dict[str, float]
+
+
+class SplitLike(Protocol):
+    """What the loop needs of a split: aligned ``cat``, ``num`` and ``label`` tensors."""
+
+    cat: torch.Tensor
+    num: torch.Tensor
+    label: torch.Tensor
+
+    def __len__(self) -> int: ...
+
+
+class ReportFn(Protocol):
+    def __call__(self, metrics: Metrics, state: Callable[[], dict[str, Any]]) -> bool | None: ...
+
+
+class TrainConfig(BaseModel):
+    """Typed training config (``train.*`` keys in Ray and MLflow).
+
+    Attributes:
+        lr: AdamW learning rate of the dense weights.
+        optimizer: ``adamw`` (one group; embeddings without weight decay) or
+            ``adamw_split`` (embeddings get their own ``embedding_lr``).
+        embedding_lr: learning rate of the embedding tables under ``adamw_split``.
+        weight_decay: AdamW decoupled weight decay of the dense weights.
+        batch_size: examples per step.
+        epochs: passes over the training split (used when ``max_examples`` is unset).
+        max_examples: examples to train on in all; overrides ``epochs``.
+        eval_every: examples between evaluations (default: a quarter epoch).
+        eval_max_examples: evaluate on at most this many validation examples.
+        schedule: ``constant`` or ``cosine`` decay of the learning rate to 0.
+        grad_clip: max global gradient norm (None: no clipping).
+        seed: seeds initialisation, shuffling and dropout.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    lr: float = Field(1e-3, gt=0, le=1.0)
+    optimizer: Literal["adamw", "adamw_split"] = "adamw"
+    embedding_lr: float | None = Field(None, gt=0, le=10.0)
+    weight_decay: float = Field(0.0, ge=0, le=1.0)
+    batch_size: int = Field(512, ge=1, le=1 << 20)
+    epochs: float = Field(1.0, gt=0, le=1000)
+    max_examples: int | None = Field(None, ge=1)
+    eval_every: int | None = Field(None, ge=1)
+    eval_max_examples: int | None = Field(None, ge=1)
+    schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float | None = Field(1.0, gt=0)
+    seed: int = 0
+
+    def total_examples(self, n_train: int) -> int:
+        return self.max_examples if self.max_examples is not None else int(self.epochs * n_train)
+
+    def eval_interval(self, n_train: int) -> int:
+        return self.eval_every if self.eval_every is not None else max(1, n_train // 4)
+
+
+@dataclass
+class TrainResult:
+    """How a run ended: ``completed``, ``stopped`` (by the callback) or ``diverged``."""
+
+    status: Literal["completed", "stopped", "diverged"]
+    metrics: Metrics
+    model: RecModel
+    history: list[Metrics] = field(default_factory=list)
+    message: str = ""
+
+
+def normalized_entropy(logloss: float, base_rate: float) -> float:
+    """NE = logloss / H(p), H the binary entropy of the training base rate ``p``."""
+    p = min(max(base_rate, 1e-7), 1 - 1e-7)
+    return logloss / -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, split: SplitLike, batch_size: int = 8192,
+                   limit: int | None = None) -> torch.Tensor:
+    """Logits (on the CPU) of ``model`` on the first ``limit`` examples of ``split``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    n = len(split) if limit is None else min(limit, len(split))
+    out = [model(split.cat[i : i + batch_size].to(device), split.num[i : i + batch_size].to(device)).cpu()
+           for i in range(0, n, batch_size)]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def evaluate(model: nn.Module, split: SplitLike, base_rate: float, prefix: str = "val",
+             limit: int | None = None) -> Metrics:
+    """``{prefix}_logloss``, ``{prefix}_auc`` and ``{prefix}_ne`` of ``model`` on ``split``."""
+    logits = predict_logits(model, split, limit=limit)
+    labels = split.label[: len(logits)]
+    logloss = float(nn.functional.binary_cross_entropy_with_logits(logits, labels))
+    y = labels.numpy()
+    auc = float(roc_auc_score(y, logits.numpy())) if 0 < y.sum() < len(y) else float("nan")
+    return {
+        f"{prefix}_logloss": logloss,
+        f"{prefix}_auc": auc,
+        f"{prefix}_ne": normalized_entropy(logloss, base_rate),
+    }
+
+
+def _optimizer(model: RecModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    emb = [model.embedding.weight]
+    dense = [p for n, p in model.named_parameters() if n != "embedding.weight"]
+    emb_lr = cfg.embedding_lr if cfg.optimizer == "adamw_split" and cfg.embedding_lr else cfg.lr
+    groups = [
+        {"params": dense, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"params": emb, "lr": emb_lr, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen)
+
+
+def train(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    spec: FeatureSpec,
+    train_split: SplitLike,
+    val_split: SplitLike,
+    report: ReportFn | None = None,
+    resume: Mapping[str, Any] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    eval_at: Sequence[int] = (),
+    device: str | torch.device = "cpu",
+) -> TrainResult:
+    """Train ``model_cfg`` on ``train_split``, evaluating on ``val_split``.
+
+    Args:
+        model_cfg, train_cfg: what to train and how.
+        spec: the feature layout the splits were encoded with.
+        train_split, val_split: tensors ``cat (N, F_cat)``, ``num (N, F_num)``, ``label (N,)``.
+        report: called after every evaluation with the metrics and a zero-argument
+            function returning the resumable state; returning ``True`` stops the run.
+        resume: a state previously handed to ``report``; training continues from it.
+        on_step: called after each optimiser step with ``(examples_seen, loss)``.
+        eval_at: extra evaluation points in examples (e.g. a scheduler's milestones),
+            on top of every ``train_cfg.eval_every`` examples.
+        device: where the model trains; batches move there step by step.
+
+    Returns:
+        A :class:`TrainResult` with the final metrics and the trained model.
+    """
+    n_train = len(train_split)
+    if n_train == 0:
+        raise ValueError("the training split is empty")
+    torch.manual_seed(train_cfg.seed)
+    model = build_model(model_cfg, spec).to(device)
+    cost = model.cost()
+    extra_evals = sorted(int(e) for e in eval_at if e > 0)
+    opt = _optimizer(model, train_cfg)
+    total = train_cfg.total_examples(n_train)
+    interval = train_cfg.eval_interval(n_train)
+    base_rate = float(train_split.label.float().mean())
+    bs = train_cfg.batch_size
+    steps_total = max(1, math.ceil(total / bs))
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps_total)
+             if train_cfg.schedule == "cosine"
+             else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
+
+    seen, epoch, pos, loss_sum, loss_n, next_eval = 0, 0, 0, 0.0, 0, interval
+    elapsed = 0.0
+    history: list[Metrics] = []
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["rng"])
+        seen, epoch, pos = int(resume["examples_seen"]), int(resume["epoch"]), int(resume["pos"])
+        loss_sum, loss_n = float(resume["loss_sum"]), int(resume["loss_n"])
+        next_eval, elapsed = int(resume["next_eval"]), float(resume["elapsed"])
+        history = [dict(h) for h in resume.get("history", [])]
+
+    def state() -> dict[str, Any]:
+        return {
+            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+            "examples_seen": seen, "epoch": epoch, "pos": pos,
+            "loss_sum": loss_sum, "loss_n": loss_n, "next_eval": next_eval,
+            "elapsed": elapsed, "history": [dict(h) for h in history],
+        }
+
+    def metrics_now() -> Metrics:
+        m = evaluate(model, val_split, base_rate, limit=train_cfg.eval_max_examples)
+        m.update({
+            "train_loss": loss_sum / max(loss_n, 1),
+            "examples_seen": float(seen),
+            "train_flops": float(cost.train_flops(seen)),
+            "flops_per_example": float(cost.flops_per_example),
+            "params_dense": float(cost.params_dense),
+            "params_embedding": float(cost.params_embedding),
+            "examples_per_s": seen / elapsed if elapsed > 0 else 0.0,
+        })
+        return m
+
+    model.train()
+    order = _epoch_order(n_train, train_cfg.seed, epoch)
+    status: Literal["completed", "stopped", "diverged"] = "completed"
+    message = ""
+    while seen < total:
+        if pos >= n_train:
+            epoch, pos = epoch + 1, 0
+            order = _epoch_order(n_train, train_cfg.seed, epoch)
+        take = min(bs, n_train - pos, total - seen)
+        upcoming = [e for e in extra_evals if e > seen]
+        if upcoming:  # stop the batch exactly at the next scheduled evaluation
+            take = min(take, upcoming[0] - seen)
+        idx = order[pos : pos + take]
+        t0 = time.perf_counter()
+        model.set_progress(seen / total)
+        logits = model(train_split.cat[idx].to(device), train_split.num[idx].to(device))
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, train_split.label[idx].to(device))
+        if not torch.isfinite(loss):
+            status, message = "diverged", f"loss became {float(loss)} after {seen} examples"
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if train_cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+        opt.step()
+        sched.step()
+        elapsed += time.perf_counter() - t0
+        pos += take
+        seen += take
+        loss_sum, loss_n = loss_sum + float(loss) * take, loss_n + take
+        if on_step is not None:
+            on_step(seen, float(loss))
+        if seen >= next_eval or seen >= total or seen in extra_evals:
+            m = metrics_now()
+            history.append(m)
+            loss_sum, loss_n = 0.0, 0
+            while next_eval <= seen:
+                next_eval += interval
+            if not math.isfinite(m["val_logloss"]):
+                status, message = "diverged", f"val_logloss is {m['val_logloss']} after {seen} examples"
+                break
+            if report is not None and report(m, state):
+                status = "stopped"
+                break
+    final = history[-1] if history else {}
+    return TrainResult(status, final, model, history, message)
+
+
+def param_count(module: nn.Module) -> int:
+    """Trainable parameters actually allocated (for checks against the formulas)."""
+    return int(sum(p.numel() for p in module.parameters() if p.requires_grad))
+
+
+def set_threads(n: int | None) -> None:
+    """Pin torch's intra-op threads (one Ray trial per CPU slot)."""
+    if n is not None and n > 0:
+        torch.set_num_threads(int(n))
