@@ -36,6 +36,13 @@ class ConfigCheck:
         exp = self.experiment(flat)
         return float(model_cost(exp.model, self.spec).flops_per_example)
 
+    def try_flops(self, flat: dict[str, Any]) -> float | None:
+        """``flops(flat)``, or None for a config that cannot be built."""
+        try:
+            return self.flops(flat)
+        except (ValidationError, BlockDimensionError, ValueError):
+            return None
+
     def __call__(self, flat: dict[str, Any]) -> tuple[bool, float, str]:
         try:
             exp = self.experiment(flat)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +56,8 @@ class SearchOutcome:
     parent_run_id: str
     storage_path: str
     rejected_samples: int
+    driver_rss_mb: list[tuple[int, float]]
+    wall_seconds: float
 
     def best(self, n: int = 10) -> pd.DataFrame:
         if self.trials.empty or "val_logloss" not in self.trials:
@@ -87,10 +90,9 @@ def ensure_feasible(space: SearchSpace, check: ConfigCheck, seed: int, draws: in
             feasible += 1
         else:
             reason = why
-            try:
-                cheapest = min(cheapest, check.flops(flat))
-            except Exception:  # an invalid combination has no cost
-                pass
+            cost = check.try_flops(flat)
+            if cost is not None:
+                cheapest = min(cheapest, cost)
     if feasible == 0:
         cap = check.max_flops_per_example
         raise SearchError(
@@ -126,7 +128,8 @@ def _trial_table(results: Any) -> pd.DataFrame:
     keep = [c for c in df.columns if c.startswith("config/") or c in (
         "trial_id", "val_logloss", "val_auc", "val_ne", "train_loss", "train_flops",
         "examples_seen", "flops_per_example", "params_dense", "params_embedding",
-        "examples_per_s", "trial_status", "mlflow_run_id", "device")]
+        "examples_per_s", "peak_rss_mb", "trial_seconds", "trial_status", "mlflow_run_id", "device", "gpu_share", "gpu_ids",
+        "node_id")]
     df = df[keep].rename(columns=lambda c: c.removeprefix("config/"))
     return df.reset_index(drop=True)
 
@@ -202,7 +205,7 @@ def run_search(
     client.log_artifact(parent_id, str(space_path))
 
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=verbose > 1,
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=verbose > 1,
                  logging_level=logging.WARNING if verbose < 2 else logging.INFO)
     use_gpus = cfg.resources.gpus == "on" or (
         cfg.resources.gpus == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
@@ -218,6 +221,9 @@ def run_search(
         tune.with_parameters(run_trial, ctx=ctx, data=share_dataset(ds)),
         TrialResources(cfg.resources, use_gpus, check.flops),
     )
+    from search.monitor import DriverMemory
+
+    memory = DriverMemory()
     stopper = BudgetStopper(cfg.budget_flops)
     status_cb = TrialStatusCallback(uri, exp_id, parent_id)
     multi = cfg.objective == "multi"
@@ -240,7 +246,7 @@ def run_search(
     )
     run_config = tune.RunConfig(
         name=cfg.name, storage_path=str(storage_path), stop=stopper,
-        callbacks=[stopper, status_cb],
+        callbacks=[stopper, status_cb, memory],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         failure_config=tune.FailureConfig(max_failures=2),
         progress_reporter=reporter if verbose >= 1 else None,
@@ -260,20 +266,29 @@ def run_search(
         )
     exp_path.mkdir(parents=True, exist_ok=True)
     (exp_path / SETTINGS_FILE).write_text(json.dumps(_settings_record(cfg), indent=2))
+    t0 = time.perf_counter()
     try:
         results = tuner.fit()
     except BaseException:
         end_parent(uri, parent_id, "KILLED", {})
         raise
+    wall = time.perf_counter() - t0
     trials = _trial_table(results)
     spent = float(trials["train_flops"].fillna(0).sum()) if "train_flops" in trials else 0.0
     best = float(trials["val_logloss"].min()) if "val_logloss" in trials and len(trials) else float("nan")
     end_parent(uri, parent_id, "FINISHED", {
         "spent_flops": spent, "budget_flops": cfg.budget_flops, "n_trials": float(len(trials)),
         "best_val_logloss": best, "rejected_samples": float(len(searcher.rejected)),
+        "wall_seconds": wall,
     })
+    if memory.samples:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        client.log_batch(parent_id, metrics=[Metric("driver_rss_mb", rss, now, n)
+                                             for n, rss in memory.samples])
     return SearchOutcome(cfg.name, trials, spent, cfg.budget_flops, uri, exp_id, parent_id,
-                         str(exp_path), len(searcher.rejected))
+                         str(exp_path), len(searcher.rejected), memory.samples, wall)
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

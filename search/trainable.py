@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -71,17 +73,22 @@ def _view(arrays: dict[str, np.ndarray]) -> _SplitView:
         return _SplitView(*(torch.from_numpy(arrays[k]) for k in ("cat", "num", "label")))
 
 
-def _trial_threads() -> int:
+def _trial_resources() -> dict[str, float]:
+    """CPUs and GPU share Tune gave this trial (1 CPU outside Tune)."""
     try:
         bundles = tune.get_context().get_trial_resources().bundles
-        return max(1, int(sum(b.get("CPU", 0) for b in bundles)))
     except Exception:  # outside Tune (direct calls in tests)
-        return 1
+        return {"CPU": 1.0, "GPU": 0.0}
+    return {k: float(sum(b.get(k, 0) for b in bundles)) for k in ("CPU", "GPU")}
 
 
 def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> None:
     """Train one sampled config, reporting at ASHA milestones and every report interval."""
-    torch.set_num_threads(_trial_threads())
+    import ray
+
+    started = time.perf_counter()
+    resources = _trial_resources()
+    torch.set_num_threads(max(1, int(resources["CPU"])))
     spec: FeatureSpec = data["spec"]
     exp = experiment_from_flat(config, ctx.data)
     fpe = model_cost(exp.model, spec).flops_per_example
@@ -109,10 +116,16 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
         with checkpoint.as_directory() as d:
             resume = torch.load(os.path.join(d, STATE_FILE), weights_only=True)
 
-    extra = {"mlflow_run_id": tracker.run_id if tracker else "", "device": device}
+    extra = {
+        "mlflow_run_id": tracker.run_id if tracker else "", "device": device,
+        "gpu_share": resources["GPU"], "gpu_ids": len(ray.get_gpu_ids()),
+        "node_id": ray.get_runtime_context().get_node_id(),
+    }
 
     def report(metrics: dict[str, float], state: Any) -> bool:
         done = metrics["examples_seen"] >= max_examples
+        metrics = {**metrics, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   "trial_seconds": time.perf_counter() - started}
         if tracker is not None:
             tracker.log(metrics, step=int(metrics["examples_seen"]))
         with tempfile.TemporaryDirectory() as d:
