@@ -18,7 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 __all__ = ["main"]
 
@@ -34,7 +34,6 @@ def _env_defaults() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "60")
 
 
@@ -90,7 +89,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from search.runner import run_search
 
     cfg = _search_config(args)
-    resume = "always" if args.resume else "never" if args.no_resume else "auto"
+    resume: Literal["auto", "always", "never"] = (
+        "always" if args.resume else "never" if args.no_resume else "auto")
     outcome = run_search(cfg, tracking_uri=args.tracking_uri, storage=args.storage,
                          address=args.address, resume=resume, verbose=args.verbose)
     _print_best(outcome)

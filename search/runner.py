@@ -121,17 +121,27 @@ def _check_resume(path: Path, cfg: SearchConfig) -> None:
         )
 
 
-def _trial_table(results: Any) -> pd.DataFrame:
-    df = results.get_dataframe()
-    if df.empty:
-        return df
-    keep = [c for c in df.columns if c.startswith("config/") or c in (
+_RESULT_COLUMNS = (
         "trial_id", "val_logloss", "val_auc", "val_ne", "train_loss", "train_flops",
         "examples_seen", "flops_per_example", "params_dense", "params_embedding",
         "examples_per_s", "peak_rss_mb", "trial_seconds", "trial_status", "mlflow_run_id", "device", "gpu_share", "gpu_ids",
-        "node_id")]
-    df = df[keep].rename(columns=lambda c: c.removeprefix("config/"))
-    return df.reset_index(drop=True)
+        "node_id", "message")
+
+
+def _trial_table(results: Any) -> pd.DataFrame:
+    """One row per trial: its config (dotted keys) and last reported metrics.
+
+    Built from the in-memory results, so it needs no per-trial result files.
+    """
+    rows = []
+    for res in results:
+        metrics = res.metrics or {}
+        row = {k: v for k, v in (res.config or {}).items()}
+        row.update({k: metrics[k] for k in _RESULT_COLUMNS if k in metrics})
+        row.setdefault("trial_id", metrics.get("trial_id"))
+        row["error"] = str(res.error).splitlines()[0] if res.error else ""
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def run_search(
@@ -201,7 +211,8 @@ def run_search(
     params["data.fingerprint"] = ds.fingerprint
     exp_id, parent_id, _ = find_or_create_parent(
         client, cfg.name, params, tags={"recscale.data_fingerprint": ds.fingerprint,
-                                        "recscale.storage": str(exp_path)})
+                                        "recscale.storage": str(exp_path),
+                                        "recscale.config": cfg.model_dump_json()})
     client.log_artifact(parent_id, str(space_path))
 
     if not ray.is_initialized():
@@ -234,7 +245,7 @@ def run_search(
         sampler=make_sampler(cfg.searcher, cfg.seed, multi),
     )
     scheduler = (ASHAScheduler(time_attr="train_flops", metric="val_logloss", mode="min",
-                               max_t=trial_flops, grace_period=cfg.grace,
+                               max_t=trial_flops, grace_period=cfg.grace,  # type: ignore[arg-type]
                                reduction_factor=cfg.reduction_factor)
                  if cfg.scheduler == "asha" else FIFOScheduler())
     reporter = tune.CLIReporter(

@@ -59,7 +59,7 @@ class BudgetedOptunaSearch(OptunaSearch):
         self._live: set[str] = set()
         self.rejected: list[str] = []
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
         if trial_id not in self._ot_trials:
             decision = self._policy.decide(self._spent, self._live)
             if decision == "done":
@@ -77,6 +77,7 @@ class BudgetedOptunaSearch(OptunaSearch):
                 self._spent.setdefault(trial_id, 0.0)
                 return params
             self.rejected.append(reason)
+            assert self._ot_study is not None
             self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
             del self._ot_trials[trial_id]
         log.error("no feasible config in %d samples; last reason: %s", MAX_RESAMPLES, reason)

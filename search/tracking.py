@@ -37,6 +37,7 @@ __all__ = [
 KIND = "recscale.kind"
 SEARCH = "recscale.search"
 PARENT = "mlflow.parentRunId"
+CONFIG = "recscale.config"  # the trial's (parent's: the search's) full config as JSON
 
 
 def default_tracking_uri(uri: str | None = None) -> str:
@@ -91,14 +92,16 @@ class TrialTracker:
     """A trial's own child run, written from the trial's worker process."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str,
-                 trial_id: str, block: str, params: dict[str, Any], search: str) -> None:
+                 trial_id: str, block: str, params: dict[str, Any], search: str,
+                 config_json: str = "") -> None:
         self.client = MlflowClient(tracking_uri)
         run_id = find_trial_run(self.client, experiment_id, parent_run_id, trial_id)
         if run_id is None:
             run = self.client.create_run(
                 experiment_id, run_name=f"{block}-{trial_id}",
                 tags={KIND: "trial", PARENT: parent_run_id, "trial_id": trial_id,
-                      "block": block, "status": "RUNNING", SEARCH: search},
+                      "block": block, "status": "RUNNING", SEARCH: search,
+                      CONFIG: config_json},
             )
             run_id = run.info.run_id
             items = [Param(k, str(v)) for k, v in params.items()]
@@ -135,6 +138,7 @@ class TrialStatusCallback(tune.Callback):
         self.parent_run_id = parent_run_id
         self._pool: ThreadPoolExecutor | None = None
         self._futures: list[Future[None]] = []
+        self._done: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -142,6 +146,7 @@ class TrialStatusCallback(tune.Callback):
         return state
 
     def _submit(self, trial: Any, status: str) -> None:
+        self._done.add(trial.trial_id)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-status")
         self._futures.append(self._pool.submit(self._write, trial.trial_id, status))
@@ -154,15 +159,24 @@ class TrialStatusCallback(tune.Callback):
         client.set_tag(run_id, "status", status)
         client.set_terminated(run_id, "FAILED" if status == "ERROR" else "FINISHED")
 
-    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+    @staticmethod
+    def _final_status(trial: Any) -> str:
         result = trial.last_result or {}
-        status = str(result.get("trial_status", "")).upper() if result.get("done") else ""
-        self._submit(trial, status or "STOPPED")
+        reported = str(result.get("trial_status", "")).upper()
+        if reported in ("COMPLETED", "DIVERGED"):
+            return reported
+        return "STOPPED"  # ended early by ASHA or by the global budget
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._submit(trial, self._final_status(trial))
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._submit(trial, "ERROR")
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        for trial in trials:  # trials the budget stopper ended with the experiment
+            if trial.trial_id not in self._done and trial.last_result:
+                self._submit(trial, "ERROR" if trial.status == "ERROR" else self._final_status(trial))
         for fut in self._futures:
             fut.result()
         self._futures.clear()

@@ -7,6 +7,7 @@ Everything heavy lives elsewhere: configs in ``spaces``/``trainers``, the loop i
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import resource
@@ -108,7 +109,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
         from search.tracking import TrialTracker
 
         tracker = TrialTracker(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id,
-                               trial_id, exp.model.block, exp.flat(), ctx.search)
+                               trial_id, exp.model.block, exp.flat(), ctx.search,
+                               config_json=json.dumps(exp.to_dict()))
 
     resume = None
     checkpoint = tune.get_checkpoint()

@@ -36,6 +36,10 @@ _FVCORE_IGNORED = (
 )
 
 
+def _zero(inputs: list[Any], outputs: list[Any]) -> int:
+    return 0
+
+
 def _sdpa_fvcore_handle(inputs: list[Any], outputs: list[Any]) -> int:
     """fvcore handle for aten::scaled_dot_product_attention, in multiply-adds."""
     from fvcore.nn.jit_handles import get_shape
@@ -57,7 +61,8 @@ def fvcore_flops(module: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
         from fvcore.nn import FlopCountAnalysis
 
         analysis = FlopCountAnalysis(module, tuple(inputs))
-        analysis.set_op_handle(**{name: None for name in _FVCORE_IGNORED})
+        # a handle of None only silences the warning; a zero handle stops the count
+        analysis.set_op_handle(**{name: _zero for name in _FVCORE_IGNORED})
         analysis.set_op_handle(
             **{"aten::scaled_dot_product_attention": _sdpa_fvcore_handle}
         )

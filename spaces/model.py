@@ -42,7 +42,9 @@ class ModelConfig(BaseModel):
 
     Attributes:
         block: the block family (see ``spaces.block_names()``).
-        n_layers: number of stacked blocks ``L``.
+        n_layers: number of stacked blocks ``L``; 0 leaves tokens unmixed (with
+            ``embed_dim=1``, ``tokenizer="field"``, ``d_model=1``, ``pooling="flatten"`` and
+            ``head_hidden=()`` the model is a logistic regression: the baseline).
         d_model: token width ``D``.
         n_tokens: token count ``T`` for the ``grouped`` tokenizer; ignored (must be left
             unset or equal the field count) for ``field``, where ``T`` = number of fields.
@@ -57,7 +59,7 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     block: str
-    n_layers: int = Field(2, ge=1, le=64)
+    n_layers: int = Field(2, ge=0, le=64)
     d_model: int = Field(64, ge=2, le=8192)
     n_tokens: int | None = Field(8, ge=1, le=1024)
     embed_dim: int = Field(16, ge=1, le=1024)
@@ -250,13 +252,15 @@ class RecModel(nn.Module):
     def set_progress(self, fraction: float) -> None:
         """Forward training progress to blocks with schedules (e.g. UniMixing's τ)."""
         for block in self.blocks:
+            assert isinstance(block, Block)
             block.set_progress(fraction)
 
     def tokens(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
         """Feature tokens ``(B, T, D)`` before the blocks."""
         fields = []
         if self.spec.n_categorical:
-            fields.append(self.embedding(cat + self.offsets))  # (B, F_cat, e)
+            offsets: torch.Tensor = self.offsets  # type: ignore[assignment]
+            fields.append(self.embedding(cat + offsets))  # (B, F_cat, e)
         if self.spec.n_numeric:
             fields.append(num.unsqueeze(-1) * self.num_scale + self.num_shift)  # (B, F_num, e)
         x = torch.cat(fields, dim=1)  # (B, F, e)

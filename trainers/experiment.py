@@ -7,6 +7,7 @@ problem becomes one :class:`ConfigError` line naming the file and the key.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def validation_message(err: Exception, source: str = "config") -> str:
+def validation_message(err: BaseException, source: str = "config") -> str:
     """One line for a pydantic/config error: ``source: key: problem``."""
     if isinstance(err, ValidationError):
         first = err.errors()[0]
@@ -85,7 +86,7 @@ def validation_message(err: Exception, source: str = "config") -> str:
     return f"{source}: {err}"
 
 
-def load_experiment(path: str | Path) -> ExperimentConfig:
+def load_experiment(path: str | os.PathLike[str]) -> ExperimentConfig:
     """Read and validate an experiment YAML; any problem is one ``ConfigError`` line."""
     path = Path(path)
     try:

@@ -143,4 +143,4 @@ def train_full(
 
 def train_file(path: str | os.PathLike[str], **kwargs: Any) -> FullRunResult:
     """``train_full`` on an experiment YAML (the ``recscale train`` entry point)."""
-    return train_full(load_experiment(path), **kwargs)
+    return train_full(load_experiment(Path(path)), **kwargs)

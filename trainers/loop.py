@@ -46,10 +46,12 @@ Metrics = dict[str, float]
 class SplitLike(Protocol):
     """What the loop needs of a split: aligned ``cat``, ``num`` and ``label`` tensors."""
 
-    cat: torch.Tensor
-    num: torch.Tensor
-    label: torch.Tensor
-
+    @property
+    def cat(self) -> torch.Tensor: ...
+    @property
+    def num(self) -> torch.Tensor: ...
+    @property
+    def label(self) -> torch.Tensor: ...
     def __len__(self) -> int: ...
 
 
@@ -249,10 +251,10 @@ def train(
         if pos >= n_train:
             epoch, pos = epoch + 1, 0
             order = _epoch_order(n_train, train_cfg.seed, epoch)
-        take = min(bs, n_train - pos, total - seen)
+        # a batch never crosses a scheduled evaluation: evaluations land exactly on it
         upcoming = [e for e in extra_evals if e > seen]
-        if upcoming:  # stop the batch exactly at the next scheduled evaluation
-            take = min(take, upcoming[0] - seen)
+        take = min(bs, n_train - pos, total - seen, next_eval - seen,
+                   *([upcoming[0] - seen] if upcoming else []))
         idx = order[pos : pos + take]
         t0 = time.perf_counter()
         model.set_progress(seen / total)
@@ -270,9 +272,10 @@ def train(
         elapsed += time.perf_counter() - t0
         pos += take
         seen += take
-        loss_sum, loss_n = loss_sum + float(loss) * take, loss_n + take
+        loss_value = float(loss.detach())
+        loss_sum, loss_n = loss_sum + loss_value * take, loss_n + take
         if on_step is not None:
-            on_step(seen, float(loss))
+            on_step(seen, loss_value)
         if seen >= next_eval or seen >= total or seen in extra_evals:
             m = metrics_now()
             history.append(m)

@@ -1,8 +1,12 @@
 """Block families of the unified model space. Importing this registers all of them."""
 
-from spaces.blocks import attention, tokenmixer, unimixing, wukong  # noqa: F401
+import importlib
+
 from spaces.blocks.base import Block, BlockConfig, BlockCost, BlockDimensionError
 from spaces.blocks.registry import UnknownBlockError, block_names, get_block, register_block
+
+for _family in ("attention", "tokenmixer", "unimixing", "wukong"):
+    importlib.import_module(f"spaces.blocks.{_family}")
 
 __all__ = [
     "Block",

@@ -1,0 +1,203 @@
+"""The search on the real stack: local Ray, MLflow in SQLite, synthetic teacher data.
+
+One Ray session (2 CPUs, 2 declared GPUs) is shared by the tests of this module, so GPU
+placement is checked on a machine that has none.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from search.resources import gpu_fraction
+from search.runner import run_search
+from search.settings import ResourceConfig, SearchConfig, asha_milestones
+from trainers.data import DataConfig, SyntheticConfig, load_dataset
+
+pytestmark = pytest.mark.slow
+
+DATA = DataConfig(name="synthetic", synthetic=SyntheticConfig(n_rows=6_000, n_cat_fields=6,
+                                                              cardinality=20, seed=1))
+CAP = 4e5
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, _temp_dir=tmp,
+             logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return load_dataset(DATA, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def unified(ray_session, dataset, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("unified")
+    cfg = SearchConfig(name="unified-test", space="unified", data=DATA, budget_flops=6e10,
+                       trial_flops=6e9, grace_flops=6e9 / 9, max_flops_per_example=CAP,
+                       eval_max_examples=500, max_concurrent=2, seed=0,
+                       resources=ResourceConfig(gpus="on", gpu_full_at_flops=2e5,
+                                                gpu_min_fraction=0.25))
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    outcome = run_search(cfg, tracking_uri=uri, storage=tmp / "ray", verbose=0, dataset=dataset)
+    return cfg, outcome
+
+
+def test_budget_is_held(unified) -> None:
+    cfg, out = unified
+    interval = cfg.grace / cfg.reports_per_grace
+    assert 0 < out.spent_flops <= cfg.budget_flops + cfg.max_concurrent * interval
+    assert out.spent_flops == pytest.approx(out.trials["train_flops"].sum())
+    # the search ended by itself with less than a grace period left to spend
+    assert cfg.budget_flops - out.spent_flops < cfg.grace + cfg.max_concurrent * interval
+
+
+def test_no_trained_config_over_the_cap(unified) -> None:
+    _, out = unified
+    assert (out.trials["flops_per_example"] <= CAP).all()
+    assert (out.trials["train_flops"] <= 6e9 * (1 + 1e-9)).all()
+
+
+def test_asha_stops_trials_at_flops_milestones(unified) -> None:
+    cfg, out = unified
+    rungs = asha_milestones(cfg.grace, cfg.reduction_factor, cfg.trial_budget)
+    stopped = out.trials[out.trials["trial_status"] == "running"]  # ended early by ASHA/budget
+    assert len(stopped) >= 1, out.trials[["trial_status", "train_flops"]]
+    for _, row in stopped.iterrows():
+        per_example = 3 * row["flops_per_example"]
+        at_rung = [m for m in rungs if m <= row["train_flops"] < m + per_example]
+        interval = cfg.grace / cfg.reports_per_grace
+        # stopped at a rung (ASHA), or by the global budget at a report interval
+        assert at_rung or row["train_flops"] % interval < per_example or \
+            row["train_flops"] >= cfg.budget_flops / 2, row
+
+
+def test_every_family_is_sampled(unified) -> None:
+    _, out = unified
+    assert set(out.trials["model.block"]) == {"attention", "tokenmixer", "wukong",
+                                              "unimixing", "unimixing_lite"}
+
+
+def test_mlflow_layout(unified) -> None:
+    cfg, out = unified
+    client = MlflowClient(out.tracking_uri)
+    runs = client.search_runs([out.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("recscale.kind") == "search"]
+    children = [r for r in runs if r.data.tags.get("recscale.kind") == "trial"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.params["search.budget_flops"] == str(cfg.budget_flops)
+    assert len(children) == len(out.trials)
+    assert {r.data.tags["trial_id"] for r in children} == set(out.trials["trial_id"])
+    for r in children:
+        assert r.data.tags["mlflow.parentRunId"] == out.parent_run_id
+        assert r.data.tags["status"] in {"COMPLETED", "STOPPED", "DIVERGED"}
+        assert r.data.tags["block"] == r.data.params["model.block"]
+        hist = client.get_metric_history(r.info.run_id, "val_logloss")
+        steps = [m.step for m in hist]
+        assert steps and steps == sorted(steps) and len(set(steps)) == len(steps)
+        seen = client.get_metric_history(r.info.run_id, "examples_seen")
+        assert [m.step for m in seen] == [int(m.value) for m in seen]
+
+
+def test_gpu_share_grows_with_flops(unified) -> None:
+    cfg, out = unified
+    t = out.trials
+    expected = [gpu_fraction(f, cfg.resources) for f in t["flops_per_example"]]
+    assert list(t["gpu_share"]) == expected
+    assert (t["gpu_ids"] >= 1).all()
+    assert t["gpu_share"].nunique() >= 2, t[["flops_per_example", "gpu_share"]]
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path) -> None:
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("families: [tokenmixer\nmodel: {")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("families: [tokenmixer, hyperformer]\n")
+    base = [sys.executable, "-m", "search.cli", "search", "--data", "synthetic",
+            "--max-rows", "2000", "--name", "bad", "--storage", str(tmp_path / "ray"),
+            "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    cases = {
+        "malformed YAML": [*base, "--space", str(bad_yaml), "--budget-flops", "1e12"],
+        "hyperformer": [*base, "--space", str(unknown), "--budget-flops", "1e12"],
+        "no config in space": [*base, "--budget-flops", "1e12", "--max-flops-per-example", "10"],
+    }
+    for needle, cmd in cases.items():
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "RAY_ADDRESS": ""})
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2, (needle, proc.stderr[-2000:])
+        assert lines[-1].startswith("recscale: error:") and needle in lines[-1], lines
+        assert "Traceback" not in proc.stderr
+
+
+def _search_cmd(tmp: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "search.cli", "search", "--space", "unified", "--data",
+            "synthetic", "--max-rows", "6000", "--name", "resume-test",
+            "--budget-flops", "5e10", "--trial-flops", "1e10", "--max-flops-per-example", str(CAP),
+            "--storage", str(tmp / "ray"), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+            "--max-concurrent", "2", "--gpus", "off", "-v", "0", *extra]
+
+
+def _finished_trials(client: MlflowClient, name: str) -> dict[str, str]:
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return {}
+    runs = client.search_runs([exp.experiment_id], "tags.`recscale.kind` = 'trial'")
+    return {r.data.tags["trial_id"]: r.info.run_id for r in runs
+            if r.data.tags.get("status") in {"COMPLETED", "STOPPED"}}
+
+
+def test_resume_after_sigkill(tmp_path) -> None:
+    raytmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": raytmp, "RAY_ADDRESS": "",
+           "RECSCALE_CACHE": str(tmp_path / "cache")}
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    proc = subprocess.Popen(_search_cmd(tmp_path), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if len(_finished_trials(client, "resume-test")) >= 2:
+                break
+            time.sleep(1)
+        assert proc.poll() is None, f"search ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        before = _finished_trials(client, "resume-test")
+        assert len(before) >= 2
+        time.sleep(2)  # let Tune write an experiment checkpoint that includes them
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        subprocess.run(["pkill", "-9", "-f", raytmp], check=False)
+    history_before = {t: len(client.get_metric_history(r, "val_logloss")) for t, r in before.items()}
+
+    res = subprocess.run(_search_cmd(tmp_path, "--resume"), env=env, capture_output=True,
+                         text=True, timeout=600)
+    subprocess.run(["pkill", "-9", "-f", raytmp], check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    exp = client.get_experiment_by_name("resume-test")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    trial_ids = [r.data.tags["trial_id"] for r in runs if r.data.tags.get("recscale.kind") == "trial"]
+    assert len(trial_ids) == len(set(trial_ids)), "duplicate MLflow runs for a trial"
+    assert sum(r.data.tags.get("recscale.kind") == "search" for r in runs) == 1
+    for t, run_id in before.items():  # finished trials were not run again
+        assert len(client.get_metric_history(run_id, "val_logloss")) == history_before[t]
+    parent = next(r for r in runs if r.data.tags.get("recscale.kind") == "search")
+    assert parent.info.status == "FINISHED"
+    spent = parent.data.metrics["spent_flops"]
+    assert spent <= 5e10 * 1.2 and not math.isnan(spent)
