@@ -83,7 +83,7 @@ def ensure_feasible(space: SearchSpace, check: ConfigCheck, seed: int, draws: in
     feasible, cheapest, reason = 0, float("inf"), ""
     for _ in range(draws):
         trial = study.ask()
-        flat = {**space.suggest(trial), **trial.params}
+        flat = space.sample(trial)
         ok, _, why = check(flat)
         study.tell(trial, 0.0)
         if ok:
@@ -128,15 +128,18 @@ _RESULT_COLUMNS = (
         "node_id", "message")
 
 
-def _trial_table(results: Any) -> pd.DataFrame:
+def _trial_table(results: Any, check: ConfigCheck) -> pd.DataFrame:
     """One row per trial: its config (dotted keys) and last reported metrics.
 
-    Built from the in-memory results, so it needs no per-trial result files.
+    Built from the in-memory results, so it needs no per-trial result files. A trial
+    stopped before its first report still gets its analytic ``flops_per_example`` and
+    ``train_flops = 0``.
     """
     rows = []
     for res in results:
         metrics = res.metrics or {}
         row = {k: v for k, v in (res.config or {}).items()}
+        row.update({"flops_per_example": check.try_flops(row), "train_flops": 0.0})
         row.update({k: metrics[k] for k in _RESULT_COLUMNS if k in metrics})
         row.setdefault("trial_id", metrics.get("trial_id"))
         row["error"] = str(res.error).splitlines()[0] if res.error else ""
@@ -243,6 +246,9 @@ def run_search(
         metric=["val_logloss", "flops_per_example"] if multi else "val_logloss",
         mode=["min", "min"] if multi else "min",
         sampler=make_sampler(cfg.searcher, cfg.seed, multi),
+        # every family gets a trial before the sampler focuses (the rest of each
+        # point is sampled; an infeasible draw is re-drawn with the family kept)
+        points_to_evaluate=[{"model.block": f} for f in space.families],
     )
     scheduler = (ASHAScheduler(time_attr="train_flops", metric="val_logloss", mode="min",
                                max_t=trial_flops, grace_period=cfg.grace,  # type: ignore[arg-type]
@@ -284,7 +290,7 @@ def run_search(
         end_parent(uri, parent_id, "KILLED", {})
         raise
     wall = time.perf_counter() - t0
-    trials = _trial_table(results)
+    trials = _trial_table(results, check)
     spent = float(trials["train_flops"].fillna(0).sum()) if "train_flops" in trials else 0.0
     best = float(trials["val_logloss"].min()) if "val_logloss" in trials and len(trials) else float("nan")
     end_parent(uri, parent_id, "FINISHED", {

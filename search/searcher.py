@@ -78,8 +78,11 @@ class BudgetedOptunaSearch(OptunaSearch):
                 return params
             self.rejected.append(reason)
             assert self._ot_study is not None
+            fixed = ot_trial.system_attrs.get("fixed_params")
             self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
             del self._ot_trials[trial_id]
+            if fixed:  # an enqueued point (e.g. a family to cover) keeps its fixed part
+                self._ot_study.enqueue_trial(fixed, skip_if_exists=False)
         log.error("no feasible config in %d samples; last reason: %s", MAX_RESAMPLES, reason)
         return Searcher.FINISHED
 

@@ -27,6 +27,7 @@ are only sampled when that family is chosen) and returns the constants.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -109,9 +110,10 @@ class TrialLike(Protocol):
 
 def _sample(trial: TrialLike, name: str, knob: Any) -> Any:
     if isinstance(knob, Choice):
-        plain = [tuple(c) if isinstance(c, list) else c for c in knob.choice]
-        value = trial.suggest_categorical(name, plain)
-        return list(value) if isinstance(value, tuple) else value
+        if any(isinstance(c, list | dict) for c in knob.choice):
+            # Optuna stores primitives only: sample the JSON text, return the value
+            return json.loads(trial.suggest_categorical(name, [json.dumps(c) for c in knob.choice]))
+        return trial.suggest_categorical(name, knob.choice)
     if isinstance(knob, IntRange):
         return trial.suggest_int(name, knob.bounds[0], knob.bounds[1], step=knob.step, log=knob.log)
     if isinstance(knob, FloatRange):
@@ -178,8 +180,9 @@ class SearchSpace(_Strict):
 
         def put(name: str, knob: Any) -> None:
             value = _sample(trial, name, knob)
-            if not isinstance(knob, Choice | IntRange | FloatRange):
-                constants[name] = value
+            structured = isinstance(knob, Choice) and isinstance(value, list | dict)
+            if structured or not isinstance(knob, Choice | IntRange | FloatRange):
+                constants[name] = value  # returned values override Optuna's raw sample
 
         family = trial.suggest_categorical("model.block", list(self.families))
         for key, knob in self.model.items():
@@ -189,6 +192,12 @@ class SearchSpace(_Strict):
         for key, knob in self.train.items():
             put(f"train.{key}", knob)
         return constants
+
+    def sample(self, trial: Any) -> dict[str, Any]:
+        """The full flat config of one trial, merged as Ray's OptunaSearch merges it:
+        Optuna's sampled values, overridden by what :meth:`suggest` returns."""
+        constants = self.suggest(trial)
+        return {**trial.params, **constants}
 
     def dimensions(self) -> dict[str, Any]:
         """Every knob by dotted name (for reports and the search's parent run)."""

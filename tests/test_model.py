@@ -67,7 +67,7 @@ def test_unknown_key_and_foreign_section_are_errors() -> None:
     with pytest.raises(ValidationError, match="section 'wukong' given"):
         ModelConfig(block="tokenmixer", wukong={})
     with pytest.raises(ValidationError):
-        ModelConfig(block="tokenmixer", n_layers=0)
+        ModelConfig(block="tokenmixer", n_layers=-1)
 
 
 def test_tokenmixer_needs_d_divisible_by_t() -> None:

@@ -261,7 +261,7 @@ def train(
         logits = model(train_split.cat[idx].to(device), train_split.num[idx].to(device))
         loss = nn.functional.binary_cross_entropy_with_logits(logits, train_split.label[idx].to(device))
         if not torch.isfinite(loss):
-            status, message = "diverged", f"loss became {float(loss)} after {seen} examples"
+            status, message = "diverged", f"loss became {float(loss.detach())} after {seen} examples"
             break
         opt.zero_grad(set_to_none=True)
         loss.backward()
