@@ -78,7 +78,7 @@ class BudgetedOptunaSearch(OptunaSearch):
                 return params
             self.rejected.append(reason)
             assert self._ot_study is not None
-            fixed = ot_trial.system_attrs.get("fixed_params")
+            fixed = ot_trial.storage.get_trial_system_attrs(ot_trial._trial_id).get("fixed_params")
             self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
             del self._ot_trials[trial_id]
             if fixed:  # an enqueued point (e.g. a family to cover) keeps its fixed part

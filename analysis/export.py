@@ -1,0 +1,100 @@
+"""Export the best (or compute-optimal) config of a search as an experiment YAML that
+``recscale train`` accepts as is, with provenance (search, run ids, metrics)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from analysis.fits import fit_joint
+from analysis.report import select_best
+from analysis.runs import AnalysisError, SearchRuns
+from spaces import FeatureSpec, ModelConfig, model_cost
+from trainers.data import DataConfig
+from trainers.experiment import ExperimentConfig, experiment_from_flat
+
+__all__ = ["export_config", "scale_to_flops"]
+
+
+def _data_config(runs: SearchRuns) -> DataConfig:
+    data = runs.settings.get("data")
+    return DataConfig(**data) if data else DataConfig()
+
+
+def _flat_config(row: pd.Series) -> dict[str, Any]:
+    return {k: v for k, v in row.items()
+            if isinstance(k, str) and k.startswith(("model.", "train."))
+            and not (isinstance(v, float) and math.isnan(v))}
+
+
+def scale_to_flops(model: ModelConfig, spec: FeatureSpec, target: float) -> ModelConfig:
+    """The config nearest to ``target`` FLOPs/example (from below when possible) among
+    the ``d_model`` and ``n_layers`` variations of ``model``; same family and knobs."""
+    best, best_gap = model, math.inf
+    for layers in range(1, 9):
+        for d in (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024):
+            fields = model.to_dict() | {"d_model": d, "n_layers": layers}
+            try:
+                cand = ModelConfig(**fields)
+                f = model_cost(cand, spec).flops_per_example
+            except ValueError:
+                continue
+            gap = abs(math.log(f / target)) + (0.0 if f <= target else 0.5)
+            if gap < best_gap:
+                best, best_gap = cand, gap
+    return best
+
+
+def export_config(runs: SearchRuns, output: str | Path, spec: FeatureSpec | None = None,
+                  max_flops_per_example: float | None = None,
+                  budget_flops: float | None = None) -> ExperimentConfig:
+    """Write the chosen config to ``output`` and return it.
+
+    Without ``budget_flops``: the best trial under the cap, trained for the examples its
+    search allowed one trial (``trial_flops``). With it: the best trial's family,
+    resized to the joint fit's compute-optimal model size ``N*`` (under the cap) and
+    trained on the compute-optimal ``D*`` examples.
+    """
+    best = select_best(runs.trials, max_flops_per_example)
+    flat = _flat_config(best)
+    data = _data_config(runs)
+    exp = experiment_from_flat(flat, data)
+    fpe = float(best["flops_per_example"])
+    provenance: dict[str, Any] = {
+        "search": runs.name, "parent_run_id": runs.parent_run_id, "run_id": best.get("run_id"),
+        "trial_id": best.get("trial_id"), "val_logloss": float(best.get("best_val_logloss", best["val_logloss"])),
+        "val_auc": float(best.get("val_auc", float("nan"))), "flops_per_example": fpe,
+        "tracking_uri": runs.tracking_uri,
+    }
+    trial_flops = float(runs.settings.get("trial_flops") or 0) or float(best.get("train_flops", 0))
+    examples = int(trial_flops / (3 * fpe)) if fpe > 0 and trial_flops > 0 else None
+    model = exp.model
+    if budget_flops is not None:
+        h = runs.history.dropna(subset=["flops_per_example", "examples_seen", "val_logloss"])
+        joint = fit_joint(h["flops_per_example"], h["examples_seen"], h["val_logloss"], n_boot=20)
+        if not joint.ok:
+            raise AnalysisError(f"cannot size for budget_flops={budget_flops:.3g}: joint fit "
+                                f"{joint.status} ({joint.message})")
+        n_opt, d_opt, l_opt = joint.compute_optimal(budget_flops, max_flops_per_example)
+        if spec is None:
+            from trainers.data import load_dataset
+
+            spec = load_dataset(data).spec
+        model = scale_to_flops(model, spec, n_opt)
+        fpe = float(model_cost(model, spec).flops_per_example)
+        examples = int(budget_flops / (3 * fpe))
+        provenance.update({"budget_flops": budget_flops, "compute_optimal_flops_per_example": n_opt,
+                           "compute_optimal_examples": d_opt, "predicted_val_logloss": l_opt,
+                           "exported_flops_per_example": fpe,
+                           "joint_fit": {"E": joint.E, "A": joint.A, "alpha": joint.alpha,
+                                         "B": joint.B, "beta": joint.beta, "status": joint.status}})
+    train = exp.train.model_copy(update={"max_examples": examples, "eval_every": None,
+                                         "eval_max_examples": None})
+    out = ExperimentConfig(model=model, train=train, data=data,
+                           provenance={k: v for k, v in provenance.items() if v is not None})
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    out.to_yaml(output)
+    return out
