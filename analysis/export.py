@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from analysis.fits import fit_joint
-from analysis.report import select_best
+from analysis.report import EXTRAPOLATION, select_best
 from analysis.runs import AnalysisError, SearchRuns
 from spaces import FeatureSpec, ModelConfig, model_cost
 from trainers.data import DataConfig
@@ -78,7 +78,9 @@ def export_config(runs: SearchRuns, output: str | Path, spec: FeatureSpec | None
         if not joint.ok:
             raise AnalysisError(f"cannot size for budget_flops={budget_flops:.3g}: joint fit "
                                 f"{joint.status} ({joint.message})")
-        n_opt, d_opt, l_opt = joint.compute_optimal(budget_flops, max_flops_per_example)
+        reach = EXTRAPOLATION * float(h["flops_per_example"].max())
+        cap = reach if max_flops_per_example is None else min(reach, max_flops_per_example)
+        n_opt, d_opt, l_opt = joint.compute_optimal(budget_flops, cap)
         if spec is None:
             from trainers.data import load_dataset
 

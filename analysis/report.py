@@ -27,6 +27,7 @@ from analysis.runs import AnalysisError, SearchRuns
 
 __all__ = ["ReportResult", "build_report", "log_report_to_mlflow", "select_best"]
 
+EXTRAPOLATION = 10.0  # how far beyond the largest trained model a recommendation may reach
 FAMILY_COLORS = {"attention": "#1f77b4", "tokenmixer": "#ff7f0e", "wukong": "#2ca02c",
                  "unimixing": "#d62728", "unimixing_lite": "#9467bd"}
 PLOTS = (  # (x column, axis label, file stem, source)
@@ -107,8 +108,9 @@ def _png(runs: SearchRuns, fits: dict[str, PowerLawFit], out: Path) -> list[Path
                 if fit.ok:
                     g = df[df["block"] == fam]
                     cs = np.logspace(np.log10(g[x].min()), np.log10(g[x].max()), 100)
+                    bound = " (at bound)" if fit.status == "hit_bound" else ""
                     ax.plot(cs, fit.predict(cs), "--", color=_color(fam), lw=1.5,
-                            label=f"{fam} fit α={fit.alpha:.3f}")
+                            label=f"{fam} fit α={fit.alpha:.3f}{bound}")
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("validation log loss (nats)")
@@ -176,11 +178,13 @@ def build_report(runs: SearchRuns, out_dir: str | Path, max_flops_per_example: f
             rec["best_under_cap"] = {"error": str(err)}
     if budget_flops is not None:
         if joint.ok:
-            n, d, loss = joint.compute_optimal(budget_flops)
+            reach = EXTRAPOLATION * float(runs.history["flops_per_example"].max())
+            n, d, loss = joint.compute_optimal(budget_flops, reach)
             rec["compute_optimal"] = {"budget_flops": budget_flops, "flops_per_example": n,
-                                      "examples": d, "predicted_val_logloss": loss}
+                                      "examples": d, "predicted_val_logloss": loss,
+                                      "note": f"model size searched up to {EXTRAPOLATION}x the largest trained"}
             if max_flops_per_example is not None:
-                n, d, loss = joint.compute_optimal(budget_flops, max_flops_per_example)
+                n, d, loss = joint.compute_optimal(budget_flops, min(reach, max_flops_per_example))
                 rec["compute_optimal_under_cap"] = {
                     "budget_flops": budget_flops, "max_flops_per_example": max_flops_per_example,
                     "flops_per_example": n, "examples": d, "predicted_val_logloss": loss}

@@ -244,14 +244,26 @@ def _one_line(err: BaseException) -> str:
     return " ".join(msg.split())
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's input, reported as one line (never a traceback)."""
+    from pydantic import ValidationError
+
+    from analysis.runs import AnalysisError
+    from search.runner import SearchError
+    from spaces.blocks import BlockDimensionError, UnknownBlockError
+    from spaces.search_space import SpaceError
+    from trainers.data import DataError
+    from trainers.experiment import ConfigError
+
+    return (CliError, ValidationError, ConfigError, SpaceError, DataError, SearchError,
+            AnalysisError, UnknownBlockError, BlockDimensionError, FileNotFoundError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``recscale`` console script."""
     _env_defaults()
     args = build_parser().parse_args(argv)
-    from pydantic import ValidationError
-
-    user_errors: tuple[type[BaseException], ...] = (CliError, ValidationError, ValueError,
-                                                    FileNotFoundError)
+    user_errors = _user_errors()
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

@@ -31,7 +31,7 @@ def test_planted_power_law_is_recovered() -> None:
     fit = fit_power_law(c, loss, n_boot=100)
     assert fit.status == "converged", fit.message
     assert fit.alpha == pytest.approx(0.12, abs=0.02)
-    assert fit.E == pytest.approx(0.45, abs=0.01)
+    assert pytest.approx(0.45, abs=0.01) == fit.E
     lo, hi = fit.ci["alpha"]
     assert lo <= 0.12 <= hi
     assert np.allclose(fit.predict(c), true, rtol=0.005)

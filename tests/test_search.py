@@ -201,3 +201,34 @@ def test_resume_after_sigkill(tmp_path) -> None:
     assert parent.info.status == "FINISHED"
     spent = parent.data.metrics["spent_flops"]
     assert spent <= 5e10 * 1.2 and not math.isnan(spent)
+
+
+def test_analyze_export_then_train_round_trips(unified, tmp_path) -> None:
+    """The report of a real search, its exported best config, and `recscale train` on it."""
+    from analysis.cli import export_best, write_report
+    from trainers.experiment import load_experiment
+    from trainers.full import load_model, train_full
+
+    cfg, out = unified
+    report = write_report(cfg.name, out.tracking_uri, tmp_path / "report",
+                          max_flops_per_example=CAP, budget_flops=cfg.budget_flops * 4)
+    assert (report / "report.html").exists() and (report / "summary.json").exists()
+    client = MlflowClient(out.tracking_uri)
+    logged = {a.path for a in client.list_artifacts(out.parent_run_id, "report")}
+    assert "report/summary.json" in logged
+    path = export_best(cfg.name, out.tracking_uri, tmp_path / "best.yaml", max_flops_per_example=CAP)
+    exp = load_experiment(path)
+    best = out.trials.loc[out.trials["val_logloss"].idxmin()]
+    assert exp.provenance["search"] == cfg.name
+    assert exp.provenance["flops_per_example"] <= CAP
+    assert exp.model.block in set(out.trials["model.block"])
+    assert exp.provenance["val_logloss"] <= best["val_logloss"] + 1e-9
+    res = train_full(exp, tmp_path / "train", tracking_uri=out.tracking_uri, progress=False)
+    assert res.status == "completed" and 0.5 < res.test["test_auc"] <= 1.0
+    model = load_model(res.model_dir)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    sized = export_best(cfg.name, out.tracking_uri, tmp_path / "sized.yaml",
+                        max_flops_per_example=CAP, budget_flops=cfg.budget_flops * 4)
+    big = load_experiment(sized)
+    assert big.provenance["exported_flops_per_example"] <= CAP
+    assert "compute_optimal_examples" in big.provenance
