@@ -93,7 +93,7 @@ class TrialTracker:
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str,
                  trial_id: str, block: str, params: dict[str, Any], search: str,
-                 config_json: str = "") -> None:
+                 config_json: str = "", node_id: str = "") -> None:
         self.client = MlflowClient(tracking_uri)
         run_id = find_trial_run(self.client, experiment_id, parent_run_id, trial_id)
         if run_id is None:
@@ -101,14 +101,16 @@ class TrialTracker:
                 experiment_id, run_name=f"{block}-{trial_id}",
                 tags={KIND: "trial", PARENT: parent_run_id, "trial_id": trial_id,
                       "block": block, "status": "RUNNING", SEARCH: search,
-                      CONFIG: config_json},
+                      CONFIG: config_json, "ray.node_id": node_id},
             )
             run_id = run.info.run_id
             items = [Param(k, str(v)) for k, v in params.items()]
             for i in range(0, len(items), 100):
                 self.client.log_batch(run_id, params=items[i : i + 100])
-        else:
+        else:  # a restored or retried trial, maybe on another node
             self.client.update_run(run_id, status="RUNNING")
+            if node_id:
+                self.client.set_tag(run_id, "ray.node_id", node_id)
         self.run_id = run_id
         self._pending: list[Any] = []
 

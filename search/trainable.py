@@ -110,7 +110,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
 
         tracker = TrialTracker(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id,
                                trial_id, exp.model.block, exp.flat(), ctx.search,
-                               config_json=json.dumps(exp.to_dict()))
+                               config_json=json.dumps(exp.to_dict()),
+                               node_id=ray.get_runtime_context().get_node_id())
 
     resume = None
     checkpoint = tune.get_checkpoint()

@@ -60,7 +60,7 @@ class ModelConfig(BaseModel):
 
     block: str
     n_layers: int = Field(2, ge=0, le=64)
-    d_model: int = Field(64, ge=2, le=8192)
+    d_model: int = Field(64, ge=1, le=8192)
     n_tokens: int | None = Field(8, ge=1, le=1024)
     embed_dim: int = Field(16, ge=1, le=1024)
     tokenizer: Literal["grouped", "field"] = "grouped"

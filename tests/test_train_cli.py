@@ -14,7 +14,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from trainers.data import DataConfig, SyntheticConfig, load_dataset
+from trainers.data import DataConfig, load_dataset
 from trainers.experiment import ConfigError, ExperimentConfig, load_experiment
 from trainers.full import load_model, predict
 
