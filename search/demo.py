@@ -29,9 +29,9 @@ def demo_config(quick: bool) -> SearchConfig:
         )
     return SearchConfig(
         name="demo", space="unified",
-        data=DataConfig(name="movielens-1m", max_rows=400_000),
-        budget_flops=2.4e13, trial_flops=3e12, max_flops_per_example=2e6,
-        eval_max_examples=20_000, max_concurrent=2,
+        data=DataConfig(name="movielens-1m", max_rows=300_000),
+        budget_flops=8e11, trial_flops=1.6e11, max_flops_per_example=1e6,
+        eval_max_examples=10_000, max_concurrent=2,
     )
 
 

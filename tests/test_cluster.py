@@ -5,7 +5,9 @@ to an MLflow server started here, and survives losing its worker node mid-search
 from __future__ import annotations
 
 import copy
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -34,7 +36,9 @@ def test_cluster_file_validates_with_rays_schema(name: str) -> None:
     assert cfg["head_node_type"] in cfg["available_node_types"]
     broken = copy.deepcopy(_load(name))
     broken["max_workers"] = "many"
-    with pytest.raises(Exception):  # the schema really checks
+    from jsonschema.exceptions import ValidationError
+
+    with pytest.raises((ValidationError, ValueError, TypeError)):  # the schema really checks
         validate_config(prepare_config(broken))
 
 
@@ -42,7 +46,8 @@ def test_cluster_file_validates_with_rays_schema(name: str) -> None:
 def test_cluster_file_opens_no_port_to_the_internet(name: str) -> None:
     text = (ROOT / name).read_text()
     cfg = _load(name)
-    assert "0.0.0.0" not in text  # no world-open rule, no server on all interfaces
+    # no world-open rule (0.0.0.0/0), no server on all interfaces (--host 0.0.0.0)
+    assert re.search(r"(?<![\d.])0\.0\.0\.0", text) is None
     starts = " ".join(cfg["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in starts
     assert "mlflow server --host \"$(hostname -I" in starts  # the private address only
@@ -97,11 +102,9 @@ class _Cluster:
         out = subprocess.run([str(VENV_BIN / "ray"), "list", "nodes", "--address",
                               f"http://127.0.0.1:{self.dash}", "--filter", "state=ALIVE",
                               "--format", "json"], env=self.env, capture_output=True, text=True)
-        if out.returncode:
-            return 0
-        import json
-
-        return len(json.loads(out.stdout or "[]"))
+        if out.returncode or not out.stdout.lstrip().startswith("["):
+            return 0  # not up yet, or "No resource in the cluster"
+        return len(json.loads(out.stdout))
 
     def _mlflow_up(self) -> bool:
         try:
@@ -136,7 +139,13 @@ class _Cluster:
         if not wait:
             cmd.append("--no-wait")
         cmd += ["--", sys.executable, "-m", "search.cli", "search", *args]
-        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        for _ in range(30):  # the head's job agent needs a moment after the nodes are up
+            res = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=600,
+                                 cwd=ROOT)
+            if "No available agent" not in res.stderr:
+                return res
+            time.sleep(2)
+        return res
 
 
 @pytest.fixture
@@ -170,7 +179,7 @@ def _trial_runs(c: _Cluster, name: str) -> list:
 def test_job_submit_runs_trials_on_both_nodes(cluster) -> None:
     res = cluster.submit(*_search_args(cluster, "two-node", "4e10"))
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
-    assert "SUCCEEDED" in res.stdout + res.stderr
+    assert "succeeded" in (res.stdout + res.stderr).lower()
     runs = _trial_runs(cluster, "two-node")
     assert len(runs) >= 4
     nodes = {r.data.tags.get("ray.node_id") for r in runs}
@@ -182,7 +191,7 @@ def test_job_submit_runs_trials_on_both_nodes(cluster) -> None:
 def test_search_survives_losing_the_worker_node(cluster) -> None:
     res = cluster.submit(*_search_args(cluster, "lose-worker", "5e10"), wait=False)
     assert res.returncode == 0, res.stderr[-2000:]
-    job_id = next(w for w in (res.stdout + res.stderr).split() if w.startswith("raysubmit_"))
+    job_id = re.findall(r"raysubmit_[A-Za-z0-9]+", res.stdout + res.stderr)[0]
     deadline = time.time() + 240
     while time.time() < deadline:  # wait until the worker has run and finished a trial
         runs = _trial_runs(cluster, "lose-worker")
@@ -200,14 +209,14 @@ def test_search_survives_losing_the_worker_node(cluster) -> None:
         out = subprocess.run([str(VENV_BIN / "ray"), "job", "status", "--address",
                               f"http://127.0.0.1:{cluster.dash}", job_id], env=cluster.env,
                              capture_output=True, text=True)
-        status = out.stdout + out.stderr
-        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+        status = (out.stdout + out.stderr).lower()
+        if any(s in status for s in ("succeeded", "failed", "was stopped")):
             break
         time.sleep(3)
     logs = subprocess.run([str(VENV_BIN / "ray"), "job", "logs", "--address",
                            f"http://127.0.0.1:{cluster.dash}", job_id], env=cluster.env,
                           capture_output=True, text=True).stdout
-    assert "SUCCEEDED" in status, (status[-1500:], logs[-3000:])
+    assert "succeeded" in status, (status[-1500:], logs[-3000:])
     runs = _trial_runs(cluster, "lose-worker")
     ids = [r.data.tags["trial_id"] for r in runs]
     assert len(ids) == len(set(ids))  # retried trials kept their runs: no duplicates
