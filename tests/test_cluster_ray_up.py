@@ -34,16 +34,18 @@ def _port_taken(port: int) -> bool:
 
 
 def _ensure_sshd() -> None:
-    if Path(SSHD).exists():
+    """sshd and rsync (the launcher syncs its bootstrap config with it), from Debian."""
+    if Path(SSHD).exists() and shutil.which("rsync"):
         return
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.skip("openssh-server is not installed and cannot be installed (not root/apt)")
+        pytest.skip("openssh-server/rsync are missing and cannot be installed (not root/apt)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "openssh-server"]):
+                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "openssh-server",
+                 "rsync"]):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         if proc.returncode:
-            pytest.skip(f"cannot install openssh-server: {proc.stderr.strip()[-300:]}")
+            pytest.skip(f"cannot install openssh-server/rsync: {proc.stderr.strip()[-300:]}")
 
 
 @pytest.fixture
