@@ -36,7 +36,7 @@ from trainers.data import DataConfig, SyntheticConfig, load_dataset  # noqa: E40
 
 STRATEGIES = {"asha_tpe": ("tpe", "asha"), "tpe_full": ("tpe", "fifo"),
               "random_full": ("random", "fifo")}
-DATA = DataConfig(name="synthetic", synthetic=SyntheticConfig(n_rows=60_000, n_cat_fields=8,
+DATA = DataConfig(name="synthetic", synthetic=SyntheticConfig(n_rows=30_000, n_cat_fields=8,
                                                               cardinality=50, order=3, seed=0))
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 
@@ -66,7 +66,7 @@ def curve(client: MlflowClient, experiment_id: str, budget: float) -> dict[str, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--budget", type=float, default=1.2e12)
+    parser.add_argument("--budget", type=float, default=2e11)
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     parser.add_argument("--out", default="bench/results/search.json")
     args = parser.parse_args()
