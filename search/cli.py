@@ -68,6 +68,7 @@ def _search_config(args: argparse.Namespace) -> Any:
         reduction_factor=args.reduction_factor, searcher=args.searcher,
         scheduler=args.scheduler, objective=args.objective,
         max_concurrent=args.max_concurrent, seed=args.seed,
+        reuse_actors=not args.no_reuse_actors,
         resources=ResourceConfig(cpus_per_trial=args.cpus_per_trial, gpus=args.gpus),
     )
 
@@ -192,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cpus-per-trial", type=float, default=1.0)
     s.add_argument("--gpus", choices=["auto", "on", "off"], default="auto")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-reuse-actors", action="store_true",
+                   help="a fresh Ray actor per trial (spreads trials over a cluster's nodes)")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="require an interrupted search to resume")
     g.add_argument("--no-resume", action="store_true", help="refuse to resume an existing search")

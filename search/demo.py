@@ -30,7 +30,7 @@ def demo_config(quick: bool) -> SearchConfig:
     return SearchConfig(
         name="demo", space="unified",
         data=DataConfig(name="movielens-1m", max_rows=300_000),
-        budget_flops=1.5e12, trial_flops=3e11, max_flops_per_example=1e6,
+        budget_flops=8e11, trial_flops=1.6e11, max_flops_per_example=1e6,
         eval_max_examples=10_000, max_concurrent=2,
     )
 

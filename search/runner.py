@@ -278,7 +278,7 @@ def run_search(
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                         num_samples=-1,
                                         max_concurrent_trials=cfg.max_concurrent,
-                                        reuse_actors=True),
+                                        reuse_actors=cfg.reuse_actors),
             run_config=run_config,
         )
     exp_path.mkdir(parents=True, exist_ok=True)

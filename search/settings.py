@@ -55,6 +55,9 @@ class SearchConfig(BaseModel):
     seed: int = 0
     eval_max_examples: int | None = Field(20_000, ge=1)
     reports_per_grace: int = Field(2, ge=1)
+    # Reusing trial actors saves ~2 s a trial on one machine; on a cluster a fresh actor
+    # per trial lets Ray place each trial on whichever node has room.
+    reuse_actors: bool = True
     resources: ResourceConfig = Field(default_factory=ResourceConfig)
 
     @model_validator(mode="after")

@@ -162,7 +162,7 @@ def _search_args(c: _Cluster, name: str, budget: str) -> list[str]:
     return ["--space", "unified", "--data", "synthetic", "--max-rows", "6000", "--name", name,
             "--budget-flops", budget, "--trial-flops", "2e10", "--max-flops-per-example", "4e5",
             "--tracking-uri", f"http://127.0.0.1:{c.mlport}", "--storage", str(c.tmp / "shared"),
-            "--max-concurrent", "2", "--gpus", "off", "-v", "0"]
+            "--max-concurrent", "2", "--gpus", "off", "--no-reuse-actors", "-v", "0"]
 
 
 def _trial_runs(c: _Cluster, name: str) -> list:

@@ -10,7 +10,7 @@ from MLflow's per-report metric histories, ordered by time), the wall-time split
 (training loop / trial-side evaluation, checkpointing and logging / Ray and driver
 overhead), the driver's memory per finished trial, and trial peak memory.
 
-    .venv/bin/python bench/search.py [--seeds 0 1 2] [--out bench/results/search.json]
+    .venv/bin/python bench/search_strategies.py [--seeds 0 1 2] [--out bench/results/search.json]
 """
 
 from __future__ import annotations
