@@ -116,7 +116,7 @@ def _png(runs: SearchRuns, fits: dict[str, PowerLawFit], out: Path) -> list[Path
         ax.set_ylabel("validation log loss (nats)")
         ax.set_title(f"{runs.name}: validation log loss vs {label.split(' (')[0]}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=8, loc="best", framealpha=0.8)
         fig.tight_layout()
         path = out / f"{stem}.png"
         fig.savefig(path)
