@@ -160,7 +160,10 @@ def cluster(tmp_path):
 
 def _search_args(c: _Cluster, name: str, budget: str) -> list[str]:
     return ["--space", "unified", "--data", "synthetic", "--max-rows", "6000", "--name", name,
-            "--budget-flops", budget, "--trial-flops", "2e10", "--max-flops-per-example", "4e5",
+            # grace = trial: every trial trains its full 2e10 FLOPs (seconds, not
+            # milliseconds), so two concurrent trials overlap and fill both nodes' CPU
+            "--budget-flops", budget, "--trial-flops", "2e10", "--grace-flops", "2e10",
+            "--max-flops-per-example", "4e5",
             "--tracking-uri", f"http://127.0.0.1:{c.mlport}", "--storage", str(c.tmp / "shared"),
             "--max-concurrent", "2", "--gpus", "off", "--no-reuse-actors", "-v", "0"]
 
@@ -177,7 +180,6 @@ def _trial_runs(c: _Cluster, name: str) -> list:
 
 @pytest.mark.slow
 def test_job_submit_runs_trials_on_both_nodes(cluster) -> None:
-    # trials last seconds, not milliseconds, so both nodes' slots fill even on a busy machine
     res = cluster.submit(*_search_args(cluster, "two-node", "8e10"))
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
     assert "succeeded" in (res.stdout + res.stderr).lower()
@@ -190,7 +192,7 @@ def test_job_submit_runs_trials_on_both_nodes(cluster) -> None:
 
 @pytest.mark.slow
 def test_search_survives_losing_the_worker_node(cluster) -> None:
-    res = cluster.submit(*_search_args(cluster, "lose-worker", "1e11"), wait=False)
+    res = cluster.submit(*_search_args(cluster, "lose-worker", "1.6e11"), wait=False)
     assert res.returncode == 0, res.stderr[-2000:]
     job_id = re.findall(r"raysubmit_[A-Za-z0-9]+", res.stdout + res.stderr)[0]
     deadline = time.time() + 240
@@ -200,7 +202,9 @@ def test_search_survives_losing_the_worker_node(cluster) -> None:
         if len(nodes) >= 2 and any(r.data.tags.get("status") in {"COMPLETED", "STOPPED"} for r in runs):
             break
         time.sleep(2)
-    finished_before = {r.data.tags["trial_id"] for r in _trial_runs(cluster, "lose-worker")
+    runs = _trial_runs(cluster, "lose-worker")
+    assert len({r.data.tags.get("ray.node_id") for r in runs}) == 2, "the worker never ran a trial"
+    finished_before = {r.data.tags["trial_id"] for r in runs
                        if r.data.tags.get("status") in {"COMPLETED", "STOPPED"}}
     assert finished_before
     cluster.kill("worker")  # the worker node's raylet and workers die mid-search

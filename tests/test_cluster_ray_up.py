@@ -95,8 +95,8 @@ def test_ray_up_local_provider_end_to_end(sshd, tmp_path) -> None:
         "min_workers": 0, "max_workers": 0, "file_mounts": {},
         "setup_commands": [f"{sys.executable} -c 'import spaces, search, ray'"],
         "head_setup_commands": [],
+        # no `ray stop` here: it would stop every Ray process of this user on the machine
         "head_start_ray_commands": [
-            f"{ray} stop --force || true",
             f"{ray} start --head --port={port} --dashboard-port={dash} --dashboard-host=127.0.0.1 "
             f"--num-cpus=1 --memory=2000000000 --object-store-memory=200000000 "
             f"--node-ip-address=127.0.0.1 --temp-dir={raytmp}"],

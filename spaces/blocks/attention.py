@@ -1,25 +1,44 @@
-"""Attention over feature tokens: softmax (AutoInt/Transformer) and HSTU pointwise,
-with ASTRO-style partitions and dynamic temperature (BLOCKS.md section 1).
+"""Attention over feature tokens (BLOCKS.md section 1): softmax and HSTU, with ASTRO-style
+partitions and dynamic temperature.
 
-softmax (pre-norm)::
+Both kinds are pre-norm. With ``partitions = N_b`` the ``T`` tokens are cut into ``N_b``
+contiguous groups of ``T_g = T / N_b`` and every token attends within its own group only.
 
-    A   = softmax(Q Kᵀ / (√d_h · τ))             per head, within each partition
-    X'  = X + W_O [A V](LN X)
-    X'' = X' + FFN(LN X'),   FFN hidden k·D, GELU
+softmax (Transformer encoder layer, AutoInt)::
+
+    A   = softmax(Q Kᵀ / (√d_h · τ))                       per head and group
+    X'  = X + W_O [A V],        [Q, K, V] = LN(X) W_qkv
+    X'' = X' + FFN(LN X'),      FFN(z) = W_2 GELU(W_1 z + b_1) + b_2,  hidden k·D
 
 hstu (Zhai et al. 2024, pointwise aggregated attention)::
 
-    [U, V, Q, K] = split(SiLU(LN(X) W_uvqk))
-    A = SiLU(Q Kᵀ / τ + b) / T_g                  no softmax, no causal mask
+    [U, V, Q, K] = split(SiLU(LN(X) W_uvqk))                W_uvqk: D × 4D (+ bias)
+    A = SiLU(Q Kᵀ / τ + b) / T_g                            per head and group; no softmax
     Y = X + W_o (U ⊙ LN(A V))
 
-``b`` is a learned pair bias over feature tokens (tokens have no order or time), one
-``T_g × T_g`` block per partition. ``partitions = N_b`` splits the ``T`` tokens into
-``N_b`` contiguous groups of ``T_g = T/N_b`` and attends within groups only.
-``temperature = dynamic`` makes ``τ = softplus(wᵀ c) + ε`` per head, ``c`` the mean token.
+``b`` is a learned field-pair bias shared by the heads **(choice: feature tokens have no
+order or time, so there is no relative position bias and no causal mask)**. Only the
+``N_b`` diagonal ``T_g × T_g`` blocks of the ``T × T`` bias are ever used, so only they are
+stored: ``N_b · T_g² = T² / N_b`` parameters.
 
-FLOPs per example (multiply-add = 2): softmax ``8TD² + 4T²D/N_b + 4kTD²``,
-hstu ``10TD² + 4T²D/N_b``; dynamic temperature adds ``2DH``.
+Temperature: ``fixed`` is ``τ = 1``. ``dynamic`` is ``τ = softplus(wᵀ c + s) + ε`` per
+head, ``w ∈ ℝ^{D×H}`` learned (no bias), ``c`` the mean of the normalised tokens
+``LN(X)`` **of the token's group** **(choice: a per-group summary keeps the groups fully
+independent, so partitioned attention stays exactly local; with ``N_b = 1`` it is the mean
+token of the input)**. The constant shift ``s = log(exp(1 − ε) − 1)`` makes ``τ = 1`` when
+``wᵀ c = 0``, so a dynamic block starts near the fixed one.
+
+FLOPs per example (multiply-add = 2, matmuls only)::
+
+    softmax: 8TD² + 4T²D/N_b + 4kTD²     (QKV 6TD², W_O 2TD², QKᵀ and AV 4T²D/N_b, FFN 4kTD²)
+    hstu:   10TD² + 4T²D/N_b             (W_uvqk 8TD², W_o 2TD², QKᵀ and AV 4T²D/N_b)
+    dynamic temperature: + 2 N_b D H     (one D×H map per group summary)
+
+Parameters::
+
+    softmax: (4 + 2k) D² + (9 + k) D     (2 LNs, W_qkv, W_O, FFN, all with biases)
+    hstu:    5 D² + 9 D + T²/N_b         (2 LNs, W_uvqk, W_o with biases, pair bias)
+    dynamic temperature: + D H
 """
 
 from __future__ import annotations
@@ -30,93 +49,140 @@ from typing import Literal
 import torch
 from pydantic import Field
 from torch import nn
+from torch.nn import functional as F
 
 from spaces.blocks.base import Block, BlockConfig, BlockCost, BlockDimensionError
 from spaces.blocks.registry import register_block
 
-__all__ = ["Attention", "AttentionConfig", "partitioned_attention"]
+__all__ = ["TAU_EPS", "Attention", "AttentionConfig", "hstu_weights", "softmax_attention"]
+
+TAU_EPS = 1e-2
+"""Floor ``ε`` of the dynamic temperature: ``τ ≥ ε`` keeps ``QKᵀ/τ`` finite."""
+_TAU_SHIFT = math.log(math.expm1(1.0 - TAU_EPS))  # softplus(_TAU_SHIFT) + TAU_EPS == 1
 
 
 class AttentionConfig(BlockConfig):
     """Knobs of the attention family.
 
     Attributes:
-        kind: ``softmax`` (Transformer encoder layer) or ``hstu`` (pointwise SiLU).
-        n_heads: attention heads ``H`` (``d_model`` must divide by it).
-        ffn_mult: FFN hidden width multiple ``k`` (softmax only).
-        partitions: token groups ``N_b`` attended within (1 = full attention).
-        temperature: ``fixed`` (τ = ``tau``) or ``dynamic`` (input-dependent, per head).
-        tau: the fixed temperature.
+        kind: ``softmax`` (pre-norm Transformer encoder layer) or ``hstu`` (pointwise SiLU
+            attention, no FFN).
+        n_heads: attention heads ``H``; ``d_model`` must be divisible by it.
+        ffn_mult: FFN hidden width multiple ``k`` (softmax only; hstu has no FFN).
+        partitions: ``N_b`` contiguous token groups attended within; must divide ``n_tokens``.
+        temperature: ``fixed`` (``τ = 1``) or ``dynamic`` (per group and head, learned).
+        dropout: dropout on the attention weights and on each residual branch.
     """
 
     kind: Literal["softmax", "hstu"] = "softmax"
     n_heads: int = Field(2, ge=1, le=64)
     ffn_mult: int = Field(2, ge=1, le=16)
-    partitions: int = Field(1, ge=1, le=64)
+    partitions: Literal[1, 2, 4] = 1
     temperature: Literal["fixed", "dynamic"] = "fixed"
-    tau: float = Field(1.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
-def partitioned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, partitions: int,
-                          tau: torch.Tensor | float, kind: str,
-                          bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of ``(B, H, T, d_h)`` tensors within ``partitions`` contiguous groups.
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      tau: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
+    """``softmax(Q Kᵀ / (√d_h · τ)) V`` within each group.
 
-    ``tau`` is a float or ``(B, H)``; ``bias`` (hstu) is ``(N_b, T_g, T_g)``.
-    Returns ``(B, H, T, d_h)``.
+    Args:
+        q, k, v: ``(B, N_b, H, T_g, d_h)``.
+        tau: ``(B, N_b, H)`` temperature, or ``None`` for ``τ = 1``.
+        dropout: dropout probability on the attention weights (pass 0 in eval).
+
+    Returns:
+        ``(B, N_b, H, T_g, d_h)``.
+
+    Example:
+        >>> q = k = v = torch.randn(2, 1, 4, 3, 8)
+        >>> softmax_attention(q, k, v).shape
+        torch.Size([2, 1, 4, 3, 8])
     """
-    b, h, t, dh = q.shape
-    tg = t // partitions
-    q = q.reshape(b, h, partitions, tg, dh)  # (B, H, N_b, T_g, d_h)
-    k = k.reshape(b, h, partitions, tg, dh)
-    v = v.reshape(b, h, partitions, tg, dh)
-    if isinstance(tau, torch.Tensor):
-        q = q / tau.view(b, h, 1, 1, 1)  # τ per example and head
-    elif tau != 1.0:
-        q = q / tau
-    scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, N_b, T_g, T_g)
-    if kind == "softmax":
-        attn = torch.softmax(scores / math.sqrt(dh), dim=-1)
-    else:
-        assert bias is not None
-        attn = nn.functional.silu(scores + bias) / tg
-    out = torch.matmul(attn, v)  # (B, H, N_b, T_g, d_h)
-    return out.reshape(b, h, t, dh)
+    b, g, h, tg, dh = q.shape
+    if tau is not None:
+        q = q / tau[..., None, None]  # (B, N_b, H, T_g, d_h): τ folded into Q
+    out = F.scaled_dot_product_attention(  # 4-D so the fused kernels apply
+        q.reshape(b * g, h, tg, dh), k.reshape(b * g, h, tg, dh), v.reshape(b * g, h, tg, dh),
+        dropout_p=dropout)  # (B·N_b, H, T_g, d_h)
+    return out.view(b, g, h, tg, dh)
+
+
+def hstu_weights(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor,
+                 tau: torch.Tensor | None = None) -> torch.Tensor:
+    """HSTU pointwise attention weights ``A = SiLU(Q Kᵀ / τ + b) / T_g`` (no softmax).
+
+    Args:
+        q, k: ``(B, N_b, T_g, H, d_h)``.
+        bias: ``(N_b, T_g, T_g)`` pair bias, shared by the heads.
+        tau: ``(B, N_b, H)`` temperature, or ``None`` for ``τ = 1``.
+
+    Returns:
+        ``(B, N_b, H, T_g, T_g)``; rows do not sum to 1 in general.
+
+    Example:
+        >>> q = k = torch.randn(2, 2, 3, 4, 8)
+        >>> hstu_weights(q, k, torch.zeros(2, 3, 3)).shape
+        torch.Size([2, 2, 4, 3, 3])
+    """
+    tg = q.shape[2]
+    scores = torch.einsum("bgihd,bgjhd->bghij", q, k)  # (B, N_b, H, T_g, T_g)
+    if tau is not None:
+        scores = scores / tau[..., None, None]
+    return F.silu(scores + bias[:, None]) / tg  # (B, N_b, H, T_g, T_g)
 
 
 @register_block("attention")
 class Attention(Block):
-    """Softmax or HSTU attention block over ``(B, T, D)`` feature tokens.
+    """Softmax or HSTU attention over ``(B, T, D)`` feature tokens (module docstring).
+
+    Args:
+        cfg: the family's knobs.
+        n_tokens: ``T``; must be divisible by ``cfg.partitions``.
+        d_model: ``D``; must be divisible by ``cfg.n_heads``.
 
     Example:
-        >>> blk = Attention(AttentionConfig(kind="hstu", partitions=2), n_tokens=4, d_model=16)
+        >>> cfg = AttentionConfig(kind="hstu", n_heads=2, partitions=2)
+        >>> blk = Attention(cfg, n_tokens=4, d_model=16)
         >>> blk(torch.randn(3, 4, 16)).shape
         torch.Size([3, 4, 16])
+        >>> Attention.count_flops(cfg, 4, 16).per_example == 10 * 4 * 16**2 + 4 * 4**2 * 16 // 2
+        True
     """
 
     Config = AttentionConfig
+    cfg: AttentionConfig
+    w_tau: nn.Linear  # exists only with temperature="dynamic"
+    ln2: nn.LayerNorm  # softmax only
+    ffn: nn.Sequential  # softmax only
+    ln_av: nn.LayerNorm  # hstu only
+    pair_bias: nn.Parameter  # hstu only
 
     def __init__(self, cfg: AttentionConfig, n_tokens: int, d_model: int) -> None:
         super().__init__(cfg, n_tokens, d_model)
-        d, h = d_model, cfg.n_heads
+        d, g = d_model, cfg.partitions
         self.ln1 = nn.LayerNorm(d)
+        self.drop = nn.Dropout(cfg.dropout)
         if cfg.kind == "softmax":
-            self.w_in = nn.Linear(d, 3 * d)
-            self.w_out = nn.Linear(d, d)
+            self.w_in = nn.Linear(d, 3 * d)  # W_qkv
+            self.w_out = nn.Linear(d, d)  # W_O
             self.ln2 = nn.LayerNorm(d)
-            self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_mult * d), nn.GELU(),
-                                     nn.Linear(cfg.ffn_mult * d, d))
+            hidden = cfg.ffn_mult * d
+            self.ffn = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
         else:
-            tg = n_tokens // cfg.partitions
-            self.w_in = nn.Linear(d, 4 * d)
-            self.w_out = nn.Linear(d, d)
+            tg = n_tokens // g
+            self.w_in = nn.Linear(d, 4 * d)  # W_uvqk
+            self.w_out = nn.Linear(d, d)  # W_o
             self.ln_av = nn.LayerNorm(d)
-            self.pair_bias = nn.Parameter(torch.zeros(cfg.partitions, tg, tg))
+            self.pair_bias = nn.Parameter(torch.zeros(g, tg, tg))  # diagonal blocks of b
         if cfg.temperature == "dynamic":
-            self.w_tau = nn.Linear(d, h)
+            self.w_tau = nn.Linear(d, cfg.n_heads, bias=False)
 
     @classmethod
     def check(cls, cfg: AttentionConfig, n_tokens: int, d_model: int) -> None:
+        if n_tokens < 1 or d_model < 1:
+            raise BlockDimensionError(
+                f"attention: n_tokens={n_tokens} and d_model={d_model} must be positive")
         if d_model % cfg.n_heads:
             raise BlockDimensionError(
                 f"attention: d_model={d_model} is not divisible by n_heads={cfg.n_heads}")
@@ -126,61 +192,110 @@ class Attention(Block):
 
     @classmethod
     def count_flops(cls, cfg: AttentionConfig, n_tokens: int, d_model: int) -> BlockCost:
-        t, d = n_tokens, d_model
-        attn = 4 * t * t * d // cfg.partitions  # Q Kᵀ and A V within groups
+        t, d, g = n_tokens, d_model, cfg.partitions
+        scores = 4 * t * t * d // g  # Q Kᵀ and A V over N_b groups of T_g = T/N_b
         if cfg.kind == "softmax":
-            flops = 8 * t * d * d + attn + 4 * cfg.ffn_mult * t * d * d
+            flops = 8 * t * d * d + scores + 4 * cfg.ffn_mult * t * d * d
         else:
-            flops = 10 * t * d * d + attn
+            flops = 10 * t * d * d + scores
         if cfg.temperature == "dynamic":
-            flops += 2 * d * cfg.n_heads
-        return BlockCost(flops)
+            flops += 2 * g * d * cfg.n_heads  # wᵀ c per group summary
+        return BlockCost(per_example=flops)
 
     @classmethod
     def count_params(cls, cfg: AttentionConfig, n_tokens: int, d_model: int) -> int:
         d, k = d_model, cfg.ffn_mult
         if cfg.kind == "softmax":
-            n = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (d * k * d + k * d) + (k * d * d + d)
+            n = (4 + 2 * k) * d * d + (9 + k) * d
         else:
-            tg = n_tokens // cfg.partitions
-            n = 2 * d + (4 * d * d + 4 * d) + (d * d + d) + 2 * d + cfg.partitions * tg * tg
+            n = 5 * d * d + 9 * d + n_tokens * n_tokens // cfg.partitions
         if cfg.temperature == "dynamic":
-            n += d * cfg.n_heads + cfg.n_heads
+            n += d * cfg.n_heads
         return n
 
     @classmethod
     def variants(cls) -> dict[str, tuple[BlockConfig, int, int]]:
+        c = AttentionConfig
         return {
-            "softmax": (AttentionConfig(kind="softmax", n_heads=2), 4, 16),
-            "softmax_p2_dynamic": (AttentionConfig(kind="softmax", n_heads=4, partitions=2,
-                                                   temperature="dynamic"), 8, 16),
-            "hstu": (AttentionConfig(kind="hstu", n_heads=2), 4, 16),
-            "hstu_p4_dynamic": (AttentionConfig(kind="hstu", n_heads=2, partitions=4,
-                                                temperature="dynamic"), 8, 16),
+            "softmax": (c(kind="softmax", n_heads=2), 4, 16),
+            "softmax_dynamic": (c(kind="softmax", n_heads=2, temperature="dynamic"), 4, 16),
+            "softmax_p2_dynamic": (c(kind="softmax", n_heads=4, partitions=2,
+                                     temperature="dynamic"), 8, 16),
+            "softmax_p4_k1": (c(kind="softmax", n_heads=1, ffn_mult=1, partitions=4), 8, 8),
+            "hstu": (c(kind="hstu", n_heads=2), 4, 16),
+            "hstu_p2": (c(kind="hstu", n_heads=4, partitions=2), 8, 16),
+            "hstu_p4_dynamic": (c(kind="hstu", n_heads=2, partitions=4,
+                                  temperature="dynamic"), 8, 16),
         }
 
-    def _tau(self, x: torch.Tensor) -> torch.Tensor | float:
-        if self.cfg.temperature == "dynamic":
-            c = x.mean(dim=1)  # (B, D) summary of the input
-            return nn.functional.softplus(self.w_tau(c)) + 1e-2  # (B, H)
-        return float(self.cfg.tau)
+    def temperature(self, h: torch.Tensor) -> torch.Tensor | None:
+        """``τ = softplus(wᵀ c + s) + ε`` per group and head, ``c`` the group's mean token.
 
-    def _heads(self, z: torch.Tensor) -> torch.Tensor:
-        b, t, d = z.shape
-        return z.view(b, t, self.cfg.n_heads, d // self.cfg.n_heads).transpose(1, 2)  # (B, H, T, d_h)
+        Args:
+            h: ``(B, T, D)`` normalised tokens ``LN(X)``.
+
+        Returns:
+            ``(B, N_b, H)``, or ``None`` with ``temperature="fixed"`` (``τ = 1``).
+        """
+        if self.cfg.temperature == "fixed":
+            return None
+        b, t, d = h.shape
+        g = self.cfg.partitions
+        c = h.view(b, g, t // g, d).mean(dim=2)  # (B, N_b, D)
+        return F.softplus(self.w_tau(c) + _TAU_SHIFT) + TAU_EPS  # (B, N_b, H)
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention matrix ``A`` of every group and head, for inspection.
+
+        Args:
+            x: ``(B, T, D)`` block input.
+
+        Returns:
+            ``(B, N_b, H, T_g, T_g)``: softmax rows sum to 1; HSTU rows need not.
+        """
+        h = self.ln1(x)  # (B, T, D)
+        tau = self.temperature(h)
+        if self.cfg.kind == "softmax":
+            q, k, _ = self._split(self.w_in(h), 3)  # 3 x (B, N_b, T_g, H, d_h)
+            scores = torch.einsum("bgihd,bgjhd->bghij", q, k) / math.sqrt(q.shape[-1])
+            if tau is not None:
+                scores = scores / tau[..., None, None]
+            return torch.softmax(scores, dim=-1)
+        _, _, q, k = self._split(F.silu(self.w_in(h)), 4)
+        return hstu_weights(q, k, self.pair_bias, tau)
+
+    def _split(self, z: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
+        """``(B, T, parts·D) -> parts × (B, N_b, T_g, H, d_h)`` (views, no copies)."""
+        b, t, _ = z.shape
+        g, h = self.cfg.partitions, self.cfg.n_heads
+        z = z.view(b, g, t // g, parts, h, self.d_model // h)  # (B, N_b, T_g, parts, H, d_h)
+        return z.unbind(dim=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape  # (B, T, D)
-        tau = self._tau(x)
-        h = self.ln1(x)
+        """``(B, T, D) -> (B, T, D)``."""
         if self.cfg.kind == "softmax":
-            q, k, v = self.w_in(h).chunk(3, dim=-1)  # 3 x (B, T, D)
-            a = partitioned_attention(self._heads(q), self._heads(k), self._heads(v),
-                                      self.cfg.partitions, tau, "softmax")  # (B, H, T, d_h)
-            x = x + self.w_out(a.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
-            return x + self.ffn(self.ln2(x))
-        u, v, q, k = nn.functional.silu(self.w_in(h)).chunk(4, dim=-1)  # 4 x (B, T, D)
-        a = partitioned_attention(self._heads(q), self._heads(k), self._heads(v),
-                                  self.cfg.partitions, tau, "hstu", self.pair_bias)
-        av = self.ln_av(a.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
-        return x + self.w_out(u * av)
+            return self._softmax(x)
+        return self._hstu(x)
+
+    def _softmax(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape  # (B, T, D)
+        h = self.ln1(x)  # (B, T, D)
+        tau = self.temperature(h)  # (B, N_b, H) or None
+        q, k, v = (z.transpose(2, 3) for z in self._split(self.w_in(h), 3))  # (B, N_b, H, T_g, d_h)
+        p = self.cfg.dropout if self.training else 0.0
+        a = softmax_attention(q, k, v, tau, p)  # (B, N_b, H, T_g, d_h)
+        a = a.transpose(2, 3).reshape(b, t, d)  # (B, T, D): heads concatenated per token
+        x = x + self.drop(self.w_out(a))  # (B, T, D)
+        return x + self.drop(self.ffn(self.ln2(x)))  # (B, T, D)
+
+    def _hstu(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape  # (B, T, D)
+        h = self.ln1(x)  # (B, T, D)
+        tau = self.temperature(h)  # (B, N_b, H) or None
+        uvqk = F.silu(self.w_in(h))  # (B, T, 4D)
+        u = uvqk[..., :d]  # (B, T, D)
+        _, v, q, k = self._split(uvqk, 4)  # (B, N_b, T_g, H, d_h)
+        a = hstu_weights(q, k, self.pair_bias, tau)  # (B, N_b, H, T_g, T_g)
+        a = F.dropout(a, self.cfg.dropout, self.training)
+        av = torch.einsum("bghij,bgjhd->bgihd", a, v).reshape(b, t, d)  # (B, T, D)
+        return x + self.drop(self.w_out(u * self.ln_av(av)))  # (B, T, D)
