@@ -127,25 +127,3 @@ def test_partitions_attend_within_their_group_only() -> None:
         y, y2 = blk(x), blk(x2)
         assert torch.allclose(y[:, :4], y2[:, :4], atol=1e-6), kind
         assert not torch.allclose(y[:, 4:], y2[:, 4:])
-
-
-def test_dynamic_temperature_depends_on_the_input() -> None:
-    fixed = Attention(AttentionConfig(temperature="fixed"), 4, 16)
-    dyn = Attention(AttentionConfig(temperature="dynamic"), 4, 16)
-    assert not hasattr(fixed, "w_tau")
-    a, b = torch.randn(1, 4, 16), torch.randn(1, 4, 16) * 3
-    tau_a, tau_b = dyn._tau(a), dyn._tau(b)
-    assert isinstance(tau_a, torch.Tensor) and tau_a.shape == (1, 2)
-    assert not torch.allclose(tau_a, tau_b)
-    assert (tau_a > 0).all()
-
-
-def test_hstu_is_pointwise_not_softmax() -> None:
-    from spaces.blocks.attention import partitioned_attention
-
-    q, k = torch.randn(2, 2, 4, 4), torch.randn(2, 2, 4, 4)
-    v = torch.eye(4).expand(2, 2, 4, 4).contiguous()
-    attn = partitioned_attention(q, k, v, 1, 1.0, "hstu", torch.zeros(1, 4, 4))
-    # with V = I the output is the attention matrix: SiLU(QKᵀ)/T, rows need not sum to 1
-    assert torch.allclose(attn, nn.functional.silu(q @ k.transpose(-1, -2)) / 4, atol=1e-6)
-    assert not torch.allclose(attn.sum(-1), torch.ones(2, 2, 4))
