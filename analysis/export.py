@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from analysis.fits import fit_joint
-from analysis.report import EXTRAPOLATION, select_best
+from analysis.report import recommend_size, select_best
 from analysis.runs import AnalysisError, SearchRuns
 from spaces import FeatureSpec, ModelConfig, model_cost
 from trainers.data import DataConfig
@@ -74,22 +74,24 @@ def export_config(runs: SearchRuns, output: str | Path, spec: FeatureSpec | None
     model = exp.model
     if budget_flops is not None:
         h = runs.history.dropna(subset=["flops_per_example", "examples_seen", "val_logloss"])
-        joint = fit_joint(h["flops_per_example"], h["examples_seen"], h["val_logloss"], n_boot=20)
-        if not joint.ok:
-            raise AnalysisError(f"cannot size for budget_flops={budget_flops:.3g}: joint fit "
-                                f"{joint.status} ({joint.message})")
-        reach = EXTRAPOLATION * float(h["flops_per_example"].max())
-        cap = reach if max_flops_per_example is None else min(reach, max_flops_per_example)
-        n_opt, d_opt, l_opt = joint.compute_optimal(budget_flops, cap)
+        joint = fit_joint(h["flops_per_example"], h["examples_seen"], h["val_logloss"],
+                          n_boot=0, groups=h["run_id"])
+        try:
+            size = recommend_size(joint, h, budget_flops, max_flops_per_example)
+        except AnalysisError as err:
+            raise AnalysisError(f"cannot size for budget_flops={budget_flops:.3g}: {err}") from err
         if spec is None:
             from trainers.data import load_dataset
 
             spec = load_dataset(data).spec
-        model = scale_to_flops(model, spec, n_opt)
+        model = scale_to_flops(model, spec, size.flops_per_example)
         fpe = float(model_cost(model, spec).flops_per_example)
         examples = int(budget_flops / (3 * fpe))
-        provenance.update({"budget_flops": budget_flops, "compute_optimal_flops_per_example": n_opt,
-                           "compute_optimal_examples": d_opt, "predicted_val_logloss": l_opt,
+        provenance.update({"budget_flops": budget_flops,
+                           "compute_optimal_flops_per_example": size.flops_per_example,
+                           "compute_optimal_examples": size.examples,
+                           "predicted_val_logloss": size.predicted_val_logloss,
+                           "compute_optimal_limited_by": size.limited_by,
                            "exported_flops_per_example": fpe,
                            "joint_fit": {"E": joint.E, "A": joint.A, "alpha": joint.alpha,
                                          "B": joint.B, "beta": joint.beta, "status": joint.status}})

@@ -1,20 +1,38 @@
-"""The analysis report of a search: frontiers, fits, recommendation; PNG, HTML, JSON.
+"""The analysis report of a search: frontiers, scaling fits, recommendation.
 
-``build_report`` writes into ``out_dir``:
+:func:`build_report` writes into ``out_dir``:
 
-* ``loss_vs_flops_per_example.png``, ``loss_vs_params.png``, ``loss_vs_train_flops.png``
-  (log x axes, one colour per family, Pareto frontier drawn, ``L(C)`` fits on the last);
-* ``report.html``: the same plots, interactive (plotly, self-contained), with the fits
-  and the recommendation;
-* ``summary.json``: frontier points, fits with intervals and status, the best trial
-  overall and under the serving cap, and the compute-optimal (N*, D*) for a budget.
+* the PNG figures of :mod:`analysis.plots` (``loss_vs_flops_per_example.png``,
+  ``loss_vs_params.png``, ``loss_vs_train_flops.png``, ``joint_fit.png``);
+* ``report.html``: the recommendation, the fits and the figures, interactive (plotly,
+  self-contained: plotly.js is inlined, no network needed);
+* ``summary.json`` with the keys
+
+  - ``search``, ``parent_run_id``, ``n_trials``, ``n_reports``, ``families`` (trials per
+    family), ``trial_status`` (trials per status), ``settings`` (the cap and budget used);
+  - ``frontier``: Pareto points of ``flops_per_example`` and ``params_dense`` (trials,
+    best loss) and the compute frontier ``train_flops`` (reports), overall and
+    ``train_flops_by_family``;
+  - ``fits``: ``power_law`` (``frontier``: ``L(C)`` on the overall compute frontier;
+    ``by_family``: on each family's) and ``joint`` (``L(N, D)`` on every report), each
+    with parameters, ``ci95`` intervals, ``status`` and ``message``;
+  - ``recommendation``: ``best_overall`` and ``best_under_cap`` (trials, with their
+    config), ``compute_optimal`` and ``compute_optimal_under_cap`` (``N*``, ``D*`` and
+    the predicted loss for ``budget_flops`` from the joint fit); an entry that cannot
+    be made holds ``{"error": ...}``, one not asked for (no cap, no budget) is null.
+
+Recommendations never extrapolate the model size beyond ``EXTRAPOLATION`` (10×) the
+largest model trained.
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,193 +41,390 @@ import pandas as pd
 
 from analysis.fits import JointFit, PowerLawFit, fit_joint, fit_power_law
 from analysis.frontier import compute_frontier, pareto_front
+from analysis.plots import html_figures, png_figures
 from analysis.runs import AnalysisError, SearchRuns
 
-__all__ = ["ReportResult", "build_report", "log_report_to_mlflow", "select_best"]
+__all__ = ["EXTRAPOLATION", "ComputeOptimal", "ReportResult", "ScalingFits", "build_report",
+           "fit_search", "log_report_to_mlflow", "recommend_size", "select_best"]
 
 EXTRAPOLATION = 10.0  # how far beyond the largest trained model a recommendation may reach
-FAMILY_COLORS = {"attention": "#1f77b4", "tokenmixer": "#ff7f0e", "wukong": "#2ca02c",
-                 "unimixing": "#d62728", "unimixing_lite": "#9467bd"}
-PLOTS = (  # (x column, axis label, file stem, source)
-    ("flops_per_example", "forward FLOPs per example (FLOPs)", "loss_vs_flops_per_example", "trials"),
-    ("params_dense", "dense parameters (count)", "loss_vs_params", "trials"),
-    ("train_flops", "training compute spent (FLOPs)", "loss_vs_train_flops", "history"),
-)
-
-
-def _color(family: str) -> str:
-    return FAMILY_COLORS.get(family, "#7f7f7f")
+EXCLUDED_STATUS = ("ERROR", "DIVERGED")  # trials never recommended
+SPREAD_WARNING = 10.0  # warn when the 95% interval of N* spans more than this factor
+_TRIAL_KEYS = ("run_id", "trial_id", "block", "status", "best_val_logloss", "val_logloss",
+               "val_auc", "flops_per_example", "params_dense", "params_embedding",
+               "train_flops", "examples_seen")
 
 
 @dataclass(frozen=True)
 class ReportResult:
+    """Where the report went, the files written, and the ``summary.json`` content."""
+
     out_dir: Path
     files: list[Path]
     summary: dict[str, Any]
 
+    @property
+    def html(self) -> Path:
+        return self.out_dir / "report.html"
+
+
+@dataclass(frozen=True)
+class ScalingFits:
+    """The fits of one search: ``L(C)`` on the overall compute frontier and on each
+    family's, and the joint ``L(N, D)`` over every report of every trial."""
+
+    frontier: PowerLawFit
+    by_family: dict[str, PowerLawFit]
+    joint: JointFit
+
+
+@dataclass(frozen=True)
+class ComputeOptimal:
+    """The compute-optimal model size and data for a training budget (``C = 3·N·D``).
+
+    ``flops_per_example`` is ``N*``, ``examples`` is ``D*``; ``max_n_searched`` the
+    largest ``N`` allowed (the serving cap, or ``EXTRAPOLATION`` × the largest trained
+    model); ``limited_by`` says which bound the optimum sits on, if any; ``ci``: 95%
+    bootstrap intervals of ``N``, ``D`` and ``L``.
+    """
+
+    budget_flops: float
+    flops_per_example: float
+    examples: float
+    predicted_val_logloss: float
+    max_flops_per_example: float | None
+    max_n_searched: float
+    limited_by: str | None
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    warning: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"budget_flops": self.budget_flops, "flops_per_example": self.flops_per_example,
+                "examples": self.examples, "predicted_val_logloss": self.predicted_val_logloss,
+                "max_flops_per_example": self.max_flops_per_example,
+                "max_n_searched": self.max_n_searched, "limited_by": self.limited_by,
+                "ci95": {"flops_per_example": self.ci.get("N"), "examples": self.ci.get("D"),
+                         "predicted_val_logloss": self.ci.get("L")},
+                "training_flops_check": 3.0 * self.flops_per_example * self.examples,
+                "warning": self.warning}
+
 
 def select_best(trials: pd.DataFrame, max_flops_per_example: float | None = None) -> pd.Series:
-    """The trial with the lowest ``best_val_logloss`` (else ``val_logloss``) under the cap."""
+    """The trial with the lowest ``best_val_logloss`` (else ``val_logloss``) among those
+    with ``flops_per_example <= max_flops_per_example``; trials whose status is ERROR or
+    DIVERGED are never chosen; ties go to the cheaper model.
+
+    Raises:
+        AnalysisError: no trial qualifies.
+    """
     col = "best_val_logloss" if "best_val_logloss" in trials else "val_logloss"
-    ok = trials.dropna(subset=[col])
+    if col not in trials:
+        raise AnalysisError("no trial with a validation loss: trials lack 'val_logloss'")
+    ok = trials[np.isfinite(pd.to_numeric(trials[col], errors="coerce"))]
+    if "status" in ok:
+        ok = ok[~ok["status"].isin(EXCLUDED_STATUS)]
+    cap = ""
     if max_flops_per_example is not None:
+        if "flops_per_example" not in ok:
+            raise AnalysisError("cannot apply the serving cap: trials lack 'flops_per_example'")
         ok = ok[ok["flops_per_example"] <= max_flops_per_example]
+        cheapest = pd.to_numeric(trials.get("flops_per_example"), errors="coerce").min()
+        cap = (f" under max_flops_per_example={max_flops_per_example:.3g} (the cheapest "
+               f"trial needs {cheapest:.3g})")
     if ok.empty:
-        cap = "" if max_flops_per_example is None else f" under max_flops_per_example={max_flops_per_example:.3g}"
         raise AnalysisError(f"no trial with a validation loss{cap}")
-    return ok.loc[ok[col].idxmin()]
+    keys = [col] + (["flops_per_example"] if "flops_per_example" in ok else [])
+    return ok.sort_values(keys, kind="mergesort").iloc[0]
 
 
-def _fit_dict(fit: PowerLawFit | JointFit) -> dict[str, Any]:
-    d = asdict(fit)
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+def fit_search(runs: SearchRuns, n_boot: int = 200, joint_boot: int = 100, seed: int = 0
+               ) -> ScalingFits:
+    """Fit the scaling laws of a search.
+
+    * ``frontier``: ``L(C) = E + A·C^(−α)`` on the compute-efficient frontier of every
+      report (C = ``train_flops``);
+    * ``by_family``: the same on each family's own frontier;
+    * ``joint``: ``L(N, D) = E + A·N^(−α) + B·D^(−β)`` on every report (N =
+      ``flops_per_example``, D = ``examples_seen``) of every trial not ERROR or
+      DIVERGED, pooled over the families, bootstrapped by whole trials.
+    """
+    h = runs.history.dropna(subset=["train_flops", "val_logloss"])
+    h = h[h["train_flops"] > 0]
+    front = compute_frontier(h)
+    frontier = fit_power_law(front["train_flops"], front["val_logloss"], n_boot, seed)
+    by_family = {}
+    for fam, g in h.groupby("block", sort=True):
+        f = compute_frontier(g)
+        by_family[str(fam)] = fit_power_law(f["train_flops"], f["val_logloss"], n_boot, seed)
+    failed = runs.trials.loc[runs.trials["status"].isin(EXCLUDED_STATUS), "run_id"]
+    hj = h.dropna(subset=["flops_per_example", "examples_seen"])
+    hj = hj[~hj["run_id"].isin(failed)]  # a diverging run's spikes are no scaling data
+    joint = fit_joint(hj["flops_per_example"], hj["examples_seen"], hj["val_logloss"],
+                      joint_boot, seed, groups=hj["run_id"])
+    return ScalingFits(frontier, by_family, joint)
+
+
+def recommend_size(joint: JointFit, history: pd.DataFrame, budget_flops: float,
+                   max_flops_per_example: float | None = None) -> ComputeOptimal:
+    """``(N*, D*)`` minimising the joint law for ``budget_flops = 3·N·D``, with
+    ``N <= max_flops_per_example`` and ``N <= EXTRAPOLATION ×`` the largest
+    ``flops_per_example`` in ``history``.
+
+    Raises:
+        AnalysisError: the joint fit is not usable, or no size fits the budget.
+    """
+    if not joint.ok:
+        raise AnalysisError(f"joint fit {joint.status}: {joint.message}")
+    largest = float(pd.to_numeric(history["flops_per_example"], errors="coerce").max())
+    if not math.isfinite(largest):
+        raise AnalysisError("no trial reported flops_per_example")
+    reach = EXTRAPOLATION * largest
+    limit = reach if max_flops_per_example is None else min(reach, max_flops_per_example)
+    n, d, loss = joint.compute_optimal(budget_flops, limit)
+    limited_by = None
+    if n >= limit * (1 - 1e-6):
+        capped = max_flops_per_example is not None and max_flops_per_example <= reach
+        limited_by = "serving cap" if capped else (
+            f"extrapolation limit ({EXTRAPOLATION:g}x the largest trained model)")
+    ci = joint.compute_optimal_ci(budget_flops, limit)
+    warning = None
+    if "N" in ci and ci["N"][1] > SPREAD_WARNING * ci["N"][0]:
+        warning = (f"N* is poorly determined: its 95% interval spans "
+                   f"{ci['N'][0]:.3g} to {ci['N'][1]:.3g} FLOPs/example")
+    return ComputeOptimal(budget_flops, n, d, loss, max_flops_per_example, limit, limited_by,
+                          ci, warning)
+
+
+# ---- summary ------------------------------------------------------------------------
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON values: numpy scalars unwrapped, NaN/inf → None, tuples → lists."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | np.ndarray):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, str | int | bool):
+        return obj
+    if obj is pd.NA or obj is pd.NaT:
+        return None
+    return str(obj)
 
 
 def _trial_summary(row: pd.Series) -> dict[str, Any]:
-    keys = ["run_id", "trial_id", "block", "val_logloss", "best_val_logloss", "val_auc",
-            "flops_per_example", "params_dense", "train_flops", "examples_seen"]
-    return {k: (row[k].item() if hasattr(row[k], "item") else row[k]) for k in keys if k in row}
+    out = {k: row[k] for k in _TRIAL_KEYS if k in row}
+    out["config"] = {k: row[k] for k in row.index
+                     if isinstance(k, str) and k.startswith(("model.", "train."))
+                     and not (isinstance(row[k], float) and math.isnan(row[k]))}
+    return out
 
 
-def _fits(runs: SearchRuns) -> tuple[dict[str, PowerLawFit], JointFit]:
+def _records(df: pd.DataFrame, cols: list[str]) -> list[dict[str, Any]]:
+    return df[[c for c in cols if c in df]].to_dict("records")
+
+
+def _frontiers(runs: SearchRuns) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    ids = ["run_id", "trial_id", "block"]
+    for x in ("flops_per_example", "params_dense"):
+        if x in runs.trials and "best_val_logloss" in runs.trials:
+            front = pareto_front(runs.trials, x, "best_val_logloss")
+            out[x] = _records(front, ids + [x, "best_val_logloss"])
     h = runs.history.dropna(subset=["train_flops", "val_logloss"])
-    h = h[h["train_flops"] > 0]
-    per_family = {}
-    for fam, g in h.groupby("block"):
-        front = compute_frontier(g)
-        per_family[str(fam)] = fit_power_law(front["train_flops"].to_numpy(),
-                                             front["val_logloss"].to_numpy(), n_boot=100)
-    joint = fit_joint(h["flops_per_example"].to_numpy(), h["examples_seen"].to_numpy(),
-                      h["val_logloss"].to_numpy(), n_boot=50)
-    return per_family, joint
+    cols = ids + ["train_flops", "val_logloss", "examples_seen", "flops_per_example"]
+    out["train_flops"] = _records(compute_frontier(h), cols)
+    out["train_flops_by_family"] = {
+        str(fam): _records(compute_frontier(g), cols) for fam, g in h.groupby("block", sort=True)}
+    return out
 
 
-def _png(runs: SearchRuns, fits: dict[str, PowerLawFit], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files = []
-    for x, label, stem, source in PLOTS:
-        df = runs.trials if source == "trials" else runs.history
-        y = "best_val_logloss" if source == "trials" and "best_val_logloss" in df else "val_logloss"
-        df = df.dropna(subset=[x, y])
-        df = df[df[x] > 0]
-        fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
-        for fam, g in df.groupby("block"):
-            ax.scatter(g[x], g[y], s=14 if source == "history" else 28, alpha=0.45 if source == "history" else 0.8,
-                       color=_color(str(fam)), label=str(fam))
-        front = pareto_front(df, x, y)
-        if len(front):
-            ax.step(front[x], front[y], where="post", color="black", lw=1.5, label="Pareto frontier")
-        if source == "history":
-            for fam, fit in fits.items():
-                if fit.ok:
-                    g = df[df["block"] == fam]
-                    cs = np.logspace(np.log10(g[x].min()), np.log10(g[x].max()), 100)
-                    bound = " (at bound)" if fit.status == "hit_bound" else ""
-                    ax.plot(cs, fit.predict(cs), "--", color=_color(fam), lw=1.5,
-                            label=f"{fam} fit α={fit.alpha:.3f}{bound}")
-        ax.set_xscale("log")
-        ax.set_xlabel(label)
-        ax.set_ylabel("validation log loss (nats)")
-        ax.set_title(f"{runs.name}: validation log loss vs {label.split(' (')[0]}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="best", framealpha=0.8)
-        fig.tight_layout()
-        path = out / f"{stem}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        files.append(path)
-    return files
+def _try(fn: Any, *args: Any) -> dict[str, Any]:
+    try:
+        result = fn(*args)
+    except AnalysisError as err:
+        return {"error": str(err)}
+    return result.as_dict() if hasattr(result, "as_dict") else _trial_summary(result)
 
 
-def _html(runs: SearchRuns, fits: dict[str, PowerLawFit], summary: dict[str, Any], out: Path) -> Path:
-    import plotly.graph_objects as go
+def _recommendation(runs: SearchRuns, fits: ScalingFits, cap: float | None,
+                    budget: float | None) -> dict[str, Any]:
+    rec: dict[str, Any] = {"best_overall": _try(select_best, runs.trials),
+                           "best_under_cap": None, "compute_optimal": None,
+                           "compute_optimal_under_cap": None}
+    if cap is not None:
+        rec["best_under_cap"] = _try(select_best, runs.trials, cap)
+    if budget is not None:
+        rec["compute_optimal"] = _try(recommend_size, fits.joint, runs.history, budget)
+        if cap is not None:
+            rec["compute_optimal_under_cap"] = _try(recommend_size, fits.joint, runs.history,
+                                                    budget, cap)
+    return rec
 
-    parts = [f"<h1>recscale report: {runs.name}</h1>",
-             f"<p>{len(runs.trials)} trials; families: {', '.join(sorted(runs.trials['block'].dropna().unique()))}</p>",
-             "<h2>Recommendation</h2><pre>" + json.dumps(summary["recommendation"], indent=2) + "</pre>"]
-    first = True
-    for x, label, _stem, source in PLOTS:
-        df = runs.trials if source == "trials" else runs.history
-        y = "best_val_logloss" if source == "trials" and "best_val_logloss" in df else "val_logloss"
-        df = df.dropna(subset=[x, y])
-        df = df[df[x] > 0]
-        fig = go.Figure()
-        for fam, g in df.groupby("block"):
-            fig.add_scatter(x=g[x], y=g[y], mode="markers", name=str(fam),
-                            marker={"color": _color(str(fam))},
-                            text=g.get("trial_id"), hovertemplate="%{text}<br>x=%{x:.3g}<br>loss=%{y:.4f}")
-        front = pareto_front(df, x, y)
-        fig.add_scatter(x=front[x], y=front[y], mode="lines", line={"shape": "hv", "color": "black"},
-                        name="Pareto frontier")
-        if source == "history":
-            for fam, fit in fits.items():
-                if fit.ok:
-                    g = df[df["block"] == fam]
-                    cs = np.logspace(np.log10(g[x].min()), np.log10(g[x].max()), 100)
-                    fig.add_scatter(x=cs, y=fit.predict(cs), mode="lines", name=f"{fam} fit",
-                                    line={"dash": "dash", "color": _color(fam)})
-        fig.update_layout(xaxis_type="log", xaxis_title=label, yaxis_title="validation log loss (nats)",
-                          title=f"validation log loss vs {label}", height=480)
-        parts.append(fig.to_html(full_html=False, include_plotlyjs=first))
-        first = False
-    parts.append("<h2>Scaling fits</h2><pre>" + json.dumps(summary["fits"], indent=2) + "</pre>")
+
+# ---- HTML ---------------------------------------------------------------------------
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _val_ci(v: float | None, ci: list[float] | None) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.4g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
+
+
+def _with_ci(fit: Mapping[str, Any], name: str) -> str:
+    return _val_ci(fit.get(name), fit.get("ci95", {}).get(name))
+
+
+def _html(runs: SearchRuns, summary: dict[str, Any], divs: list[str], out: Path,
+          images: list[Path]) -> Path:
+    rec = summary["recommendation"]
+    trial_rows = []
+    for key, label in (("best_overall", "best trial"), ("best_under_cap", "best under the cap")):
+        r = rec.get(key)
+        if r is None:
+            continue
+        if "error" in r:
+            trial_rows.append([label, r["error"], None, None, None, None, None])
+            continue
+        trial_rows.append([label, r.get("trial_id"), r.get("block"), r.get("best_val_logloss"),
+                           r.get("val_auc"), r.get("flops_per_example"), r.get("params_dense")])
+    size_rows = []
+    for key, label in (("compute_optimal", "no serving cap"),
+                       ("compute_optimal_under_cap", "under the serving cap")):
+        r = rec.get(key)
+        if r is None:
+            continue
+        if "error" in r:
+            size_rows.append([label, r["error"], None, None, None, None, None])
+            continue
+        ci = r["ci95"]
+        size_rows.append([label, r["budget_flops"],
+                          _val_ci(r["flops_per_example"], ci["flops_per_example"]),
+                          _val_ci(r["examples"], ci["examples"]),
+                          r["predicted_val_logloss"], r["limited_by"], r["warning"]])
+    fits = summary["fits"]
+    fit_rows = []
+    named = [("L(C), compute frontier", fits["power_law"]["frontier"])]
+    named += [(f"L(C), {fam}", f) for fam, f in fits["power_law"]["by_family"].items()]
+    named.append(("L(N, D), joint", fits["joint"]))
+    for name, f in named:
+        fit_rows.append([name, f["status"], _with_ci(f, "E"), _with_ci(f, "A"),
+                         _with_ci(f, "alpha"), _with_ci(f, "B"), _with_ci(f, "beta"), f["r2"],
+                         f["message"]])
+    fams = ", ".join(f"{k} ({v})" for k, v in summary["families"].items())
+    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:auto;padding:1em}"
+             "table{border-collapse:collapse;margin:.5em 0 1.5em}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}"
+             "th{background:#f3f3f3}")
+    parts = [
+        f"<h1>recscale report: {html.escape(runs.name)}</h1>",
+        f"<p>{summary['n_trials']} trials, {summary['n_reports']} reports; families: "
+        f"{html.escape(fams)}. Loss is validation log loss in nats (lower is better); "
+        "costs in FLOPs (a multiply-add is 2 FLOPs; training spends 3× the forward cost "
+        "per example).</p>",
+        "<h2>Recommendation</h2>",
+        _table(["", "trial", "family", "best val log loss", "val AUC", "FLOPs/example",
+                "dense params"], trial_rows),
+    ]
+    if size_rows:
+        parts += ["<h3>Compute-optimal size for the budget (joint fit, C = 3·N·D)</h3>",
+                  _table(["", "budget (FLOPs)", "N* FLOPs/example [95% CI]",
+                          "D* examples [95% CI]", "predicted loss", "limited by", "warning"],
+                         size_rows)]
+    parts += ["<h2>Scaling fits</h2>",
+              "<p>L(C) = E + A·C<sup>−α</sup>; L(N, D) = E + A·N<sup>−α</sup> + "
+              "B·D<sup>−β</sup>. Intervals: 95% bootstrap.</p>",
+              _table(["fit", "status", "E", "A", "α", "B", "β", "R²", "message"], fit_rows),
+              "<h2>Figures</h2>", *divs,
+              *[f"<p><img alt='{html.escape(p.stem)}' style='max-width:100%' "
+                f"src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'></p>"
+                for p in images],
+              "<details><summary>summary.json</summary><pre>"
+              + html.escape(json.dumps(summary, indent=2)) + "</pre></details>"]
+    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>recscale report: "
+            f"{html.escape(runs.name)}</title><style>{style}</style></head><body>"
+            + "\n".join(parts) + "</body></html>")
     path = out / "report.html"
-    path.write_text("<html><head><meta charset='utf-8'><title>recscale report</title></head><body>"
-                    + "\n".join(parts) + "</body></html>")
+    path.write_text(page, encoding="utf-8")
     return path
 
 
 def build_report(runs: SearchRuns, out_dir: str | Path, max_flops_per_example: float | None = None,
-                 budget_flops: float | None = None) -> ReportResult:
-    """Frontiers, fits and the recommendation of ``runs``, written to ``out_dir``."""
+                 budget_flops: float | None = None, n_boot: int = 200, seed: int = 0
+                 ) -> ReportResult:
+    """Frontiers, fits and the recommendation of ``runs``, written to ``out_dir``.
+
+    Args:
+        runs: the search (:func:`analysis.load_search` or :func:`analysis.runs_from_frames`).
+        out_dir: created if needed.
+        max_flops_per_example: the serving cap (best trial and compute-optimal size under it).
+        budget_flops: a training budget to size the compute-optimal model for.
+        n_boot: bootstrap resamples of the ``L(C)`` fits (half as many for the joint fit).
+        seed: bootstrap seed.
+
+    Raises:
+        AnalysisError: no trial has a validation loss.
+
+    Example::
+
+        res = build_report(load_search("ml-unified"), "reports/ml-unified",
+                           max_flops_per_example=2e6, budget_flops=1e16)
+        res.summary["recommendation"]["compute_optimal_under_cap"]
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    per_family, joint = _fits(runs)
-    best = select_best(runs.trials)
-    rec: dict[str, Any] = {"best_overall": _trial_summary(best)}
-    if max_flops_per_example is not None:
-        try:
-            rec["best_under_cap"] = _trial_summary(select_best(runs.trials, max_flops_per_example))
-        except AnalysisError as err:
-            rec["best_under_cap"] = {"error": str(err)}
-    if budget_flops is not None:
-        if joint.ok:
-            reach = EXTRAPOLATION * float(runs.history["flops_per_example"].max())
-            n, d, loss = joint.compute_optimal(budget_flops, reach)
-            rec["compute_optimal"] = {"budget_flops": budget_flops, "flops_per_example": n,
-                                      "examples": d, "predicted_val_logloss": loss,
-                                      "note": f"model size searched up to {EXTRAPOLATION}x the largest trained"}
-            if max_flops_per_example is not None:
-                n, d, loss = joint.compute_optimal(budget_flops, min(reach, max_flops_per_example))
-                rec["compute_optimal_under_cap"] = {
-                    "budget_flops": budget_flops, "max_flops_per_example": max_flops_per_example,
-                    "flops_per_example": n, "examples": d, "predicted_val_logloss": loss}
-        else:
-            rec["compute_optimal"] = {"error": f"joint fit {joint.status}: {joint.message}"}
-    frontier = {
-        x: pareto_front(runs.trials.dropna(subset=[x]), x,
-                        "best_val_logloss" if "best_val_logloss" in runs.trials else "val_logloss")
-        [["trial_id", "block", x]].to_dict("records")
-        for x in ("flops_per_example", "params_dense") if x in runs.trials
+    select_best(runs.trials)  # fail early, in one line, when nothing can be reported
+    fits = fit_search(runs, n_boot, n_boot // 2, seed)
+    status = runs.trials["status"].fillna("unknown") if "status" in runs.trials else None
+    summary: dict[str, Any] = {
+        "search": runs.name, "parent_run_id": runs.parent_run_id,
+        "n_trials": len(runs.trials), "n_reports": len(runs.history),
+        "families": runs.trials["block"].value_counts().sort_index().to_dict(),
+        "trial_status": {} if status is None else status.value_counts().sort_index().to_dict(),
+        "settings": {"max_flops_per_example": max_flops_per_example,
+                     "budget_flops": budget_flops, "extrapolation_limit": EXTRAPOLATION},
+        "frontier": _frontiers(runs),
+        "fits": {"power_law": {"frontier": fits.frontier.as_dict(),
+                               "by_family": {k: v.as_dict() for k, v in fits.by_family.items()}},
+                 "joint": fits.joint.as_dict()},
+        "recommendation": _recommendation(runs, fits, max_flops_per_example, budget_flops),
     }
-    summary = {"search": runs.name, "n_trials": len(runs.trials), "frontier": frontier,
-               "fits": {"power_law_by_family": {k: _fit_dict(v) for k, v in per_family.items()},
-                        "joint": _fit_dict(joint)},
-               "recommendation": rec}
-    files = _png(runs, per_family, out)
-    files.append(_html(runs, per_family, summary, out))
+    summary = _jsonable(summary)
+    largest = float(runs.history["flops_per_example"].max())
+    reach = EXTRAPOLATION * largest if math.isfinite(largest) else None
+    files = png_figures(runs, out, fits.frontier, fits.by_family, fits.joint,
+                        max_flops_per_example, budget_flops, reach)
+    divs = html_figures(runs, fits.frontier, fits.by_family, max_flops_per_example)
+    files.append(_html(runs, summary, divs, out, [p for p in files if p.stem == "joint_fit"]))
+    summary["files"] = [p.name for p in files] + ["summary.json"]
     path = out / "summary.json"
-    path.write_text(json.dumps(summary, indent=2, default=str))
+    path.write_text(json.dumps(summary, indent=2, allow_nan=False), encoding="utf-8")
     files.append(path)
     return ReportResult(out, files, summary)
 
 
-def log_report_to_mlflow(result: ReportResult, parent_run_id: str, tracking_uri: str) -> None:
+def log_report_to_mlflow(result: ReportResult, parent_run_id: str,
+                         tracking_uri: str | None = None) -> None:
     """Attach the report's files to the search's parent run (artifact folder ``report``)."""
     from mlflow.tracking import MlflowClient
 
-    MlflowClient(tracking_uri).log_artifacts(parent_run_id, str(result.out_dir), artifact_path="report")
+    client = MlflowClient(tracking_uri)
+    for path in result.files:
+        client.log_artifact(parent_run_id, str(path), artifact_path="report")

@@ -1,21 +1,47 @@
 """Read a search back from MLflow into pandas (the layout of ARCHITECTURE.md).
 
-``trials``: one row per trial run (config columns with dotted keys, typed from the
-run's ``recscale.config`` JSON tag; last value of every metric; ``best_val_logloss``).
-``history``: one row per report (``step = examples_seen``) with the metric series.
+A search is one MLflow experiment with one parent run (tag ``recscale.kind=search``) and
+one nested child run per trial (tags ``recscale.kind=trial``, ``mlflow.parentRunId``,
+``block``, ``trial_id``, ``status``; params = the flattened config with dotted keys;
+metrics per report with ``step = examples_seen``).
+
+:class:`SearchRuns` holds
+
+* ``trials``: one row per trial: ``run_id``, ``trial_id``, ``block``, ``status``, the
+  config columns (``model.block``, ``model.d_model``, ``train.lr``, ..., typed: numbers
+  are numbers), the last value of every metric, and ``best_val_logloss`` (the lowest
+  validation loss the trial reported);
+* ``history``: one row per report: ``run_id``, ``trial_id``, ``block``, ``step`` and
+  the metric series (``train_flops``, ``examples_seen``, ``val_logloss``, ``val_auc``,
+  ``flops_per_example``, ``params_dense``, ...), sorted by run then step.
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import math
+import os
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-__all__ = ["AnalysisError", "SearchRuns", "load_search", "runs_from_frames"]
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
 
-HISTORY_METRICS = ("val_logloss", "val_auc", "train_flops", "examples_seen")
+__all__ = ["HISTORY_METRICS", "AnalysisError", "SearchRuns", "load_search", "runs_from_frames"]
+
+KIND_TAG = "recscale.kind"  # the tags written by search/tracking.py
+PARENT_TAG = "mlflow.parentRunId"
+CONFIG_TAG = "recscale.config"  # optional: the run's config as JSON (typed values)
+HISTORY_METRICS = ("val_logloss", "val_auc", "val_ne", "train_loss", "examples_seen",
+                   "train_flops", "flops_per_example", "params_dense", "params_embedding",
+                   "examples_per_s")
+ID_COLUMNS = ("run_id", "trial_id", "block")
 
 
 class AnalysisError(ValueError):
@@ -24,7 +50,11 @@ class AnalysisError(ValueError):
 
 @dataclass(frozen=True)
 class SearchRuns:
-    """A search's trials and per-report history."""
+    """A search's trials and per-report history (see the module docstring).
+
+    ``settings``: the search's own config (the parent run's ``recscale.config`` tag:
+    ``budget_flops``, ``max_flops_per_example``, ``trial_flops``, ``data``, ...).
+    """
 
     name: str
     trials: pd.DataFrame
@@ -34,69 +64,193 @@ class SearchRuns:
     tracking_uri: str | None = None
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in tree.items():
-        if isinstance(v, dict):
+        if isinstance(v, Mapping):
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
 
 
+def _parse_param(text: str) -> Any:
+    """An MLflow param (always a string) back to the value it was logged from:
+    ``"16"`` → 16, ``"0.001"`` → 0.001, ``"None"`` → None, ``"[64]"`` → [64];
+    anything else stays a string."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        try:
+            return float(text)  # "nan", "inf"
+        except ValueError:
+            return text
+    return value if isinstance(value, int | float | bool | list | tuple | dict | None) else text
+
+
 def runs_from_frames(trials: pd.DataFrame, history: pd.DataFrame, name: str = "search",
-                     settings: dict[str, Any] | None = None) -> SearchRuns:
-    """A :class:`SearchRuns` from plain frames (tests, or runs read by other means)."""
+                     settings: dict[str, Any] | None = None, parent_run_id: str | None = None,
+                     tracking_uri: str | None = None) -> SearchRuns:
+    """A :class:`SearchRuns` from plain frames (tests, or runs read by other means).
+
+    ``trials`` needs ``run_id`` and ``block``; ``history`` needs ``run_id`` (unless it is
+    empty). What the contract implies is filled in: ``trial_id``/``block``/
+    ``flops_per_example``/``params_dense`` of a report from its trial (and the trial's
+    ``flops_per_example``/``params_dense`` from its last report), a missing
+    ``train_flops = 3·flops_per_example·examples_seen``, ``step = examples_seen``, and
+    ``best_val_logloss`` = the lowest ``val_logloss`` the trial reported. Every column
+    of :data:`HISTORY_METRICS` exists in ``history`` (NaN where never reported).
+    """
     if trials.empty:
         raise AnalysisError(f"search {name!r} has no trials")
-    trials = trials.copy()
-    if "best_val_logloss" not in trials and not history.empty:
+    missing = [c for c in ("run_id", "block") if c not in trials]
+    if missing:
+        raise AnalysisError(f"trials frame lacks column(s) {missing}")
+    trials = trials.reset_index(drop=True).copy()
+    history = history.reset_index(drop=True).copy()
+    if "run_id" not in history:
+        if not history.empty:
+            raise AnalysisError("history frame lacks column 'run_id'")
+        history["run_id"] = pd.Series(dtype=object)
+    for col in ("trial_id", "block", "status"):
+        if col not in trials:
+            trials[col] = trials["run_id"] if col == "trial_id" else None
+    for col in ("step", *HISTORY_METRICS):
+        history[col] = (pd.to_numeric(history[col], errors="coerce") if col in history
+                        else pd.Series(math.nan, index=history.index, dtype=float))
+    last = history.groupby("run_id").last()
+    for col in ("flops_per_example", "params_dense"):
+        from_history = trials["run_id"].map(last[col])
+        trials[col] = (trials[col].fillna(from_history) if col in trials else from_history)
+    per_run = trials.set_index("run_id")
+    for col in ("trial_id", "block", "flops_per_example", "params_dense"):
+        from_trial = history["run_id"].map(per_run[col])
+        history[col] = history[col].fillna(from_trial) if col in history else from_trial
+    derived = 3.0 * history["flops_per_example"] * history["examples_seen"]
+    history["train_flops"] = history["train_flops"].fillna(derived)
+    history["step"] = history["step"].fillna(history["examples_seen"])
+    history = history.sort_values(["run_id", "step"], kind="mergesort").reset_index(drop=True)
+    if "best_val_logloss" not in trials:
         best = history.groupby("run_id")["val_logloss"].min()
         trials["best_val_logloss"] = trials["run_id"].map(best)
-    return SearchRuns(name, trials.reset_index(drop=True), history.reset_index(drop=True),
-                      settings=settings or {})
+    return SearchRuns(name, trials, history, parent_run_id, dict(settings or {}), tracking_uri)
+
+
+def _default_uri(uri: str | None) -> str:
+    """The given URI, else ``MLFLOW_TRACKING_URI``, else MLflow's own default (SQLite in
+    the working directory: the same rule as ``search.tracking.default_tracking_uri``)."""
+    if uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{os.path.abspath('mlflow.db')}"
+
+
+def _check_store(uri: str) -> None:
+    """Refuse a SQLite URI whose file does not exist (MLflow would create an empty one)."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):].split("?", 1)[0]
+        if path and not os.path.exists(path):
+            raise AnalysisError(f"no MLflow store at {path} (tracking URI {uri})")
+
+
+def _search_all(client: MlflowClient, exp_id: str, filt: str) -> list[Run]:
+    runs: list[Run] = []
+    token: str | None = None
+    while True:
+        page = client.search_runs([exp_id], filter_string=filt, max_results=1000,
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _history(client: MlflowClient, run: Run) -> dict[int, dict[str, float]]:
+    """``step → {metric: value}`` of one run; a step logged twice keeps its latest value."""
+    series: dict[int, dict[str, float]] = {}
+    for key in HISTORY_METRICS:
+        if key not in run.data.metrics:
+            continue
+        points = sorted(client.get_metric_history(run.info.run_id, key),
+                        key=lambda m: (m.step, m.timestamp))
+        for m in points:
+            series.setdefault(int(m.step), {})[key] = float(m.value)
+    return series
+
+
+def _trial_row(run: Run) -> dict[str, Any]:
+    tags = run.data.tags
+    row: dict[str, Any] = {"run_id": run.info.run_id, "trial_id": tags.get("trial_id"),
+                           "block": tags.get("block"), "status": tags.get("status"),
+                           "run_status": run.info.status}
+    config: dict[str, Any] = {k: _parse_param(v) for k, v in run.data.params.items()}
+    raw = tags.get(CONFIG_TAG)
+    if raw:
+        try:
+            typed = json.loads(raw)
+        except json.JSONDecodeError:
+            typed = {}  # a truncated tag: the params (the contract) already hold the config
+        if isinstance(typed, dict):
+            config.update(_flatten(typed))
+    row.update(config)
+    if row["block"] is None and isinstance(config.get("model.block"), str):
+        row["block"] = config["model.block"]
+    row.update(run.data.metrics)
+    return row
 
 
 def load_search(name: str, tracking_uri: str | None = None) -> SearchRuns:
-    """All trial runs of the search ``name`` (an MLflow experiment) as frames."""
+    """Every trial run of the search ``name`` (an MLflow experiment) as frames.
+
+    Args:
+        name: the search name (= the experiment name).
+        tracking_uri: the MLflow store; default ``MLFLOW_TRACKING_URI``, else
+            ``sqlite:///<cwd>/mlflow.db``.
+
+    Raises:
+        AnalysisError: no such store or experiment, no parent run, or no trial runs.
+
+    Example::
+
+        runs = load_search("ml-unified", "sqlite:///mlflow.db")
+        runs.trials.sort_values("best_val_logloss").head()
+    """
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from search.tracking import default_tracking_uri
-
-    uri = default_tracking_uri(tracking_uri)
+    uri = _default_uri(tracking_uri)
+    _check_store(uri)
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(name)
+    try:
+        exp = client.get_experiment_by_name(name)
+    except MlflowException as err:
+        raise AnalysisError(f"cannot read MLflow store {uri}: {str(err).splitlines()[0]}") from err
     if exp is None:
         raise AnalysisError(f"no search named {name!r} in {uri}")
-    parents = client.search_runs([exp.experiment_id], "tags.`recscale.kind` = 'search'",
-                                 max_results=1)
+    if exp.lifecycle_stage == "deleted":
+        raise AnalysisError(f"search {name!r} in {uri} was deleted")
+    exp_id = str(exp.experiment_id)
+    parents = _search_all(client, exp_id, f"tags.`{KIND_TAG}` = 'search'")
     if not parents:
         raise AnalysisError(f"experiment {name!r} in {uri} has no recscale search run")
-    parent = parents[0]
-    children = client.search_runs(
-        [exp.experiment_id],
-        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`recscale.kind` = 'trial'",
-        max_results=50_000)
+    parent = parents[0]  # the first one created, as search.tracking resumes into it
+    children = _search_all(client, exp_id, f"tags.`{PARENT_TAG}` = '{parent.info.run_id}' "
+                                           f"and tags.`{KIND_TAG}` = 'trial'")
     if not children:
-        raise AnalysisError(f"search {name!r} has no trial runs yet")
-    rows, hist = [], []
-    for run in children:
-        tags = run.data.tags
-        config = json.loads(tags.get("recscale.config") or "{}")
-        row: dict[str, Any] = {"run_id": run.info.run_id, "trial_id": tags.get("trial_id"),
-                               "block": tags.get("block"), "status": tags.get("status")}
-        row.update(_flatten(config))
-        row.update(run.data.metrics)
-        rows.append(row)
-        series: dict[int, dict[str, float]] = {}
-        for metric in HISTORY_METRICS:
-            for m in client.get_metric_history(run.info.run_id, metric):
-                series.setdefault(m.step, {})[metric] = m.value
-        for step, values in sorted(series.items()):
-            hist.append({"run_id": run.info.run_id, "trial_id": row["trial_id"],
-                         "block": row["block"], "step": step,
-                         "flops_per_example": row.get("flops_per_example"),
-                         "params_dense": row.get("params_dense"), **values})
-    settings = json.loads(parent.data.tags.get("recscale.config") or "{}")
-    runs = runs_from_frames(pd.DataFrame(rows), pd.DataFrame(hist), name, settings)
-    return SearchRuns(runs.name, runs.trials, runs.history, parent.info.run_id, settings, uri)
+        raise AnalysisError(f"search {name!r} in {uri} has no trial runs yet")
+    rows = [_trial_row(run) for run in children]
+    with ThreadPoolExecutor(max_workers=min(8, len(children))) as pool:
+        series = list(pool.map(lambda r: _history(client, r), children))
+    hist = [{"run_id": row["run_id"], "trial_id": row["trial_id"], "block": row["block"],
+             "step": step, **values}
+            for row, s in zip(rows, series) for step, values in sorted(s.items())]
+    trials = pd.DataFrame(rows)
+    history = pd.DataFrame(hist)
+    try:
+        settings = json.loads(parent.data.tags.get(CONFIG_TAG) or "{}")
+    except json.JSONDecodeError:
+        settings = {}
+    if not isinstance(settings, dict):
+        settings = {}
+    return runs_from_frames(trials, history, name, settings, parent.info.run_id, uri)

@@ -22,6 +22,7 @@ from search.resources import TrialResources
 from search.settings import SearchConfig, asha_milestones
 from search.tracking import (
     TrialStatusCallback,
+    child_runs,
     default_tracking_uri,
     end_parent,
     find_or_create_parent,
@@ -128,23 +129,48 @@ _RESULT_COLUMNS = (
         "node_id", "message")
 
 
-def _trial_table(results: Any, check: ConfigCheck) -> pd.DataFrame:
-    """One row per trial: its config (dotted keys) and last reported metrics.
+def _trial_table(results: Any, check: ConfigCheck, run_ids: dict[str, str]) -> pd.DataFrame:
+    """One row per trial that started: its config (dotted keys) and last reported metrics.
 
-    Built from the in-memory results, so it needs no per-trial result files. A trial
-    stopped before its first report still gets its analytic ``flops_per_example`` and
-    ``train_flops = 0``.
+    Built from Tune's in-memory trials, so it needs no per-trial result files. The config
+    comes from the trial, not from its last result (``Result.config`` is empty until a
+    trial reports): a trial that failed or was stopped before its first report still has
+    a row, with its analytic ``flops_per_example``, ``train_flops = 0`` and its MLflow run
+    (``run_ids``: trial id -> child run id). A trial the budget ended while it was still
+    pending never ran and has no MLflow run; it is left out (and counted in the log).
     """
-    rows = []
-    for res in results:
-        metrics = res.metrics or {}
-        row = {k: v for k, v in (res.config or {}).items()}
-        row.update({"flops_per_example": check.try_flops(row), "train_flops": 0.0})
+    analysis = getattr(results, "_experiment_analysis", None)
+    trials = list(analysis.trials) if analysis is not None else []
+    rows, never_started = [], 0
+    for trial in trials:
+        metrics = dict(trial.run_metadata.last_result or {})
+        error = trial.status == "ERROR"
+        if "train_flops" not in metrics and not error and trial.trial_id not in run_ids:
+            never_started += 1
+            continue
+        row = {k: v for k, v in (trial.config or {}).items()}
+        row.update({"flops_per_example": check.try_flops(row), "train_flops": 0.0,
+                    "examples_seen": 0.0, "trial_status": "running",
+                    "mlflow_run_id": run_ids.get(trial.trial_id, "")})
         row.update({k: metrics[k] for k in _RESULT_COLUMNS if k in metrics})
-        row.setdefault("trial_id", metrics.get("trial_id"))
-        row["error"] = str(res.error).splitlines()[0] if res.error else ""
+        row["trial_id"] = trial.trial_id
+        row["error"] = _first_line(trial.error_file) if error else ""
         rows.append(row)
+    if never_started:
+        log.info("%d trial(s) were still pending when the budget ran out; they never ran",
+                 never_started)
     return pd.DataFrame(rows)
+
+
+def _first_line(error_file: str | None) -> str:
+    """The last line of a trial's error file (the exception's message), or a default."""
+    if not error_file:
+        return "error"
+    try:
+        lines = [ln for ln in Path(error_file).read_text().splitlines() if ln.strip()]
+    except OSError:
+        return "error"
+    return lines[-1] if lines else "error"
 
 
 def run_search(
@@ -290,7 +316,7 @@ def run_search(
         end_parent(uri, parent_id, "KILLED", {})
         raise
     wall = time.perf_counter() - t0
-    trials = _trial_table(results, check)
+    trials = _trial_table(results, check, child_runs(client, exp_id, parent_id))
     spent = float(trials["train_flops"].fillna(0).sum()) if "train_flops" in trials else 0.0
     best = float(trials["val_logloss"].min()) if "val_logloss" in trials and len(trials) else float("nan")
     end_parent(uri, parent_id, "FINISHED", {

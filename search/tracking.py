@@ -29,6 +29,7 @@ from ray import tune
 __all__ = [
     "TrialStatusCallback",
     "TrialTracker",
+    "child_runs",
     "default_tracking_uri",
     "find_or_create_parent",
     "find_trial_run",
@@ -86,6 +87,21 @@ def find_trial_run(client: MlflowClient, experiment_id: str, parent_run_id: str,
         max_results=1,
     )
     return runs[0].info.run_id if runs else None
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, str]:
+    """Trial id -> run id of every trial run under one search's parent run."""
+    out: dict[str, str] = {}
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT}` = '{parent_run_id}'",
+                                  max_results=1000, page_token=token)
+        for run in page:
+            if "trial_id" in run.data.tags:
+                out[run.data.tags["trial_id"]] = run.info.run_id
+        token = page.token
+        if not token:
+            return out
 
 
 class TrialTracker:

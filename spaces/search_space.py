@@ -178,17 +178,27 @@ class SearchSpace(_Strict):
         """
         constants: dict[str, Any] = {}
 
-        def put(name: str, knob: Any) -> None:
-            value = _sample(trial, name, knob)
+        def put_value(name: str, knob: Any, value: Any) -> None:
             structured = isinstance(knob, Choice) and isinstance(value, list | dict)
             if structured or not isinstance(knob, Choice | IntRange | FloatRange):
                 constants[name] = value  # returned values override Optuna's raw sample
 
+        def put(name: str, knob: Any) -> None:
+            put_value(name, knob, _sample(trial, name, knob))
+
         family = trial.suggest_categorical("model.block", list(self.families))
         for key, knob in self.model.items():
             put(f"model.{key}", knob)
-        for key, knob in self.blocks.get(str(family), {}).items():
-            put(f"model.{family}.{key}", knob)
+        cfg_cls = get_block(str(family)).Config
+        knobs = self.blocks.get(str(family), {})
+        # knobs other knobs depend on (e.g. attention's kind) are sampled first; a knob the
+        # block ignores for the values drawn (hstu's ffn_mult) is not sampled at all
+        parents = {p for p, _ in cfg_cls.conditions.values()}
+        values: dict[str, Any] = {}
+        for key in sorted(knobs, key=lambda k: k not in parents):
+            if cfg_cls.is_active(key, values):
+                values[key] = _sample(trial, f"model.{family}.{key}", knobs[key])
+                put_value(f"model.{family}.{key}", knobs[key], values[key])
         for key, knob in self.train.items():
             put(f"train.{key}", knob)
         return constants

@@ -67,6 +67,6 @@ def test_flops_match_two_counters(name: str, vname: str, cfg, t: int, d: int) ->
     assert cost.per_example > 0
     x = torch.randn(BATCH, t, d)
     analytic = cost.per_example * BATCH + cost.per_batch
-    for counter in (fvcore_flops, torch_flops):
-        measured = counter(block, (x,))
-        assert measured == pytest.approx(analytic, rel=0.02), (counter.__name__, measured, analytic)
+    # torch's counter sees exactly the matmuls the formula counts; fvcore rounds some ops
+    assert torch_flops(block, (x,)) == analytic
+    assert fvcore_flops(block, (x,)) == pytest.approx(analytic, rel=0.02)

@@ -81,3 +81,22 @@ def test_constants_are_returned_not_sampled() -> None:
     constants = space.suggest(trial)
     assert constants == {"model.d_model": 32, "train.lr": 0.01}
     assert set(trial.params) == {"model.block", "model.n_layers"}
+
+
+def test_a_knob_the_block_ignores_is_not_sampled() -> None:
+    """hstu attention has no FFN: its ffn_mult is never drawn, whatever the YAML order."""
+    space = SearchSpace(families=["attention"], model={"d_model": 16, "n_tokens": 4},
+                        blocks={"attention": {"ffn_mult": {"choice": [1, 2, 4]},
+                                              "kind": {"choice": ["softmax", "hstu"]}}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    kinds = set()
+    for _ in range(30):
+        trial = study.ask()
+        flat = space.sample(trial)
+        kind = flat["model.attention.kind"]
+        kinds.add(kind)
+        assert ("model.attention.ffn_mult" in flat) == (kind == "softmax"), flat
+        exp = experiment_from_flat(flat, None)
+        assert exp.model.mixer.kind == kind  # the config still builds, ffn_mult at its default
+        study.tell(trial, 0.0)
+    assert kinds == {"softmax", "hstu"}

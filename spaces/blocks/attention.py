@@ -44,7 +44,7 @@ Parameters::
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -80,6 +80,9 @@ class AttentionConfig(BlockConfig):
     partitions: Literal[1, 2, 4] = 1
     temperature: Literal["fixed", "dynamic"] = "fixed"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    conditions: ClassVar[dict[str, tuple[str, tuple[Any, ...]]]] = {
+        "ffn_mult": ("kind", ("softmax",))}  # hstu has no FFN
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -24,9 +24,26 @@ from torch import nn
 
 
 class BlockConfig(BaseModel):
-    """Base of every family's frozen, typed config: unknown keys are errors."""
+    """Base of every family's frozen, typed config: unknown keys are errors.
+
+    ``conditions`` names knobs that only matter for some values of another knob of the
+    same family: ``{"ffn_mult": ("kind", ("softmax",))}`` means ``ffn_mult`` is read only
+    when ``kind`` is ``softmax``. A search samples such a knob only when it is active, so
+    no trial is spent on a value the block ignores.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    conditions: ClassVar[dict[str, tuple[str, tuple[Any, ...]]]] = {}
+
+    @classmethod
+    def is_active(cls, knob: str, values: dict[str, Any]) -> bool:
+        """Whether ``knob`` is read, given the family's other knob ``values`` (a parent
+        knob that is absent counts as its default)."""
+        if knob not in cls.conditions:
+            return True
+        parent, allowed = cls.conditions[knob]
+        value = values.get(parent, cls.model_fields[parent].default)
+        return value in allowed
 
 
 class BlockDimensionError(ValueError):

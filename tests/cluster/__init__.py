@@ -1,0 +1,1 @@
+"""Helpers for the cluster tests (tests/test_cluster.py)."""

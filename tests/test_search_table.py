@@ -1,0 +1,51 @@
+"""The search's trial table, built from Tune's trial objects (no Ray needed)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from search.checks import ConfigCheck
+from search.runner import _trial_table
+from spaces import FeatureSpec
+from trainers.data import DataConfig
+
+SPEC = FeatureSpec(cardinalities=(20, 20, 20, 20), n_numeric=1)
+CHECK = ConfigCheck(DataConfig(name="synthetic"), SPEC, max_flops_per_example=None,
+                    trial_flops=1e12)
+CONFIG = {"model.block": "tokenmixer", "model.d_model": 16, "model.n_tokens": 4,
+          "model.n_layers": 1, "model.tokenmixer.ffn_mult": 2}
+
+
+def _trial(trial_id: str, status: str, last_result: dict, error_file: str | None = None):
+    return SimpleNamespace(trial_id=trial_id, status=status, config=dict(CONFIG),
+                           run_metadata=SimpleNamespace(last_result=last_result),
+                           error_file=error_file)
+
+
+def _results(*trials):
+    return SimpleNamespace(_experiment_analysis=SimpleNamespace(trials=list(trials)))
+
+
+def test_rows_come_from_trials_not_from_results(tmp_path) -> None:
+    """A trial that reported, one stopped before its first report (it has an MLflow run),
+    one that failed before reporting and one the budget ended while pending."""
+    err = tmp_path / "error.txt"
+    err.write_text("Failure # 1\nTraceback (most recent call last):\n  ...\nValueError: boom\n")
+    reported = {"trial_id": "a", "train_flops": 5e8, "examples_seen": 1000.0,
+                "val_logloss": 0.6, "trial_status": "completed", "mlflow_run_id": "run-a"}
+    table = _trial_table(_results(
+        _trial("a", "TERMINATED", reported),
+        _trial("b", "TERMINATED", {"trial_id": "b"}),
+        _trial("c", "ERROR", {}, str(err)),
+        _trial("d", "TERMINATED", {"trial_id": "d"}),
+    ), CHECK, run_ids={"a": "run-a", "b": "run-b", "c": "run-c"})
+    assert list(table["trial_id"]) == ["a", "b", "c"]  # d never ran: no row
+    assert (table["model.block"] == "tokenmixer").all()
+    assert table["flops_per_example"].notna().all()
+    assert table["flops_per_example"].nunique() == 1
+    assert list(table["train_flops"]) == [5e8, 0.0, 0.0]
+    assert list(table["mlflow_run_id"]) == ["run-a", "run-b", "run-c"]
+    assert list(table["error"]) == ["", "", "ValueError: boom"]
+    assert table.loc[0, "val_logloss"] == pytest.approx(0.6)
