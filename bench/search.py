@@ -10,7 +10,7 @@ from MLflow's per-report metric histories, ordered by time), the wall-time split
 (training loop / trial-side evaluation, checkpointing and logging / Ray and driver
 overhead), the driver's memory per finished trial, and trial peak memory.
 
-    .venv/bin/python bench/search_strategies.py [--seeds 0 1 2] [--out bench/results/search.json]
+    .venv/bin/python bench/search.py [--seeds 0 1 2] [--out bench/results/search.json]
 """
 
 from __future__ import annotations
@@ -18,12 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from mlflow.tracking import MlflowClient
+# Run as a script, this file's folder comes first on sys.path and this file would shadow
+# the `search` package; put the repository root there instead.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+sys.path[:] = [_ROOT] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import numpy as np  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
 
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
