@@ -43,6 +43,7 @@ from analysis.fits import JointFit, PowerLawFit, fit_joint, fit_power_law
 from analysis.frontier import compute_frontier, pareto_front
 from analysis.plots import html_figures, png_figures
 from analysis.runs import AnalysisError, SearchRuns
+from trainers.experiment import experiment_from_flat
 
 __all__ = ["EXTRAPOLATION", "ComputeOptimal", "ReportResult", "ScalingFits", "build_report",
            "fit_search", "log_report_to_mlflow", "recommend_size", "select_best"]
@@ -217,10 +218,21 @@ def _jsonable(obj: Any) -> Any:
 
 def _trial_summary(row: pd.Series) -> dict[str, Any]:
     out = {k: row[k] for k in _TRIAL_KEYS if k in row}
-    out["config"] = {k: row[k] for k in row.index
-                     if isinstance(k, str) and k.startswith(("model.", "train."))
-                     and not (isinstance(row[k], float) and math.isnan(row[k]))}
+    config = {k: row[k] for k in row.index
+              if isinstance(k, str) and k.startswith(("model.", "train."))
+              and not (isinstance(row[k], float) and math.isnan(row[k]))}
+    out["config"] = _typed(config)
     return out
+
+
+def _typed(flat: dict[str, Any]) -> dict[str, Any]:
+    """The config with its own types again (a pandas column shared with other families
+    turns ints into floats: ``n_fm: 4.0``); as given when it does not validate."""
+    try:
+        typed = experiment_from_flat(flat).flat()
+    except (ValueError, TypeError):
+        return flat
+    return {k: typed.get(k, v) for k, v in flat.items()}
 
 
 def _records(df: pd.DataFrame, cols: list[str]) -> list[dict[str, Any]]:

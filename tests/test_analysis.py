@@ -465,3 +465,18 @@ def test_load_search_reads_a_sqlite_store_and_logs_the_report(tmp_path: Path) ->
         load_search("lonely", uri)
     with pytest.raises(AnalysisError, match="no MLflow store"):
         load_search("fake-search", f"sqlite:///{tmp_path / 'nowhere.db'}")
+
+
+def test_summary_configs_keep_their_types() -> None:
+    """A pandas column shared by several families holds NaN, so its ints arrive as floats;
+    the summary gives them back their types (and leaves an invalid config as it is)."""
+    from analysis.report import _typed
+
+    flat = {"model.block": "wukong", "model.d_model": 32.0, "model.n_tokens": 4.0,
+            "model.wukong.n_fm": 4.0, "train.lr": 0.001, "train.epochs": 1.0}
+    typed = _typed(flat)
+    assert set(typed) == set(flat)
+    assert typed["model.wukong.n_fm"] == 4 and isinstance(typed["model.wukong.n_fm"], int)
+    assert isinstance(typed["model.d_model"], int) and isinstance(typed["train.lr"], float)
+    bad = {"model.block": "no_such_block", "model.d_model": 32.0}
+    assert _typed(bad) == bad
