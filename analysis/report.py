@@ -307,30 +307,27 @@ def _with_ci(fit: Mapping[str, Any], name: str) -> str:
 def _html(runs: SearchRuns, summary: dict[str, Any], divs: list[str], out: Path,
           images: list[Path]) -> Path:
     rec = summary["recommendation"]
-    trial_rows = []
-    for key, label in (("best_overall", "best trial"), ("best_under_cap", "best under the cap")):
-        r = rec.get(key)
-        if r is None:
-            continue
-        if "error" in r:
-            trial_rows.append([label, r["error"], None, None, None, None, None])
-            continue
-        trial_rows.append([label, r.get("trial_id"), r.get("block"), r.get("best_val_logloss"),
-                           r.get("val_auc"), r.get("flops_per_example"), r.get("params_dense")])
-    size_rows = []
-    for key, label in (("compute_optimal", "no serving cap"),
-                       ("compute_optimal_under_cap", "under the serving cap")):
-        r = rec.get(key)
-        if r is None:
-            continue
-        if "error" in r:
-            size_rows.append([label, r["error"], None, None, None, None, None])
-            continue
-        ci = r["ci95"]
-        size_rows.append([label, r["budget_flops"],
-                          _val_ci(r["flops_per_example"], ci["flops_per_example"]),
-                          _val_ci(r["examples"], ci["examples"]),
-                          r["predicted_val_logloss"], r["limited_by"], r["warning"]])
+
+    def rows(pairs: tuple[tuple[str, str], ...], cells: Any) -> list[list[Any]]:
+        """One table row per present recommendation; an error fills the row's 2nd cell."""
+        out = []
+        for key, label in pairs:
+            r = rec.get(key)
+            if r is not None:
+                out.append([label, r["error"], None, None, None, None, None] if "error" in r
+                           else [label, *cells(r)])
+        return out
+
+    trial_rows = rows((("best_overall", "best trial"), ("best_under_cap", "best under the cap")),
+                      lambda r: [r.get("trial_id"), r.get("block"), r.get("best_val_logloss"),
+                                 r.get("val_auc"), r.get("flops_per_example"),
+                                 r.get("params_dense")])
+    size_rows = rows((("compute_optimal", "no serving cap"),
+                      ("compute_optimal_under_cap", "under the serving cap")),
+                     lambda r: [r["budget_flops"],
+                                _val_ci(r["flops_per_example"], r["ci95"]["flops_per_example"]),
+                                _val_ci(r["examples"], r["ci95"]["examples"]),
+                                r["predicted_val_logloss"], r["limited_by"], r["warning"]])
     fits = summary["fits"]
     fit_rows = []
     named = [("L(C), compute frontier", fits["power_law"]["frontier"])]

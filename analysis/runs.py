@@ -22,12 +22,13 @@ import ast
 import json
 import math
 import os
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+
+from trainers.experiment import flatten
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -62,16 +63,6 @@ class SearchRuns:
     parent_run_id: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     tracking_uri: str | None = None
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _parse_param(text: str) -> Any:
@@ -192,7 +183,7 @@ def _trial_row(run: Run) -> dict[str, Any]:
         except json.JSONDecodeError:
             typed = {}  # a truncated tag: the params (the contract) already hold the config
         if isinstance(typed, dict):
-            config.update(_flatten(typed))
+            config.update(flatten(typed))
     row.update(config)
     if row["block"] is None and isinstance(config.get("model.block"), str):
         row["block"] = config["model.block"]

@@ -29,6 +29,7 @@ from search.tracking import (
 )
 from spaces.search_space import SearchSpace, bundled_space, load_space
 from trainers.data import EncodedDataset, load_dataset
+from trainers.experiment import flatten
 
 __all__ = ["SearchError", "SearchOutcome", "ensure_feasible", "resolve_space", "run_search"]
 
@@ -154,7 +155,7 @@ def _trial_table(results: Any, check: ConfigCheck, run_ids: dict[str, str]) -> p
                     "mlflow_run_id": run_ids.get(trial.trial_id, "")})
         row.update({k: metrics[k] for k in _RESULT_COLUMNS if k in metrics})
         row["trial_id"] = trial.trial_id
-        row["error"] = _first_line(trial.error_file) if error else ""
+        row["error"] = _error_message(trial.error_file) if error else ""
         rows.append(row)
     if never_started:
         log.info("%d trial(s) were still pending when the budget ran out; they never ran",
@@ -162,7 +163,7 @@ def _trial_table(results: Any, check: ConfigCheck, run_ids: dict[str, str]) -> p
     return pd.DataFrame(rows)
 
 
-def _first_line(error_file: str | None) -> str:
+def _error_message(error_file: str | None) -> str:
     """The last line of a trial's error file (the exception's message), or a default."""
     if not error_file:
         return "error"
@@ -235,7 +236,7 @@ def run_search(
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    params = {f"search.{k}": v for k, v in _flat(_settings_record(cfg)).items()}
+    params = {f"search.{k}": v for k, v in flatten(_settings_record(cfg)).items()}
     params.update({f"space.{k}": _describe(v) for k, v in space.dimensions().items()})
     params["data.fingerprint"] = ds.fingerprint
     exp_id, parent_id, _ = find_or_create_parent(
@@ -332,12 +333,6 @@ def run_search(
                                              for n, rss in memory.samples])
     return SearchOutcome(cfg.name, trials, spent, cfg.budget_flops, uri, exp_id, parent_id,
                          str(exp_path), len(searcher.rejected), memory.samples, wall)
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    from trainers.experiment import flatten
-
-    return flatten(tree, prefix)
 
 
 def _describe(knob: Any) -> str:
