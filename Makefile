@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 lint: setup
-	$(VENV)/bin/ruff check spaces trainers search analysis tests bench
+	$(VENV)/bin/ruff check spaces trainers search analysis recscale tests bench
 
 typecheck: setup
 	$(VENV)/bin/mypy

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from trainers.contracts import UserError
 from trainers.experiment import flatten
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ HISTORY_METRICS = ("val_logloss", "val_auc", "val_ne", "train_loss", "examples_s
 ID_COLUMNS = ("run_id", "trial_id", "block")
 
 
-class AnalysisError(ValueError):
+class AnalysisError(UserError):
     """An analysis that cannot be made; the message is one line."""
 
 

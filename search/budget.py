@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 from ray import tune
 
+from trainers.contracts import TIME_ATTR
+
 __all__ = ["BudgetPolicy", "BudgetStopper"]
 
 Decision = Literal["start", "wait", "done"]
@@ -73,8 +75,8 @@ class BudgetStopper(tune.Stopper, tune.Callback):
         return sum(self.spent.values())
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        if "train_flops" in result:
-            self.spent[trial_id] = float(result["train_flops"])
+        if TIME_ATTR in result:
+            self.spent[trial_id] = float(result[TIME_ATTR])
         return self.total >= self.budget_flops
 
     def stop_all(self) -> bool:
@@ -82,6 +84,6 @@ class BudgetStopper(tune.Stopper, tune.Callback):
 
     def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
         for trial in trials:  # restored trials carry their spend in last_result
-            flops = (trial.last_result or {}).get("train_flops")
+            flops = (trial.last_result or {}).get(TIME_ATTR)
             if flops is not None:
                 self.spent[trial.trial_id] = max(self.spent.get(trial.trial_id, 0.0), float(flops))

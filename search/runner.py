@@ -18,20 +18,42 @@ import pandas as pd
 
 from search.budget import BudgetPolicy, BudgetStopper
 from search.checks import ConfigCheck
+from search.monitor import DriverMemory
 from search.resources import TrialResources
-from search.settings import SearchConfig, asha_milestones
-from search.tracking import (
-    TrialStatusCallback,
-    child_runs,
-    default_tracking_uri,
-    end_parent,
-    find_or_create_parent,
-)
+from search.schedulers import make_scheduler, scheduler_milestones
+from search.settings import SearchConfig
+from search.tracking import TrialStatusCallback
 from spaces.search_space import SearchSpace, bundled_space, load_space
+from trainers.contracts import (
+    METRICS,
+    OBJECTIVE,
+    OBJECTIVE_MODE,
+    SECONDARY_OBJECTIVE,
+    STEP_AXIS,
+    TAG_CONFIG,
+    TAG_DATA_FINGERPRINT,
+    TAG_STORAGE,
+    TIME_ATTR,
+    UserError,
+    default_tracking_uri,
+)
 from trainers.data import EncodedDataset, load_dataset
 from trainers.experiment import flatten
+from trainers.tracking import child_runs, end_run, find_or_create_parent
 
-__all__ = ["SearchError", "SearchOutcome", "ensure_feasible", "resolve_space", "run_search"]
+__all__ = [
+    "SearchError",
+    "SearchOutcome",
+    "SearchPlan",
+    "Tracking",
+    "build_tuner",
+    "collect_outcome",
+    "ensure_feasible",
+    "open_tracking",
+    "plan_search",
+    "resolve_space",
+    "run_search",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +63,7 @@ _RESUME_KEYS = ("space", "data", "budget_flops", "trial_flops", "max_flops_per_e
                 "grace_flops", "reduction_factor", "searcher", "scheduler", "objective", "seed")
 
 
-class SearchError(ValueError):
+class SearchError(UserError):
     """A search that cannot run as asked; the message is one line."""
 
 
@@ -62,9 +84,9 @@ class SearchOutcome:
     wall_seconds: float
 
     def best(self, n: int = 10) -> pd.DataFrame:
-        if self.trials.empty or "val_logloss" not in self.trials:
+        if self.trials.empty or OBJECTIVE not in self.trials:
             return self.trials
-        return self.trials.sort_values("val_logloss").head(n)
+        return self.trials.sort_values(OBJECTIVE, ascending=OBJECTIVE_MODE == "min").head(n)
 
 
 def resolve_space(space: str) -> Path:
@@ -124,34 +146,31 @@ def _check_resume(path: Path, cfg: SearchConfig) -> None:
 
 
 _RESULT_COLUMNS = (
-        "trial_id", "val_logloss", "val_auc", "val_ne", "train_loss", "train_flops",
-        "examples_seen", "flops_per_example", "params_dense", "params_embedding",
-        "examples_per_s", "peak_rss_mb", "trial_seconds", "trial_status", "mlflow_run_id", "device", "gpu_share", "gpu_ids",
+        "trial_id", *METRICS, "peak_rss_mb", "trial_seconds", "trial_status", "mlflow_run_id", "device", "gpu_share", "gpu_ids",
         "node_id", "message")
 
 
-def _trial_table(results: Any, check: ConfigCheck, run_ids: dict[str, str]) -> pd.DataFrame:
+def _trial_table(trials: list[Any], check: ConfigCheck, run_ids: dict[str, str]) -> pd.DataFrame:
     """One row per trial that started: its config (dotted keys) and last reported metrics.
 
-    Built from Tune's in-memory trials, so it needs no per-trial result files. The config
+    Built from Tune's trials (``ExperimentAnalysis.trials``), so it needs no per-trial
+    result files. The config
     comes from the trial, not from its last result (``Result.config`` is empty until a
     trial reports): a trial that failed or was stopped before its first report still has
     a row, with its analytic ``flops_per_example``, ``train_flops = 0`` and its MLflow run
     (``run_ids``: trial id -> child run id). A trial the budget ended while it was still
     pending never ran and has no MLflow run; it is left out (and counted in the log).
     """
-    analysis = getattr(results, "_experiment_analysis", None)
-    trials = list(analysis.trials) if analysis is not None else []
     rows, never_started = [], 0
     for trial in trials:
-        metrics = dict(trial.run_metadata.last_result or {})
+        metrics = dict(trial.last_result or {})
         error = trial.status == "ERROR"
-        if "train_flops" not in metrics and not error and trial.trial_id not in run_ids:
+        if TIME_ATTR not in metrics and not error and trial.trial_id not in run_ids:
             never_started += 1
             continue
         row = {k: v for k, v in (trial.config or {}).items()}
-        row.update({"flops_per_example": check.try_flops(row), "train_flops": 0.0,
-                    "examples_seen": 0.0, "trial_status": "running",
+        row.update({"flops_per_example": check.try_flops(row), TIME_ATTR: 0.0,
+                    STEP_AXIS: 0.0, "trial_status": "running",
                     "mlflow_run_id": run_ids.get(trial.trial_id, "")})
         row.update({k: metrics[k] for k in _RESULT_COLUMNS if k in metrics})
         row["trial_id"] = trial.trial_id
@@ -174,6 +193,205 @@ def _error_message(error_file: str | None) -> str:
     return lines[-1] if lines else "error"
 
 
+@dataclass(frozen=True)
+class SearchPlan:
+    """Everything decided before Ray starts: space, data, feasibility, budget rule."""
+
+    cfg: SearchConfig
+    space_path: Path
+    space: SearchSpace
+    exp_path: Path
+    restoring: bool
+    dataset: EncodedDataset
+    check: ConfigCheck
+    milestones: tuple[float, ...]
+    policy: BudgetPolicy
+
+    @property
+    def storage_path(self) -> Path:
+        return self.exp_path.parent
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """The search's MLflow coordinates."""
+
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def plan_search(cfg: SearchConfig, storage: str | os.PathLike[str] | None = None,
+                resume: Literal["auto", "always", "never"] = "auto",
+                dataset: EncodedDataset | None = None) -> SearchPlan:
+    """Step 1: validate everything that can be checked without Ray or MLflow.
+
+    Raises ``SearchError`` (one line) for a space with no feasible config, a budget
+    that cannot pay one trial, or a resume that does not match the stored search.
+    """
+    from ray import tune
+
+    space_path = resolve_space(cfg.space)
+    space = load_space(space_path)
+    storage_path = Path(storage or "recscale_runs").absolute()
+    exp_path = storage_path / cfg.name
+    restoring = tune.Tuner.can_restore(str(exp_path))
+    if restoring and resume == "never":
+        raise SearchError(f"search {cfg.name!r} already exists in {storage_path}; "
+                          "pass --resume or choose another --name")
+    if not restoring and resume == "always":
+        raise SearchError(f"no interrupted search {cfg.name!r} in {storage_path} to resume")
+    if restoring:
+        _check_resume(exp_path, cfg)
+    ds = dataset if dataset is not None else load_dataset(cfg.data)
+    trial_flops = cfg.trial_budget
+    check = ConfigCheck(cfg.data, ds.spec, cfg.max_flops_per_example, trial_flops)
+    ensure_feasible(space, check, cfg.seed)
+    milestones, admission = scheduler_milestones(cfg)
+    if cfg.budget_flops < admission:
+        raise SearchError(f"budget_flops={cfg.budget_flops:.3g} cannot pay one trial's "
+                          f"first {admission:.3g} FLOPs")
+    policy = BudgetPolicy(cfg.budget_flops, admission, tuple(milestones))
+    return SearchPlan(cfg, space_path, space, exp_path, restoring, ds, check,
+                      tuple(milestones), policy)
+
+
+def open_tracking(plan: SearchPlan, tracking_uri: str | None) -> Tracking:
+    """Step 2: the search's experiment and parent run (found again on resume)."""
+    from mlflow.tracking import MlflowClient
+
+    cfg, ds = plan.cfg, plan.dataset
+    uri = default_tracking_uri(tracking_uri)
+    client = MlflowClient(uri)
+    params = {f"search.{k}": v for k, v in flatten(_settings_record(cfg)).items()}
+    params.update({f"space.{k}": _describe(v) for k, v in plan.space.dimensions().items()})
+    params["data.fingerprint"] = ds.fingerprint
+    exp_id, parent_id, _ = find_or_create_parent(
+        client, cfg.name, params, tags={TAG_DATA_FINGERPRINT: ds.fingerprint,
+                                        TAG_STORAGE: str(plan.exp_path),
+                                        TAG_CONFIG: cfg.model_dump_json()})
+    client.log_artifact(parent_id, str(plan.space_path))
+    return Tracking(uri, exp_id, parent_id)
+
+
+def build_tuner(plan: SearchPlan, tracking: Tracking, verbose: int = 1) -> Any:
+    """Step 3: the ``tune.Tuner`` (fresh, or restored with its pickled searcher,
+    scheduler and callbacks: on resume those come from the stored search, not from
+    here)."""
+    import ray
+    from ray import tune
+
+    from search.trainable import TrialContext, run_trial, share_dataset
+
+    cfg, check = plan.cfg, plan.check
+    use_gpus = cfg.resources.gpus == "on" or (
+        cfg.resources.gpus == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    ctx = TrialContext(
+        search=cfg.name, data=cfg.data, trial_flops=cfg.trial_budget,
+        milestones=plan.milestones,
+        report_every_flops=min(cfg.grace, cfg.trial_budget) / cfg.reports_per_grace,
+        eval_max_examples=cfg.eval_max_examples, tracking_uri=tracking.uri,
+        experiment_id=tracking.experiment_id, parent_run_id=tracking.parent_run_id,
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, ctx=ctx, data=share_dataset(plan.dataset)),
+        TrialResources(cfg.resources, use_gpus, check.flops),
+    )
+    if plan.restoring:
+        return tune.Tuner.restore(str(plan.exp_path), trainable=trainable,
+                                  resume_unfinished=True, resume_errored=True)
+    stopper = BudgetStopper(cfg.budget_flops)
+    callbacks = [stopper, TrialStatusCallback(tracking.uri, tracking.experiment_id,
+                                              tracking.parent_run_id),
+                 DriverMemory(tracking.uri, tracking.parent_run_id)]
+    run_config = tune.RunConfig(
+        name=cfg.name, storage_path=str(plan.storage_path), stop=stopper,
+        callbacks=callbacks,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        failure_config=tune.FailureConfig(max_failures=2),
+        progress_reporter=_reporter() if verbose >= 1 else None,
+        verbose=verbose,
+    )
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=make_searcher(plan), scheduler=make_scheduler(cfg),
+                                    num_samples=-1, max_concurrent_trials=cfg.max_concurrent,
+                                    reuse_actors=cfg.reuse_actors),
+        run_config=run_config,
+    )
+
+
+def make_searcher(plan: SearchPlan) -> Any:
+    """The budgeted OptunaSearch over ``plan.space``: TPE on the objective, or NSGA-II
+    on (objective, serving cost) with ``objective="multi"``."""
+    from search.searcher import BudgetedOptunaSearch, create_sampler
+
+    cfg = plan.cfg
+    multi = cfg.objective == "multi"
+    return BudgetedOptunaSearch(
+        space=plan.space.suggest, feasibility=plan.check, policy=plan.policy,
+        metric=[OBJECTIVE, SECONDARY_OBJECTIVE] if multi else OBJECTIVE,
+        mode=[OBJECTIVE_MODE, "min"] if multi else OBJECTIVE_MODE,
+        sampler=create_sampler(cfg.searcher, cfg.seed, multi),
+        # every family gets a trial before the sampler focuses (the rest of each
+        # point is sampled; an infeasible draw is re-drawn with the family kept)
+        points_to_evaluate=[{"model.block": f} for f in plan.space.families],
+    )
+
+
+def _reporter() -> Any:
+    from ray import tune
+
+    return tune.CLIReporter(
+        parameter_columns={"model.block": "block", "model.d_model": "D",
+                           "model.n_layers": "L", "model.n_tokens": "T"},
+        metric_columns={OBJECTIVE: OBJECTIVE, "val_auc": "auc",
+                        TIME_ATTR: TIME_ATTR, "flops_per_example": "flops/ex"},
+        max_report_frequency=30, sort_by_metric=True, metric=OBJECTIVE, mode=OBJECTIVE_MODE,
+    )
+
+
+def collect_outcome(plan: SearchPlan, tracking: Tracking, wall: float) -> SearchOutcome:
+    """Step 5: the outcome, read from what the search stored (Tune's experiment state,
+    the searcher's saved state, MLflow), never from objects built in this process, so a
+    resumed search reports the whole search."""
+    from mlflow.tracking import MlflowClient
+    from ray.tune import ExperimentAnalysis
+
+    client = MlflowClient(tracking.uri)
+    analysis = ExperimentAnalysis(str(plan.exp_path))
+    trials = _trial_table(analysis.trials, plan.check,
+                          child_runs(client, tracking.experiment_id, tracking.parent_run_id))
+    spent = float(trials[TIME_ATTR].fillna(0).sum()) if TIME_ATTR in trials else 0.0
+    best = (float(trials[OBJECTIVE].min()) if OBJECTIVE in trials and len(trials)
+            else float("nan"))
+    rejected = rejected_samples(plan)
+    memory = [(int(m.step), float(m.value))
+              for m in client.get_metric_history(tracking.parent_run_id, DriverMemory.METRIC)]
+    # wall time of the whole search: this segment plus the segments before a resume
+    previous = client.get_run(tracking.parent_run_id).data.metrics.get("wall_seconds", 0.0)
+    total_wall = wall + (previous if plan.restoring else 0.0)
+    end_run(client, tracking.parent_run_id, "FINISHED", {
+        "spent_flops": spent, "budget_flops": plan.cfg.budget_flops,
+        "n_trials": float(len(trials)), "best_val_logloss": best,
+        "rejected_samples": float(rejected), "wall_seconds": total_wall,
+    })
+    return SearchOutcome(plan.cfg.name, trials, spent, plan.cfg.budget_flops, tracking.uri,
+                         tracking.experiment_id, tracking.parent_run_id, str(plan.exp_path),
+                         rejected, sorted(memory), total_wall)
+
+
+def rejected_samples(plan: SearchPlan) -> int:
+    """Samples the searcher rejected as infeasible, over the whole search: read back
+    from the searcher state Tune saved at the end (``Searcher.restore_from_dir``)."""
+    searcher = make_searcher(plan)
+    try:
+        searcher.restore_from_dir(str(plan.exp_path))
+    except (FileNotFoundError, RuntimeError):
+        return 0
+    return len(searcher.rejected)
+
+
 def run_search(
     cfg: SearchConfig,
     tracking_uri: str | None = None,
@@ -184,6 +402,9 @@ def run_search(
     dataset: EncodedDataset | None = None,
 ) -> SearchOutcome:
     """Run (or resume) the search ``cfg`` describes and return its outcome.
+
+    The steps: :func:`plan_search` (no Ray, no MLflow), :func:`open_tracking`, start Ray,
+    :func:`build_tuner`, ``fit``, :func:`collect_outcome`.
 
     Args:
         cfg: the search settings.
@@ -199,140 +420,25 @@ def run_search(
     """
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from search.searcher import BudgetedOptunaSearch, make_sampler
-    from search.trainable import TrialContext, run_trial, share_dataset
-
-    space_path = resolve_space(cfg.space)
-    space = load_space(space_path)
-    storage_path = Path(storage or "recscale_runs").absolute()
-    exp_path = storage_path / cfg.name
-    restoring = tune.Tuner.can_restore(str(exp_path))
-    if restoring and resume == "never":
-        raise SearchError(f"search {cfg.name!r} already exists in {storage_path}; "
-                          "pass --resume or choose another --name")
-    if not restoring and resume == "always":
-        raise SearchError(f"no interrupted search {cfg.name!r} in {storage_path} to resume")
-    if restoring:
-        _check_resume(exp_path, cfg)
-
-    ds = dataset if dataset is not None else load_dataset(cfg.data)
-    trial_flops = cfg.trial_budget
-    check = ConfigCheck(cfg.data, ds.spec, cfg.max_flops_per_example, trial_flops)
-    ensure_feasible(space, check, cfg.seed)
-    if cfg.scheduler == "asha":
-        milestones = asha_milestones(cfg.grace, cfg.reduction_factor, trial_flops)
-        admission = cfg.grace
-    else:
-        milestones, admission = [trial_flops], trial_flops
-    if cfg.budget_flops < admission:
-        raise SearchError(f"budget_flops={cfg.budget_flops:.3g} cannot pay one trial's "
-                          f"first {admission:.3g} FLOPs")
-    policy = BudgetPolicy(cfg.budget_flops, admission, tuple(milestones))
-
-    uri = default_tracking_uri(tracking_uri)
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    params = {f"search.{k}": v for k, v in flatten(_settings_record(cfg)).items()}
-    params.update({f"space.{k}": _describe(v) for k, v in space.dimensions().items()})
-    params["data.fingerprint"] = ds.fingerprint
-    exp_id, parent_id, _ = find_or_create_parent(
-        client, cfg.name, params, tags={"recscale.data_fingerprint": ds.fingerprint,
-                                        "recscale.storage": str(exp_path),
-                                        "recscale.config": cfg.model_dump_json()})
-    client.log_artifact(parent_id, str(space_path))
-
+    plan = plan_search(cfg, storage, resume, dataset)
+    tracking = open_tracking(plan, tracking_uri)
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=verbose > 1,
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local",
+                 include_dashboard=False, log_to_driver=verbose > 1,
                  logging_level=logging.WARNING if verbose < 2 else logging.INFO)
-    use_gpus = cfg.resources.gpus == "on" or (
-        cfg.resources.gpus == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-
-    ctx = TrialContext(
-        search=cfg.name, data=cfg.data, trial_flops=trial_flops,
-        milestones=tuple(milestones),
-        report_every_flops=min(cfg.grace, trial_flops) / cfg.reports_per_grace,
-        eval_max_examples=cfg.eval_max_examples, tracking_uri=uri,
-        experiment_id=exp_id, parent_run_id=parent_id,
-    )
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, ctx=ctx, data=share_dataset(ds)),
-        TrialResources(cfg.resources, use_gpus, check.flops),
-    )
-    from search.monitor import DriverMemory
-
-    memory = DriverMemory()
-    stopper = BudgetStopper(cfg.budget_flops)
-    status_cb = TrialStatusCallback(uri, exp_id, parent_id)
-    multi = cfg.objective == "multi"
-    searcher = BudgetedOptunaSearch(
-        space=space.suggest, feasibility=check, policy=policy,
-        metric=["val_logloss", "flops_per_example"] if multi else "val_logloss",
-        mode=["min", "min"] if multi else "min",
-        sampler=make_sampler(cfg.searcher, cfg.seed, multi),
-        # every family gets a trial before the sampler focuses (the rest of each
-        # point is sampled; an infeasible draw is re-drawn with the family kept)
-        points_to_evaluate=[{"model.block": f} for f in space.families],
-    )
-    scheduler = (ASHAScheduler(time_attr="train_flops", metric="val_logloss", mode="min",
-                               max_t=trial_flops, grace_period=cfg.grace,  # type: ignore[arg-type]
-                               reduction_factor=cfg.reduction_factor)
-                 if cfg.scheduler == "asha" else FIFOScheduler())
-    reporter = tune.CLIReporter(
-        parameter_columns={"model.block": "block", "model.d_model": "D",
-                           "model.n_layers": "L", "model.n_tokens": "T"},
-        metric_columns={"val_logloss": "val_logloss", "val_auc": "auc",
-                        "train_flops": "train_flops", "flops_per_example": "flops/ex"},
-        max_report_frequency=30, sort_by_metric=True, metric="val_logloss", mode="min",
-    )
-    run_config = tune.RunConfig(
-        name=cfg.name, storage_path=str(storage_path), stop=stopper,
-        callbacks=[stopper, status_cb, memory],
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        failure_config=tune.FailureConfig(max_failures=2),
-        progress_reporter=reporter if verbose >= 1 else None,
-        verbose=verbose,
-    )
-    if restoring:
-        tuner = tune.Tuner.restore(str(exp_path), trainable=trainable,
-                                   resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                        num_samples=-1,
-                                        max_concurrent_trials=cfg.max_concurrent,
-                                        reuse_actors=cfg.reuse_actors),
-            run_config=run_config,
-        )
-    exp_path.mkdir(parents=True, exist_ok=True)
-    (exp_path / SETTINGS_FILE).write_text(json.dumps(_settings_record(cfg), indent=2))
+    tuner = build_tuner(plan, tracking, verbose)
+    plan.exp_path.mkdir(parents=True, exist_ok=True)
+    (plan.exp_path / SETTINGS_FILE).write_text(json.dumps(_settings_record(cfg), indent=2))
     t0 = time.perf_counter()
     try:
-        results = tuner.fit()
+        tuner.fit()
     except BaseException:
-        end_parent(uri, parent_id, "KILLED", {})
-        raise
-    wall = time.perf_counter() - t0
-    trials = _trial_table(results, check, child_runs(client, exp_id, parent_id))
-    spent = float(trials["train_flops"].fillna(0).sum()) if "train_flops" in trials else 0.0
-    best = float(trials["val_logloss"].min()) if "val_logloss" in trials and len(trials) else float("nan")
-    end_parent(uri, parent_id, "FINISHED", {
-        "spent_flops": spent, "budget_flops": cfg.budget_flops, "n_trials": float(len(trials)),
-        "best_val_logloss": best, "rejected_samples": float(len(searcher.rejected)),
-        "wall_seconds": wall,
-    })
-    if memory.samples:
-        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
 
-        now = int(time.time() * 1000)
-        client.log_batch(parent_id, metrics=[Metric("driver_rss_mb", rss, now, n)
-                                             for n, rss in memory.samples])
-    return SearchOutcome(cfg.name, trials, spent, cfg.budget_flops, uri, exp_id, parent_id,
-                         str(exp_path), len(searcher.rejected), memory.samples, wall)
+        end_run(MlflowClient(tracking.uri), tracking.parent_run_id, "KILLED")
+        raise
+    return collect_outcome(plan, tracking, time.perf_counter() - t0)
 
 
 def _describe(knob: Any) -> str:

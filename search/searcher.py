@@ -18,8 +18,9 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from search.budget import BudgetPolicy
+from trainers.contracts import TIME_ATTR, UserError
 
-__all__ = ["BudgetedOptunaSearch", "Feasibility", "make_sampler"]
+__all__ = ["SAMPLERS", "BudgetedOptunaSearch", "Feasibility", "create_sampler"]
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +30,33 @@ Feasibility = Callable[[dict[str, Any]], tuple[bool, float, str]]
 MAX_RESAMPLES = 500
 
 
-def make_sampler(kind: str, seed: int, multi_objective: bool = False) -> optuna.samplers.BaseSampler:
-    """TPE (default; multivariate, grouped so conditional knobs are modelled jointly),
-    NSGA-II for the multi-objective mode, or plain random sampling."""
-    if kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
+def _tpe(seed: int, multi_objective: bool) -> optuna.samplers.BaseSampler:
+    """TPE, multivariate and grouped so conditional knobs are modelled jointly; NSGA-II
+    when there are two objectives."""
     if multi_objective:
         return optuna.samplers.NSGAIISampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=6, multivariate=True,
                                       group=True, constant_liar=True)
+
+
+def _random(seed: int, multi_objective: bool) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+#: name -> Optuna sampler factory ``(seed, multi_objective) -> sampler``
+SAMPLERS: dict[str, Callable[[int, bool], optuna.samplers.BaseSampler]] = {
+    "tpe": _tpe,
+    "random": _random,
+}
+
+
+def create_sampler(kind: str, seed: int, multi_objective: bool = False) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler registered as ``kind``; an unknown name lists the valid ones."""
+    try:
+        factory = SAMPLERS[kind]
+    except KeyError:
+        raise UserError(f"unknown searcher {kind!r}; valid: {', '.join(sorted(SAMPLERS))}") from None
+    return factory(seed, multi_objective)
 
 
 class BudgetedOptunaSearch(OptunaSearch):
@@ -59,6 +78,11 @@ class BudgetedOptunaSearch(OptunaSearch):
         self._live: set[str] = set()
         self.rejected: list[str] = []
 
+    # Private attributes used below, for want of a public API (checked against ray 2.60.0
+    # and optuna 5.0.0; tests/test_private_apis.py fails loudly if they change):
+    # OptunaSearch._ot_trials (trial id -> optuna Trial) and OptunaSearch._ot_study, to
+    # tell Optuna a rejected sample as PRUNED; optuna Trial._trial_id, to read the
+    # enqueued point's "fixed_params" system attribute and enqueue it again.
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
         if trial_id not in self._ot_trials:
             decision = self._policy.decide(self._spent, self._live)
@@ -87,14 +111,14 @@ class BudgetedOptunaSearch(OptunaSearch):
         return Searcher.FINISHED
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        if "train_flops" in result:
-            self._spent[trial_id] = float(result["train_flops"])
+        if TIME_ATTR in result:
+            self._spent[trial_id] = float(result[TIME_ATTR])
         super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
                           error: bool = False) -> None:
-        if result and "train_flops" in result:
-            self._spent[trial_id] = float(result["train_flops"])
+        if result and TIME_ATTR in result:
+            self._spent[trial_id] = float(result[TIME_ATTR])
         self._live.discard(trial_id)
         super().on_trial_complete(trial_id, result=result, error=error)
 

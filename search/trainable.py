@@ -22,6 +22,7 @@ import torch
 from ray import tune
 
 from spaces import FeatureSpec, model_cost
+from trainers.contracts import OBJECTIVE, STEP_AXIS, TIME_ATTR
 from trainers.data import DataConfig
 from trainers.experiment import experiment_from_flat
 from trainers.loop import train
@@ -106,7 +107,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
 
     tracker = None
     if ctx.tracking_uri and ctx.experiment_id and ctx.parent_run_id:
-        from search.tracking import TrialTracker
+        from trainers.tracking import TrialTracker
 
         tracker = TrialTracker(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id,
                                trial_id, exp.model.block, exp.flat(), ctx.search,
@@ -126,11 +127,11 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
     }
 
     def report(metrics: dict[str, float], state: Any) -> bool:
-        done = metrics["examples_seen"] >= max_examples
+        done = metrics[STEP_AXIS] >= max_examples
         metrics = {**metrics, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    "trial_seconds": time.perf_counter() - started}
         if tracker is not None:
-            tracker.log(metrics, step=int(metrics["examples_seen"]))
+            tracker.log(metrics)
         with tempfile.TemporaryDirectory() as d:
             torch.save(state(), os.path.join(d, STATE_FILE))
             tune.report({**metrics, **extra, "trial_status": "completed" if done else "running"},
@@ -141,7 +142,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
                    report=report, resume=resume, eval_at=eval_at, device=device)
     if result.status == "diverged":
         last = result.history[-1] if result.history else {
-            "val_logloss": float("inf"), "train_flops": 0.0, "examples_seen": 0.0}
+            OBJECTIVE: float("inf"), TIME_ATTR: 0.0, STEP_AXIS: 0.0}
         tune.report({**last, **extra, "trial_status": "diverged", "message": result.message})
     if tracker is not None:
         tracker.flush()

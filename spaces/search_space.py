@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from spaces.blocks import get_block
+from spaces.errors import UserError
 from spaces.model import ModelConfig
 
 __all__ = [
@@ -51,7 +52,7 @@ __all__ = [
 SPACES_DIR = Path(__file__).parent
 
 
-class SpaceError(ValueError):
+class SpaceError(UserError):
     """A search-space file that cannot be used; the message is one line."""
 
 

@@ -347,7 +347,7 @@ class _Cluster:
             shutil.rmtree(self.raytmp, ignore_errors=True)
 
     def submit(self, *args: str, wait: bool = True) -> subprocess.CompletedProcess[str]:
-        return _job_submit(self.dashboard, [sys.executable, "-m", "search.cli", "search", *args],
+        return _job_submit(self.dashboard, [sys.executable, "-m", "recscale", "search", *args],
                            self.env, wait)
 
     def job_status(self, job_id: str) -> str:

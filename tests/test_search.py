@@ -123,6 +123,25 @@ def test_mlflow_layout(unified) -> None:
         assert [m.step for m in seen] == [int(m.value) for m in seen]
 
 
+def test_rerun_of_a_finished_search_reports_the_whole_search(unified, dataset) -> None:
+    """Resuming restores Tune's pickled searcher and callbacks: what the outcome and the
+    parent run report must come from them (or MLflow), not from objects built afresh."""
+    cfg, out = unified
+    assert out.rejected_samples > 0  # the cap rejects part of the unified space
+    assert [n for n, _ in out.driver_rss_mb] == sorted({n for n, _ in out.driver_rss_mb})
+    assert len(out.driver_rss_mb) >= 1
+    again = run_search(cfg, tracking_uri=out.tracking_uri, storage=Path(out.storage_path).parent,
+                       resume="always", verbose=0, dataset=dataset)
+    assert again.parent_run_id == out.parent_run_id
+    assert again.rejected_samples == out.rejected_samples
+    assert again.driver_rss_mb == out.driver_rss_mb  # the same series, nothing logged twice
+    assert set(again.trials["trial_id"]) == set(out.trials["trial_id"])
+    assert again.spent_flops == pytest.approx(out.spent_flops)
+    parent = MlflowClient(out.tracking_uri).get_run(out.parent_run_id)
+    assert parent.data.metrics["rejected_samples"] == out.rejected_samples
+    assert parent.data.metrics["wall_seconds"] >= out.wall_seconds
+
+
 def test_gpu_share_grows_with_flops(unified) -> None:
     cfg, out = unified
     t = out.trials[out.trials["train_flops"] > 0]  # placement is reported with results
@@ -137,7 +156,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path) -> None:
     bad_yaml.write_text("families: [tokenmixer\nmodel: {")
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("families: [tokenmixer, hyperformer]\n")
-    base = [sys.executable, "-m", "search.cli", "search", "--data", "synthetic",
+    base = [sys.executable, "-m", "recscale", "search", "--data", "synthetic",
             "--max-rows", "2000", "--name", "bad", "--storage", str(tmp_path / "ray"),
             "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
     cases = {
@@ -155,7 +174,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path) -> None:
 
 
 def _search_cmd(tmp: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "search.cli", "search", "--space", "unified", "--data",
+    return [sys.executable, "-m", "recscale", "search", "--space", "unified", "--data",
             "synthetic", "--max-rows", "6000", "--name", "resume-test",
             "--budget-flops", "5e10", "--trial-flops", "1e10", "--max-flops-per-example", str(CAP),
             "--storage", str(tmp / "ray"), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}",
@@ -209,11 +228,20 @@ def test_resume_after_sigkill(tmp_path) -> None:
     assert parent.info.status == "FINISHED"
     spent = parent.data.metrics["spent_flops"]
     assert spent <= 5e10 * 1.2 and not math.isnan(spent)
+    # the restored searcher's rejections and the memory series of both segments
+    assert parent.data.metrics["rejected_samples"] > 0
+    memory = [int(m.step) for m in client.get_metric_history(parent.info.run_id, "driver_rss_mb")]
+    finished = sum(r.data.tags.get("status") in {"COMPLETED", "STOPPED", "DIVERGED", "ERROR"}
+                   for r in runs if r.data.tags.get("recscale.kind") == "trial")
+    assert memory == sorted(set(memory))
+    # one sample per finished trial; trials the budget ends with the experiment have none
+    assert finished - 2 <= memory[-1] <= finished, (memory, finished)
+    assert memory[0] <= len(before), "the first segment's samples were lost on resume"
 
 
 def test_analyze_export_then_train_round_trips(unified, tmp_path) -> None:
     """The report of a real search, its exported best config, and `recscale train` on it."""
-    from analysis.cli import export_best, write_report
+    from analysis.pipeline import export_best, write_report
     from trainers.experiment import load_experiment
     from trainers.full import load_model, train_full
 

@@ -20,12 +20,7 @@ CONFIG = {"model.block": "tokenmixer", "model.d_model": 16, "model.n_tokens": 4,
 
 def _trial(trial_id: str, status: str, last_result: dict, error_file: str | None = None):
     return SimpleNamespace(trial_id=trial_id, status=status, config=dict(CONFIG),
-                           run_metadata=SimpleNamespace(last_result=last_result),
-                           error_file=error_file)
-
-
-def _results(*trials):
-    return SimpleNamespace(_experiment_analysis=SimpleNamespace(trials=list(trials)))
+                           last_result=last_result, error_file=error_file)
 
 
 def test_rows_come_from_trials_not_from_results(tmp_path) -> None:
@@ -35,12 +30,12 @@ def test_rows_come_from_trials_not_from_results(tmp_path) -> None:
     err.write_text("Failure # 1\nTraceback (most recent call last):\n  ...\nValueError: boom\n")
     reported = {"trial_id": "a", "train_flops": 5e8, "examples_seen": 1000.0,
                 "val_logloss": 0.6, "trial_status": "completed", "mlflow_run_id": "run-a"}
-    table = _trial_table(_results(
+    table = _trial_table([
         _trial("a", "TERMINATED", reported),
         _trial("b", "TERMINATED", {"trial_id": "b"}),
         _trial("c", "ERROR", {}, str(err)),
         _trial("d", "TERMINATED", {"trial_id": "d"}),
-    ), CHECK, run_ids={"a": "run-a", "b": "run-b", "c": "run-c"})
+    ], CHECK, run_ids={"a": "run-a", "b": "run-b", "c": "run-c"})
     assert list(table["trial_id"]) == ["a", "b", "c"]  # d never ran: no row
     assert (table["model.block"] == "tokenmixer").all()
     assert table["flops_per_example"].notna().all()

@@ -28,11 +28,24 @@ CONFIG = {
 
 def _run(args: list[str], tmp: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "RECSCALE_CACHE": str(tmp / "cache")}
-    return subprocess.run([sys.executable, "-m", "search.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "recscale", *args], capture_output=True,
                           text=True, timeout=300, env=env, cwd=tmp)
 
 
+def _main(args: list[str], tmp: Path, capsys: pytest.CaptureFixture[str],
+          monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
+    """The command in-process (the console script's own ``main``): no interpreter start-up."""
+    from recscale.cli import main
+
+    monkeypatch.setenv("RECSCALE_CACHE", str(tmp / "cache"))
+    monkeypatch.chdir(tmp)
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def test_train_logs_scores_and_saves_a_loadable_model(tmp_path) -> None:
+    """The real console entry point, as a person runs it."""
     cfg = tmp_path / "exp.yaml"
     cfg.write_text(yaml.safe_dump(CONFIG))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -68,18 +81,18 @@ def test_train_logs_scores_and_saves_a_loadable_model(tmp_path) -> None:
      "d_model=30 must be divisible"),
     ("model: {block: wukong}\ntrain: {lr: -1}\n", "train.lr"),
 ])
-def test_bad_configs_are_one_line(tmp_path, text: str, needle: str) -> None:
+def test_bad_configs_are_one_line(tmp_path, capsys, monkeypatch, text: str, needle: str) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(text)
-    proc = _run(["train", str(cfg), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
-                 "--no-progress"], tmp_path)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert lines and lines[-1].startswith("recscale: error:") and needle in lines[-1], lines
-    assert "Traceback" not in proc.stderr
+    code, out, err = _main(["train", str(cfg), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
+                            "--no-progress"], tmp_path, capsys, monkeypatch)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("recscale: error:") and needle in lines[0], lines
+    assert not (tmp_path / "m.db").exists(), "nothing may be logged for a config that is refused"
 
 
-def test_bad_data_file_is_one_line_naming_the_column(tmp_path) -> None:
+def test_bad_data_file_is_one_line_naming_the_column(tmp_path, capsys, monkeypatch) -> None:
     data = tmp_path / "clicks.csv"
     data.write_text("user,item,clicked\n1,2,0\n3,4,2\n5,6,1\n")
     schema = tmp_path / "schema.yaml"
@@ -87,11 +100,11 @@ def test_bad_data_file_is_one_line_naming_the_column(tmp_path) -> None:
     cfg = tmp_path / "exp.yaml"
     cfg.write_text(yaml.safe_dump({"model": {"block": "wukong"},
                                    "data": {"name": "file", "path": str(data), "schema_path": str(schema)}}))
-    proc = _run(["train", str(cfg), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
-                 "--no-progress"], tmp_path)
-    assert proc.returncode == 2
-    last = proc.stderr.strip().splitlines()[-1]
-    assert "clicks.csv" in last and "clicked" in last and "Traceback" not in proc.stderr
+    code, _, err = _main(["train", str(cfg), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
+                          "--no-progress"], tmp_path, capsys, monkeypatch)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1
+    assert "clicks.csv" in lines[0] and "clicked" in lines[0]
 
 
 def test_load_experiment_errors_are_config_errors(tmp_path) -> None:

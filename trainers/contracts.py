@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 from typing import Final, Literal
 
+from spaces.errors import UserError
+
 __all__ = [
     "BUDGET_ATTR",
     "UserError",
@@ -46,15 +48,6 @@ __all__ = [
     "TRIAL_STATUSES",
     "default_tracking_uri",
 ]
-
-class UserError(ValueError):
-    """A problem with what the user asked for (a file, a flag, a budget).
-
-    Every package's user-facing error derives from it, so the command line reports any
-    of them as one line ``recscale: error: ...`` and exit status 2 without importing the
-    package that raised it. The message is one line.
-    """
-
 
 # --- metrics -------------------------------------------------------------------------
 

@@ -16,13 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from spaces import ModelConfig
 from spaces.blocks import BlockDimensionError, UnknownBlockError
+from trainers.contracts import UserError
 from trainers.data import DataConfig
 from trainers.loop import TrainConfig
 
 __all__ = ["ConfigError", "ExperimentConfig", "flatten", "load_experiment", "validation_message"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that cannot be used; the message is one line naming the problem."""
 
 

@@ -25,7 +25,17 @@ from typing import Any
 
 import torch
 
-from spaces import FeatureSpec, RecModel, build_model
+from spaces import FeatureSpec, RecModel, build_model, model_cost
+from trainers.contracts import (
+    KIND_TRAIN,
+    OBJECTIVE,
+    STEP_AXIS,
+    TAG_BLOCK,
+    TAG_DATA_FINGERPRINT,
+    TAG_KIND,
+    TAG_STATUS,
+    default_tracking_uri,
+)
 from trainers.data import EncodedDataset, load_dataset
 from trainers.experiment import ExperimentConfig, load_experiment
 from trainers.loop import TrainResult, evaluate, predict_logits, train
@@ -88,56 +98,59 @@ def train_full(
     resume: bool = False,
 ) -> FullRunResult:
     """Train ``exp`` to completion, score the test split, log to MLflow, save the model."""
-    import mlflow
     from tqdm import tqdm
 
-    from search.tracking import default_tracking_uri
+    from trainers.tracking import RunWriter
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ds = dataset if dataset is not None else load_dataset(exp.data)
-    mlflow.set_tracking_uri(default_tracking_uri(tracking_uri))
-    mlflow.set_experiment(experiment_name)
+    model_cost(exp.model, ds.spec)  # a config that cannot be built fails before any run exists
     total = exp.train.total_examples(len(ds.train))
     state_path = out / CHECKPOINT
     resume_state = torch.load(state_path, weights_only=True) if resume and state_path.exists() else None
     t0 = time.perf_counter()
     block = exp.model.block
-    tags = {"recscale.kind": "train", "block": block, "data.fingerprint": ds.fingerprint}
+    tags = {TAG_KIND: KIND_TRAIN, TAG_BLOCK: block, TAG_DATA_FINGERPRINT: ds.fingerprint}
     tags.update({f"provenance.{k}": str(v)[:5000] for k, v in exp.provenance.items()})
-    with mlflow.start_run(run_name=f"train-{block}", tags=tags) as run:
-        mlflow.log_params(exp.flat())
-        bar = tqdm(total=total, unit="ex", unit_scale=True, disable=not progress,
-                   desc=f"train {block}", dynamic_ncols=True)
-        if resume_state is not None:
-            bar.update(int(resume_state["examples_seen"]))
-        last = {"seen": bar.n}
+    run = RunWriter(default_tracking_uri(tracking_uri), experiment_name, f"train-{block}",
+                    tags, exp.flat())
+    bar = tqdm(total=total, unit="ex", unit_scale=True, disable=not progress,
+               desc=f"train {block}", dynamic_ncols=True)
+    if resume_state is not None:
+        bar.update(int(resume_state[STEP_AXIS]))
+    last = {"seen": bar.n}
 
-        def on_step(seen: int, loss: float) -> None:
-            bar.update(seen - last["seen"])
-            last["seen"] = seen
+    def on_step(seen: int, loss: float) -> None:
+        bar.update(seen - last["seen"])
+        last["seen"] = seen
 
-        def report(metrics: dict[str, float], state: Any) -> bool:
-            mlflow.log_metrics(metrics, step=int(metrics["examples_seen"]))
-            torch.save(state(), state_path)
-            bar.set_postfix(val_auc=f"{metrics['val_auc']:.4f}",
-                            val_logloss=f"{metrics['val_logloss']:.4f}",
-                            ex_s=f"{metrics['examples_per_s']:.0f}")
-            return False
+    def report(metrics: dict[str, float], state: Any) -> bool:
+        run.log(metrics, step=int(metrics[STEP_AXIS]))
+        torch.save(state(), state_path)
+        bar.set_postfix(val_auc=f"{metrics['val_auc']:.4f}",
+                        val_logloss=f"{metrics[OBJECTIVE]:.4f}",
+                        ex_s=f"{metrics['examples_per_s']:.0f}")
+        return False
 
+    try:
         result: TrainResult = train(exp.model, exp.train, ds.spec, ds.train, ds.val,
                                     report=report, resume=resume_state, on_step=on_step)
+    except BaseException:
+        run.end("KILLED")
+        raise
+    finally:
         bar.close()
-        base_rate = float(ds.train.label.float().mean())
-        test = evaluate(result.model, ds.test, base_rate, prefix="test")
-        mlflow.log_metrics(test, step=int(result.metrics.get("examples_seen", 0)))
-        mlflow.set_tag("status", result.status.upper())
-        metrics = {**result.metrics, **test, "status": result.status}
-        save_model(result.model, exp, out / "model", metrics)
-        mlflow.log_artifacts(str(out / "model"), artifact_path="model")
-        run_id = run.info.run_id
+    base_rate = float(ds.train.label.float().mean())
+    test = evaluate(result.model, ds.test, base_rate, prefix="test")
+    run.log(test, step=int(result.metrics.get(STEP_AXIS, 0)))
+    run.set_tag(TAG_STATUS, result.status.upper())
+    metrics = {**result.metrics, **test, "status": result.status}
+    save_model(result.model, exp, out / "model", metrics)
+    run.log_artifacts(out / "model", artifact_path="model")
+    run.end("FINISHED")
     state_path.unlink(missing_ok=True)
-    return FullRunResult(result.status, result.metrics, test, out / "model", run_id,
+    return FullRunResult(result.status, result.metrics, test, out / "model", run.run_id,
                          time.perf_counter() - t0)
 
 

@@ -10,9 +10,7 @@ Resume is exact: the epoch permutation comes from a generator seeded with
 ``(seed, epoch)``, and the state carries model, optimiser, RNG and position, so a run
 resumed from a state ends with the same weights and metrics as one never interrupted.
 
-Metric names are the contract of ARCHITECTURE.md: ``val_logloss``, ``val_auc``,
-``val_ne``, ``train_loss``, ``examples_seen``, ``train_flops``, ``flops_per_example``,
-``params_dense``, ``params_embedding``, ``examples_per_s``.
+The metrics reported are exactly ``trainers.contracts.METRICS`` (ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -25,10 +23,10 @@ from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from spaces import FeatureSpec, ModelConfig, RecModel, build_model
+from trainers.contracts import OBJECTIVE
 
 __all__ = [
     "Metrics",
@@ -137,6 +135,8 @@ def evaluate(model: nn.Module, split: SplitLike, base_rate: float, prefix: str =
     logits = predict_logits(model, split, limit=limit)
     labels = split.label[: len(logits)]
     logloss = float(nn.functional.binary_cross_entropy_with_logits(logits, labels))
+    from sklearn.metrics import roc_auc_score  # imported here: the config path stays light
+
     y = labels.numpy()
     auc = float(roc_auc_score(y, logits.numpy())) if 0 < y.sum() < len(y) else float("nan")
     return {
@@ -282,8 +282,8 @@ def train(
             loss_sum, loss_n = 0.0, 0
             while next_eval <= seen:
                 next_eval += interval
-            if not math.isfinite(m["val_logloss"]):
-                status, message = "diverged", f"val_logloss is {m['val_logloss']} after {seen} examples"
+            if not math.isfinite(m[OBJECTIVE]):
+                status, message = "diverged", f"{OBJECTIVE} is {m[OBJECTIVE]} after {seen} examples"
                 break
             if report is not None and report(m, state):
                 status = "stopped"

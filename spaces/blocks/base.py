@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from spaces.errors import UserError
+
 
 class BlockConfig(BaseModel):
     """Base of every family's frozen, typed config: unknown keys are errors.
@@ -46,7 +48,7 @@ class BlockConfig(BaseModel):
         return value in allowed
 
 
-class BlockDimensionError(ValueError):
+class BlockDimensionError(UserError):
     """A block config that cannot be built at the given (tokens, width)."""
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from spaces.blocks.base import Block
+from spaces.errors import UserError
 
 _REGISTRY: dict[str, type[Block]] = {}
 
 
-class UnknownBlockError(ValueError):
+class UnknownBlockError(UserError):
     """An unknown block family name."""
 
 

@@ -11,7 +11,6 @@ import argparse
 import time
 from pathlib import Path
 
-from search.runner import run_search
 from search.settings import SearchConfig
 from trainers.data import DataConfig, SyntheticConfig
 
@@ -36,16 +35,16 @@ def demo_config(quick: bool) -> SearchConfig:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from analysis.cli import export_best, write_report
+    from analysis.pipeline import export_best, write_report
+    from recscale.commands import print_best
+    from search.runner import run_search
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(args.quick)
     t0 = time.perf_counter()
     outcome = run_search(cfg, tracking_uri=args.tracking_uri, storage=out / "ray", resume="auto")
-    from search.cli import _print_best
-
-    _print_best(outcome)
+    print_best(outcome)
     report_dir = write_report(cfg.name, outcome.tracking_uri, out / "report",
                               max_flops_per_example=cfg.max_flops_per_example,
                               budget_flops=cfg.budget_flops * 4)

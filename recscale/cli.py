@@ -17,16 +17,13 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, Literal
 
-__all__ = ["main"]
+from recscale import commands
+from recscale.commands import CliError
+
+__all__ = ["build_parser", "main"]
 
 EXIT_USAGE = 2
-
-
-class CliError(Exception):
-    """A one-line, user-facing error."""
 
 
 def _env_defaults() -> None:
@@ -36,120 +33,6 @@ def _env_defaults() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # trials checkpoint at every report (exact resume); Tune would warn on each snapshot
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-
-
-def _data_config(args: argparse.Namespace) -> Any:
-    from trainers.data import DataConfig
-
-    fields: dict[str, Any] = {"seed": args.data_seed}
-    data = args.data
-    if data in ("movielens-1m", "synthetic"):
-        fields["name"] = data
-    else:
-        if not args.schema:
-            raise CliError(f"--data {data}: a CSV/parquet file needs --schema SCHEMA.yaml")
-        fields.update(name="file", path=data, schema_path=args.schema)
-    if args.max_rows:
-        fields["max_rows"] = args.max_rows
-    if args.label:
-        fields["label"] = args.label
-    if args.split:
-        fields["split"] = args.split
-    return DataConfig(**fields)
-
-
-def _search_config(args: argparse.Namespace) -> Any:
-    from search.settings import ResourceConfig, SearchConfig
-
-    return SearchConfig(
-        name=args.name, space=args.space, data=_data_config(args),
-        budget_flops=args.budget_flops, trial_flops=args.trial_flops,
-        max_flops_per_example=args.max_flops_per_example, grace_flops=args.grace_flops,
-        reduction_factor=args.reduction_factor, searcher=args.searcher,
-        scheduler=args.scheduler, objective=args.objective,
-        max_concurrent=args.max_concurrent, seed=args.seed,
-        reuse_actors=not args.no_reuse_actors,
-        resources=ResourceConfig(cpus_per_trial=args.cpus_per_trial, gpus=args.gpus),
-    )
-
-
-def _print_best(outcome: Any, n: int = 10) -> None:
-    best = outcome.best(n)
-    cols = [c for c in ("trial_id", "model.block", "model.d_model", "model.n_layers",
-                        "model.n_tokens", "flops_per_example", "train_flops", "val_logloss",
-                        "val_auc", "trial_status") if c in best.columns]
-    print(f"\nsearch {outcome.name}: {len(outcome.trials)} trials, spent "
-          f"{outcome.spent_flops:.3g} of {outcome.budget_flops:.3g} training FLOPs "
-          f"({outcome.rejected_samples} samples rejected before training)")
-    if len(best):
-        print(best[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"MLflow: {outcome.tracking_uri}  experiment {outcome.name!r} "
-          f"(parent run {outcome.parent_run_id}); `recscale ui` to compare trials")
-
-
-def cmd_search(args: argparse.Namespace) -> int:
-    from search.runner import run_search
-
-    cfg = _search_config(args)
-    resume: Literal["auto", "always", "never"] = (
-        "always" if args.resume else "never" if args.no_resume else "auto")
-    outcome = run_search(cfg, tracking_uri=args.tracking_uri, storage=args.storage,
-                         address=args.address, resume=resume, verbose=args.verbose)
-    _print_best(outcome)
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from trainers.experiment import load_experiment
-    from trainers.full import train_full
-
-    exp = load_experiment(args.config)
-    out = Path(args.out or Path("recscale_models") / Path(args.config).stem)
-    res = train_full(exp, out, tracking_uri=args.tracking_uri, experiment_name=args.experiment,
-                     progress=not args.no_progress, resume=args.resume)
-    if res.status == "diverged":
-        print(f"recscale: training diverged (status DIVERGED); run {res.run_id}", file=sys.stderr)
-        return 3
-    v, t = res.val, res.test
-    print(f"{exp.model.block}: val_auc {v.get('val_auc', float('nan')):.4f} "
-          f"val_logloss {v.get('val_logloss', float('nan')):.4f} | test_auc {t['test_auc']:.4f} "
-          f"test_logloss {t['test_logloss']:.4f} test_ne {t['test_ne']:.4f} "
-          f"({res.seconds:.0f} s); model saved in {res.model_dir}; MLflow run {res.run_id}")
-    return 0
-
-
-def cmd_ui(args: argparse.Namespace) -> int:
-    import subprocess
-
-    from search.tracking import default_tracking_uri
-
-    uri = default_tracking_uri(args.tracking_uri)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-           "--host", args.host, "--port", str(args.port), "--workers", "1"]
-    print(f"MLflow UI for {uri} on http://{args.host}:{args.port} (Ctrl-C to stop)")
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return 0
-
-
-def cmd_analyze(args: argparse.Namespace) -> int:
-    from analysis.cli import analyze
-
-    return analyze(args)
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from analysis.cli import export
-
-    return export(args)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from search.demo import demo
-
-    return demo(args)
 
 
 def _add_tracking(p: argparse.ArgumentParser) -> None:
@@ -199,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="require an interrupted search to resume")
     g.add_argument("--no-resume", action="store_true", help="refuse to resume an existing search")
     s.add_argument("-v", "--verbose", type=int, default=1, choices=[0, 1, 2])
-    s.set_defaults(func=cmd_search)
+    s.set_defaults(func=commands.cmd_search)
 
     t = sub.add_parser("train", help="train one config (e.g. an exported best.yaml) to completion")
     t.add_argument("config")
@@ -208,13 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--no-progress", action="store_true")
     _add_tracking(t)
-    t.set_defaults(func=cmd_train)
+    t.set_defaults(func=commands.cmd_train)
 
     u = sub.add_parser("ui", help="MLflow UI for the tracking store, on 127.0.0.1")
     _add_tracking(u)
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=5000)
-    u.set_defaults(func=cmd_ui)
+    u.set_defaults(func=commands.cmd_ui)
 
     a = sub.add_parser("analyze", help="Pareto frontiers, scaling fits and a report of a search")
     a.add_argument("name")
@@ -222,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("-o", "--out", default=None, help="report directory (default reports/NAME)")
     a.add_argument("--max-flops-per-example", type=float, default=None)
     a.add_argument("--budget-flops", type=float, default=None)
-    a.set_defaults(func=cmd_analyze)
+    a.set_defaults(func=commands.cmd_analyze)
 
     e = sub.add_parser("export", help="export the best (or compute-optimal) config as YAML")
     e.add_argument("name")
@@ -231,50 +114,48 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--budget-flops", type=float, default=None,
                    help="size the config compute-optimally for this training budget")
     e.add_argument("-o", "--output", required=True)
-    e.set_defaults(func=cmd_export)
+    e.set_defaults(func=commands.cmd_export)
 
     d = sub.add_parser("demo", help="a real search on the embedded defaults, then report and export")
     d.add_argument("--quick", action="store_true", help="synthetic data, tiny budget (smoke test)")
     d.add_argument("--out", default="demo_out")
     _add_tracking(d)
-    d.set_defaults(func=cmd_demo)
+    d.set_defaults(func=commands.cmd_demo)
     return parser
 
 
-def _one_line(err: BaseException) -> str:
-    from trainers.experiment import validation_message
+def _user_error(err: BaseException) -> str | None:
+    """The one-line message of an error that is the user's input, else None.
 
-    msg = validation_message(err, "config") if err.__class__.__name__ == "ValidationError" else str(err)
-    return " ".join(msg.split())
+    Every package's user-facing error derives from ``trainers.contracts.UserError``; by
+    the time one is raised its module is imported, so checking costs nothing.
+    """
+    if isinstance(err, CliError | FileNotFoundError):
+        return " ".join(str(err).split())
+    if type(err).__name__ == "ValidationError" and type(err).__module__.startswith("pydantic"):
+        from trainers.experiment import validation_message
 
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's input, reported as one line (never a traceback)."""
-    from pydantic import ValidationError
-
-    from analysis.runs import AnalysisError
-    from search.runner import SearchError
-    from spaces.blocks import BlockDimensionError, UnknownBlockError
-    from spaces.search_space import SpaceError
-    from trainers.data import DataError
-    from trainers.experiment import ConfigError
-
-    return (CliError, ValidationError, ConfigError, SpaceError, DataError, SearchError,
-            AnalysisError, UnknownBlockError, BlockDimensionError, FileNotFoundError)
+        return " ".join(validation_message(err, "config").split())
+    contracts = sys.modules.get("trainers.contracts")
+    if contracts is not None and isinstance(err, contracts.UserError):
+        return " ".join(str(err).split())
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``recscale`` console script."""
     _env_defaults()
     args = build_parser().parse_args(argv)
-    user_errors = _user_errors()
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
         print("recscale: interrupted", file=sys.stderr)
         return 130
-    except user_errors as err:
-        print(f"recscale: error: {_one_line(err)}", file=sys.stderr)
+    except Exception as err:
+        message = _user_error(err)
+        if message is None:
+            raise
+        print(f"recscale: error: {message}", file=sys.stderr)
         return EXIT_USAGE
 
 

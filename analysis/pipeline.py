@@ -1,15 +1,14 @@
-"""``recscale analyze`` and ``recscale export`` (the command-line glue of analysis)."""
+"""The analysis steps the command line and the demo run: report, then export."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from analysis.export import export_config
 from analysis.report import build_report, log_report_to_mlflow
 from analysis.runs import load_search
 
-__all__ = ["analyze", "export", "export_best", "write_report"]
+__all__ = ["export_best", "write_report"]
 
 
 def write_report(name: str, tracking_uri: str | None, out_dir: str | Path,
@@ -28,23 +27,8 @@ def write_report(name: str, tracking_uri: str | None, out_dir: str | Path,
 def export_best(name: str, tracking_uri: str | None, output: str | Path,
                 max_flops_per_example: float | None = None,
                 budget_flops: float | None = None) -> Path:
+    """Export the best (or, with ``budget_flops``, compute-optimally sized) config."""
     runs = load_search(name, tracking_uri)
     export_config(runs, output, max_flops_per_example=max_flops_per_example,
                   budget_flops=budget_flops)
     return Path(output)
-
-
-def analyze(args: argparse.Namespace) -> int:
-    out = Path(args.out or Path("reports") / args.name)
-    report = write_report(args.name, args.tracking_uri, out, args.max_flops_per_example,
-                          args.budget_flops)
-    print(f"report: {report / 'report.html'} (+ PNG figures, summary.json); logged to the "
-          f"search's parent run in MLflow")
-    return 0
-
-
-def export(args: argparse.Namespace) -> int:
-    path = export_best(args.name, args.tracking_uri, args.output, args.max_flops_per_example,
-                       args.budget_flops)
-    print(f"exported {path}; train it with: recscale train {path}")
-    return 0

@@ -1,0 +1,144 @@
+"""The commands' bodies. Each imports what it needs when it runs, so ``recscale --help``
+and a one-line error for a bad file stay fast (``bench/cli.py`` measures them)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["cmd_analyze", "cmd_demo", "cmd_export", "cmd_search", "cmd_train", "cmd_ui",
+           "print_best"]
+
+
+class CliError(Exception):
+    """A one-line, user-facing error about the command line itself."""
+
+
+def _data_config(args: argparse.Namespace) -> Any:
+    from trainers.data import DataConfig
+
+    fields: dict[str, Any] = {"seed": args.data_seed}
+    data = args.data
+    if data in ("movielens-1m", "synthetic"):
+        fields["name"] = data
+    else:
+        if not args.schema:
+            raise CliError(f"--data {data}: a CSV/parquet file needs --schema SCHEMA.yaml")
+        fields.update(name="file", path=data, schema_path=args.schema)
+    if args.max_rows:
+        fields["max_rows"] = args.max_rows
+    if args.label:
+        fields["label"] = args.label
+    if args.split:
+        fields["split"] = args.split
+    return DataConfig(**fields)
+
+
+def _search_config(args: argparse.Namespace) -> Any:
+    from search.settings import ResourceConfig, SearchConfig
+
+    return SearchConfig(
+        name=args.name, space=args.space, data=_data_config(args),
+        budget_flops=args.budget_flops, trial_flops=args.trial_flops,
+        max_flops_per_example=args.max_flops_per_example, grace_flops=args.grace_flops,
+        reduction_factor=args.reduction_factor, searcher=args.searcher,
+        scheduler=args.scheduler, objective=args.objective,
+        max_concurrent=args.max_concurrent, seed=args.seed,
+        reuse_actors=not args.no_reuse_actors,
+        resources=ResourceConfig(cpus_per_trial=args.cpus_per_trial, gpus=args.gpus),
+    )
+
+
+def print_best(outcome: Any, n: int = 10) -> None:
+    from trainers.contracts import OBJECTIVE, TIME_ATTR
+
+    best = outcome.best(n)
+    cols = [c for c in ("trial_id", "model.block", "model.d_model", "model.n_layers",
+                        "model.n_tokens", "flops_per_example", TIME_ATTR, OBJECTIVE,
+                        "val_auc", "trial_status") if c in best.columns]
+    print(f"\nsearch {outcome.name}: {len(outcome.trials)} trials, spent "
+          f"{outcome.spent_flops:.3g} of {outcome.budget_flops:.3g} training FLOPs "
+          f"({outcome.rejected_samples} samples rejected before training)")
+    if len(best):
+        print(best[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"MLflow: {outcome.tracking_uri}  experiment {outcome.name!r} "
+          f"(parent run {outcome.parent_run_id}); `recscale ui` to compare trials")
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from search.runner import run_search
+
+    cfg = _search_config(args)
+    resume: Literal["auto", "always", "never"] = (
+        "always" if args.resume else "never" if args.no_resume else "auto")
+    outcome = run_search(cfg, tracking_uri=args.tracking_uri, storage=args.storage,
+                         address=args.address, resume=resume, verbose=args.verbose)
+    print_best(outcome)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from trainers.contracts import OBJECTIVE
+    from trainers.experiment import load_experiment
+    from trainers.full import train_full
+
+    exp = load_experiment(args.config)
+    out = Path(args.out or Path("recscale_models") / Path(args.config).stem)
+    res = train_full(exp, out, tracking_uri=args.tracking_uri, experiment_name=args.experiment,
+                     progress=not args.no_progress, resume=args.resume)
+    if res.status == "diverged":
+        print(f"recscale: training diverged (status DIVERGED); run {res.run_id}", file=sys.stderr)
+        return 3
+    v, t = res.val, res.test
+    print(f"{exp.model.block}: val_auc {v.get('val_auc', float('nan')):.4f} "
+          f"{OBJECTIVE} {v.get(OBJECTIVE, float('nan')):.4f} | test_auc {t['test_auc']:.4f} "
+          f"test_logloss {t['test_logloss']:.4f} test_ne {t['test_ne']:.4f} "
+          f"({res.seconds:.0f} s); model saved in {res.model_dir}; MLflow run {res.run_id}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from trainers.contracts import default_tracking_uri
+
+    uri = default_tracking_uri(args.tracking_uri)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+           "--host", args.host, "--port", str(args.port), "--workers", "1"]
+    print(f"MLflow UI for {uri} on http://{args.host}:{args.port} (Ctrl-C to stop)")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from analysis.pipeline import write_report
+
+    out = Path(args.out or Path("reports") / args.name)
+    report = write_report(args.name, args.tracking_uri, out, args.max_flops_per_example,
+                          args.budget_flops)
+    print(f"report: {report / 'report.html'} (+ PNG figures, summary.json); logged to the "
+          f"search's parent run in MLflow")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from analysis.pipeline import export_best
+
+    path = export_best(args.name, args.tracking_uri, args.output, args.max_flops_per_example,
+                       args.budget_flops)
+    print(f"exported {path}; train it with: recscale train {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from recscale.demo import demo
+
+    return demo(args)
+
+

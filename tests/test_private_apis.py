@@ -1,0 +1,43 @@
+"""The private Ray and Optuna attributes recscale relies on, for want of a public API.
+
+Each is named, with the version it was checked against, where it is used
+(``search/searcher.py``). If an upgrade moves one, these tests fail with its name
+rather than the search failing mid-run.
+"""
+
+from __future__ import annotations
+
+import optuna
+import ray
+from ray.tune.search.optuna import OptunaSearch
+
+CHECKED = {"ray": "2.60.0", "optuna": "5.0.0"}
+
+
+def test_versions_are_the_ones_checked() -> None:
+    assert ray.__version__ == CHECKED["ray"], "re-check the private attributes below, then bump"
+    assert optuna.__version__ == CHECKED["optuna"], "re-check the private attributes below"
+
+
+def test_optuna_search_keeps_its_study_and_trials() -> None:
+    def space(trial: optuna.Trial) -> dict[str, int]:
+        trial.suggest_int("x", 0, 3)
+        return {}
+
+    search = OptunaSearch(space=space, metric="loss", mode="min", seed=0)
+    params = search.suggest("t1")
+    assert params is not None
+    assert isinstance(search._ot_study, optuna.Study)
+    ot_trial = search._ot_trials["t1"]
+    assert isinstance(ot_trial, optuna.Trial)
+    assert isinstance(ot_trial._trial_id, int)
+    attrs = ot_trial.storage.get_trial_system_attrs(ot_trial._trial_id)
+    assert isinstance(attrs, dict)
+
+
+def test_enqueued_points_carry_fixed_params() -> None:
+    study = optuna.create_study()
+    study.enqueue_trial({"x": 2})
+    trial = study.ask()
+    attrs = trial.storage.get_trial_system_attrs(trial._trial_id)
+    assert attrs.get("fixed_params") == {"x": 2}

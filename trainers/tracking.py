@@ -1,0 +1,219 @@
+"""The MLflow writer: every run recscale creates is written through this module.
+
+Layout (ARCHITECTURE.md; the names are in :mod:`trainers.contracts`): one experiment per
+search name, one parent run per search (``recscale.kind=search``), one nested child run
+per trial (``recscale.kind=trial``, ``mlflow.parentRunId``, ``trial_id``, ``block``,
+``status``; params = the flattened config; metrics per report with
+``step = examples_seen``), and one run per full training (``recscale.kind=train``).
+``analysis.runs`` is the one reader.
+
+Runs are found again by tags, never remembered in memory, so a resumed search (or a
+restarted trial) keeps writing into the same runs and creates no duplicates. Trials log
+their own metrics from their worker processes, batched (one ``log_batch`` per report)
+and asynchronously, so a slow remote tracking server never stalls the driver.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from trainers.contracts import (
+    KIND_SEARCH,
+    KIND_TRIAL,
+    STEP_AXIS,
+    TAG_BLOCK,
+    TAG_CONFIG,
+    TAG_KIND,
+    TAG_NODE,
+    TAG_PARENT,
+    TAG_SEARCH,
+    TAG_STATUS,
+    TAG_TRIAL_ID,
+)
+
+__all__ = [
+    "RunWriter",
+    "TrialTracker",
+    "child_runs",
+    "create_run",
+    "end_run",
+    "experiment_id",
+    "find_or_create_parent",
+    "find_trial_run",
+    "log_metric_series",
+    "log_metrics",
+    "log_params",
+    "set_trial_status",
+]
+
+_PARAM_BATCH = 100
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created (or restored from deleted) if need be."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return str(exp.experiment_id)
+    try:
+        return str(client.create_experiment(name))
+    except Exception:  # created concurrently by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return str(exp.experiment_id)
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    """Params in batches of 100 (MLflow's limit per ``log_batch``)."""
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), _PARAM_BATCH):
+        client.log_batch(run_id, params=items[i : i + _PARAM_BATCH])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, Any], step: int,
+                synchronous: bool = True) -> Any:
+    """The numeric entries of ``metrics`` at ``step``, in one batch."""
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+             if isinstance(v, int | float) and not isinstance(v, bool)]
+    return client.log_batch(run_id, metrics=batch, synchronous=synchronous)
+
+
+def log_metric_series(client: MlflowClient, run_id: str, key: str,
+                      points: list[tuple[int, float]]) -> None:
+    """One metric as a series of ``(step, value)`` points."""
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, float(v), now, int(s)) for s, v in points])
+
+
+def create_run(client: MlflowClient, exp_id: str, run_name: str, tags: Mapping[str, str],
+               params: Mapping[str, Any] | None = None) -> str:
+    """A new run with its tags and params; returns its id."""
+    run = client.create_run(exp_id, run_name=run_name, tags=dict(tags))
+    if params:
+        log_params(client, run.info.run_id, params)
+    return str(run.info.run_id)
+
+
+def end_run(client: MlflowClient, run_id: str, status: str,
+            metrics: Mapping[str, float] | None = None) -> None:
+    """Final metrics (step 0) and the run status (FINISHED, KILLED, FAILED)."""
+    if metrics:
+        log_metrics(client, run_id, metrics, step=0)
+    client.set_terminated(run_id, status)
+
+
+def find_or_create_parent(client: MlflowClient, name: str, params: Mapping[str, Any],
+                          tags: Mapping[str, str]) -> tuple[str, str, bool]:
+    """The search's parent run: ``(experiment_id, run_id, created)``."""
+    exp_id = experiment_id(client, name)
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{TAG_KIND}` = '{KIND_SEARCH}'",
+                              max_results=1, order_by=["attributes.start_time ASC"])
+    if runs:
+        run_id = str(runs[0].info.run_id)
+        client.update_run(run_id, status="RUNNING")
+        return exp_id, run_id, False
+    run_id = create_run(client, exp_id, name, {TAG_KIND: KIND_SEARCH, TAG_SEARCH: name, **tags},
+                        params)
+    return exp_id, run_id, True
+
+
+def find_trial_run(client: MlflowClient, exp_id: str, parent_run_id: str,
+                   trial_id: str) -> str | None:
+    """The child run of trial ``trial_id`` under ``parent_run_id``, if it exists."""
+    runs = client.search_runs(
+        [exp_id],
+        filter_string=(f"tags.`{TAG_PARENT}` = '{parent_run_id}' "
+                       f"and tags.{TAG_TRIAL_ID} = '{trial_id}'"),
+        max_results=1,
+    )
+    return str(runs[0].info.run_id) if runs else None
+
+
+def child_runs(client: MlflowClient, exp_id: str, parent_run_id: str) -> dict[str, str]:
+    """Trial id -> run id of every trial run under one search's parent run."""
+    out: dict[str, str] = {}
+    token = None
+    while True:
+        page = client.search_runs([exp_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'",
+                                  max_results=1000, page_token=token)
+        for run in page:
+            if TAG_TRIAL_ID in run.data.tags:
+                out[run.data.tags[TAG_TRIAL_ID]] = run.info.run_id
+        token = page.token
+        if not token:
+            return out
+
+
+def set_trial_status(client: MlflowClient, exp_id: str, parent_run_id: str, trial_id: str,
+                     status: str) -> None:
+    """A finished trial's ``status`` tag and MLflow run status."""
+    run_id = find_trial_run(client, exp_id, parent_run_id, trial_id)
+    if run_id is None:
+        return
+    client.set_tag(run_id, TAG_STATUS, status)
+    client.set_terminated(run_id, "FAILED" if status == "ERROR" else "FINISHED")
+
+
+class TrialTracker:
+    """A trial's own child run, written from the trial's worker process."""
+
+    def __init__(self, tracking_uri: str, exp_id: str, parent_run_id: str,
+                 trial_id: str, block: str, params: dict[str, Any], search: str,
+                 config_json: str = "", node_id: str = "") -> None:
+        self.client = MlflowClient(tracking_uri)
+        run_id = find_trial_run(self.client, exp_id, parent_run_id, trial_id)
+        if run_id is None:
+            run_id = create_run(
+                self.client, exp_id, f"{block}-{trial_id}",
+                {TAG_KIND: KIND_TRIAL, TAG_PARENT: parent_run_id, TAG_TRIAL_ID: trial_id,
+                 TAG_BLOCK: block, TAG_STATUS: "RUNNING", TAG_SEARCH: search,
+                 TAG_CONFIG: config_json, TAG_NODE: node_id},
+                params,
+            )
+        else:  # a restored or retried trial, maybe on another node
+            self.client.update_run(run_id, status="RUNNING")
+            if node_id:
+                self.client.set_tag(run_id, TAG_NODE, node_id)
+        self.run_id = run_id
+        self._pending: list[Any] = []
+
+    def log(self, metrics: dict[str, float]) -> None:
+        """One batched, asynchronous write per report, at ``step = examples_seen``."""
+        self._pending.append(log_metrics(self.client, self.run_id, metrics,
+                                         step=int(metrics[STEP_AXIS]), synchronous=False))
+
+    def flush(self) -> None:
+        for op in self._pending:
+            op.wait()
+        self._pending.clear()
+
+
+class RunWriter:
+    """A standalone run (full training, verification): params, metrics, artifacts."""
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str,
+                 tags: Mapping[str, str], params: Mapping[str, Any]) -> None:
+        self.client = MlflowClient(tracking_uri)
+        self.experiment_id = experiment_id(self.client, experiment)
+        self.run_id = create_run(self.client, self.experiment_id, run_name, tags, params)
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        log_metrics(self.client, self.run_id, metrics, step)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+    def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(path), artifact_path=artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
