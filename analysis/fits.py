@@ -104,7 +104,8 @@ class PowerLawFit:
 
     def predict(self, C: ArrayLike) -> np.ndarray:
         """``E + A·C^(−α)`` (NaN where the fit has no parameters; check :attr:`ok`)."""
-        return self.E + self.A * np.power(np.asarray(C, dtype=float), -self.alpha)
+        out: np.ndarray = self.E + self.A * np.power(np.asarray(C, dtype=float), -self.alpha)
+        return out
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: parameters (None where undefined), intervals, status, message."""
@@ -258,7 +259,8 @@ def _solve_small(M: np.ndarray, v: np.ndarray) -> np.ndarray:
     f = M.shape[-1]
     with np.errstate(divide="ignore", invalid="ignore"):
         if f == 1:
-            return v / M[:, 0]
+            ratio: np.ndarray = v / M[:, 0]
+            return ratio
         if f == 2:
             det = M[:, 0, 0] * M[:, 1, 1] - M[:, 0, 1] * M[:, 1, 0]
             x0 = (v[:, 0] * M[:, 1, 1] - M[:, 0, 1] * v[:, 1]) / det

@@ -128,7 +128,8 @@ def ensure_feasible(space: SearchSpace, check: ConfigCheck, seed: int, draws: in
 
 
 def _settings_record(cfg: SearchConfig) -> dict[str, Any]:
-    return json.loads(cfg.model_dump_json())
+    record: dict[str, Any] = json.loads(cfg.model_dump_json())
+    return record
 
 
 def _check_resume(path: Path, cfg: SearchConfig) -> None:
@@ -285,7 +286,8 @@ def build_tuner(plan: SearchPlan, tracking: Tracking, verbose: int = 1) -> Any:
 
     cfg, check = plan.cfg, plan.check
     use_gpus = cfg.resources.gpus == "on" or (
-        cfg.resources.gpus == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+        cfg.resources.gpus == "auto"
+        and ray.cluster_resources().get("GPU", 0) > 0)  # type: ignore[no-untyped-call]
     ctx = TrialContext(
         search=cfg.name, data=cfg.data, trial_flops=cfg.trial_budget,
         milestones=plan.milestones,

@@ -30,7 +30,7 @@ def _asha(cfg: SearchConfig) -> Any:
 def _fifo(cfg: SearchConfig) -> Any:
     from ray.tune.schedulers import FIFOScheduler
 
-    return FIFOScheduler()
+    return FIFOScheduler()  # type: ignore[no-untyped-call]
 
 
 def _asha_milestones(cfg: SearchConfig) -> tuple[list[float], float]:

@@ -51,7 +51,7 @@ def _sdpa_fvcore_handle(inputs: list[Any], outputs: list[Any]) -> int:
     n = 1
     for b in batch:
         n *= b
-    return n * t_q * t_k * (d_k + d_v)
+    return int(n * t_q * t_k * (d_k + d_v))
 
 
 def fvcore_flops(module: nn.Module, inputs: Sequence[torch.Tensor]) -> int:

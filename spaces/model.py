@@ -276,7 +276,8 @@ class RecModel(nn.Module):
         for block in self.blocks:
             x = block(x)  # (B, T_i, D)
         pooled = x.mean(dim=1) if self.cfg.pooling == "mean" else x.flatten(1)
-        return self.head(pooled).squeeze(-1)  # (B,)
+        logits: torch.Tensor = self.head(pooled).squeeze(-1)  # (B,)
+        return logits
 
 
 def build_model(cfg: ModelConfig, spec: FeatureSpec) -> RecModel:

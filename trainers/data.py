@@ -32,6 +32,7 @@ import shutil
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -54,7 +55,7 @@ from trainers.data_sources import (
 from trainers.data_synthetic import SyntheticConfig, generate_synthetic
 
 __all__ = [
-    "DATASET_NAMES",
+    "DATASETS",
     "DataConfig",
     "DataError",
     "EncodedDataset",
@@ -74,7 +75,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DATASET_NAMES = ("movielens-1m", "synthetic", "file")
 SPLIT_NAMES = ("train", "val", "test")
 # Bump when the encoding or the cache layout changes: old cache entries stop matching.
 FORMAT_VERSION = 1
@@ -116,8 +116,8 @@ class DataConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _known_name(cls, name: str) -> str:
-        if name not in DATASET_NAMES:
-            raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+        if name not in DATASETS:  # the registry below
+            raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
         return name
 
     @field_validator("fractions")
@@ -494,13 +494,25 @@ def _load(entry: Path, fingerprint: str) -> EncodedDataset:
 # --------------------------------------------------------------------------- entry point
 
 
-def _read_source(cfg: DataConfig) -> RawTable:
-    if cfg.name == "movielens-1m":
-        return read_movielens(cfg.label)
-    if cfg.name == "synthetic":
-        return generate_synthetic(cfg.synthetic)
-    assert cfg.path is not None and cfg.schema_path is not None
+def _read_user_file(cfg: DataConfig) -> RawTable:
+    assert cfg.path is not None and cfg.schema_path is not None  # DataConfig checks it
     return read_file(cfg.path, cfg.schema_path)
+
+
+#: dataset name -> reader of its raw table (a registry, as for blocks and searchers)
+DATASETS: dict[str, Callable[[DataConfig], RawTable]] = {
+    "movielens-1m": lambda cfg: read_movielens(cfg.label),
+    "synthetic": lambda cfg: generate_synthetic(cfg.synthetic),
+    "file": _read_user_file,
+}
+
+
+def _read_source(cfg: DataConfig) -> RawTable:
+    try:
+        reader = DATASETS[cfg.name]
+    except KeyError:
+        raise DataError(f"unknown dataset {cfg.name!r}; valid: {', '.join(sorted(DATASETS))}") from None
+    return reader(cfg)
 
 
 def _build(cfg: DataConfig, fingerprint: str) -> EncodedDataset:

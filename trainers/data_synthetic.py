@@ -134,12 +134,14 @@ class Teacher:
     def logit(self, cat: np.ndarray, num: np.ndarray) -> np.ndarray:
         """Noise-free teacher logit ``scale · z + b``, shape ``(N,)``."""
         z = ((self.components(cat, num) - self.mean) / self.std).sum(axis=1)
-        return self.cfg.scale * z / math.sqrt(self.cfg.order) + self.bias
+        out: np.ndarray = self.cfg.scale * z / math.sqrt(self.cfg.order) + self.bias
+        return out
 
     def probability(self, cat: np.ndarray, num: np.ndarray) -> np.ndarray:
         """True ``P(y = 1)`` including label noise, shape ``(N,)``."""
         clean = 1.0 / (1.0 + np.exp(-self.logit(cat, num)))
-        return (1.0 - self.cfg.noise) * clean + self.cfg.noise * self.cfg.base_rate
+        out: np.ndarray = (1.0 - self.cfg.noise) * clean + self.cfg.noise * self.cfg.base_rate
+        return out
 
 
 def _draw(

@@ -289,7 +289,8 @@ class Attention(Block):
         a = softmax_attention(q, k, v, tau, p)  # (B, N_b, H, T_g, d_h)
         a = a.transpose(2, 3).reshape(b, t, d)  # (B, T, D): heads concatenated per token
         x = x + self.drop(self.w_out(a))  # (B, T, D)
-        return x + self.drop(self.ffn(self.ln2(x)))  # (B, T, D)
+        out: torch.Tensor = x + self.drop(self.ffn(self.ln2(x)))  # (B, T, D)
+        return out
 
     def _hstu(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape  # (B, T, D)
@@ -301,4 +302,5 @@ class Attention(Block):
         a = hstu_weights(q, k, self.pair_bias, tau)  # (B, N_b, H, T_g, T_g)
         a = F.dropout(a, self.cfg.dropout, self.training)
         av = torch.einsum("bghij,bgjhd->bgihd", a, v).reshape(b, t, d)  # (B, T, D)
-        return x + self.drop(self.w_out(u * self.ln_av(av)))  # (B, T, D)
+        out: torch.Tensor = x + self.drop(self.w_out(u * self.ln_av(av)))  # (B, T, D)
+        return out

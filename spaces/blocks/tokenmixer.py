@@ -148,4 +148,5 @@ class TokenMixer(Block):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (B, T, D) -> (B, T, D)``."""
         s = self.norm_mix(token_mix(x) + x)  # (B, T, D)
-        return self.norm_ffn(self.pffn(s) + s)  # (B, T, D)
+        out: torch.Tensor = self.norm_ffn(self.pffn(s) + s)  # (B, T, D)
+        return out

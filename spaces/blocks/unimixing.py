@@ -315,7 +315,7 @@ class _MixerBase(Block):
         c, p = self.cfg, self._progress
         if c.tau_schedule == "linear":
             return c.tau_start + (c.tau_end - c.tau_start) * p
-        return c.tau_start * (c.tau_end / c.tau_start) ** p
+        return float(c.tau_start * (c.tau_end / c.tau_start) ** p)
 
     def set_progress(self, fraction: float) -> None:
         """Anneal ``τ``: ``fraction`` in ``[0, 1]`` (clamped) of training done."""
@@ -370,7 +370,8 @@ class _MixerBase(Block):
         w_global, w_local = self.mixing_matrices()  # (n, n), (n, B_s, B_s)
         o = self.norm(x + unimix(x, w_global, w_local, self.cfg.flatten))  # (B, T, D)
         up, gate = torch.einsum("btd,tdf->btf", o, self.w_in).chunk(2, dim=-1)  # 2×(B, T, d_ff)
-        return o + torch.einsum("btf,tfd->btd", up * F.silu(gate), self.w_down)  # (B, T, D)
+        out: torch.Tensor = o + torch.einsum("btf,tfd->btd", up * F.silu(gate), self.w_down)
+        return out  # (B, T, D)
 
 
 # ---------------------------------------------------------------------------------------

@@ -177,4 +177,5 @@ class Wukong(Block):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, n_i, D) -> (B, n_F + n_L, D)``."""
         res = x if self.proj is None else torch.einsum("on,bnd->bod", self.proj, x)  # (B, n_F+n_L, D)
-        return self.ln_out(self.interactions(x) + res)  # (B, n_F+n_L, D)
+        out: torch.Tensor = self.ln_out(self.interactions(x) + res)  # (B, n_F+n_L, D)
+        return out

@@ -1,0 +1,57 @@
+"""Datasets, searchers and schedulers are registries, as blocks are: the typed configs
+accept exactly the registered names, and an unknown name fails listing the valid ones."""
+
+from __future__ import annotations
+
+from typing import get_args
+
+import pytest
+
+from search.schedulers import SCHEDULERS, make_scheduler, scheduler_milestones
+from search.searcher import SAMPLERS, create_sampler
+from search.settings import SearchConfig
+from trainers.contracts import OBJECTIVE, TIME_ATTR, UserError
+from trainers.data import DATASETS, DataConfig
+
+
+def _literal(model: type, field: str) -> set[str]:
+    return set(get_args(model.model_fields[field].annotation))  # type: ignore[attr-defined]
+
+
+def test_config_names_are_the_registered_ones() -> None:
+    assert _literal(SearchConfig, "scheduler") == set(SCHEDULERS)
+    assert _literal(SearchConfig, "searcher") == set(SAMPLERS)
+    for name in DATASETS:
+        paths = {"path": "x.csv", "schema_path": "s.yaml"} if name == "file" else {}
+        assert DataConfig(name=name, **paths).name == name
+    with pytest.raises(ValueError, match="unknown dataset 'criteo'; valid names: file, movielens-1m"):
+        DataConfig(name="criteo")
+
+
+def test_unknown_names_list_the_valid_ones() -> None:
+    with pytest.raises(UserError, match="unknown searcher 'cmaes'; valid: random, tpe"):
+        create_sampler("cmaes", 0)
+    cfg = SearchConfig(budget_flops=1e9).model_copy(update={"scheduler": "hyperband"})
+    with pytest.raises(UserError, match="unknown scheduler 'hyperband'; valid: asha, fifo"):
+        make_scheduler(cfg)
+
+
+def test_asha_prunes_on_the_objective_at_equal_compute() -> None:
+    """Single and multi objective alike: NSGA-II sees (objective, serving cost), but the
+    cost is fixed before training, so ASHA prunes on the objective on train_flops."""
+    for objective in ("single", "multi"):
+        cfg = SearchConfig(budget_flops=1e9, objective=objective)
+        asha = make_scheduler(cfg)
+        assert (asha.metric, asha._mode, asha._time_attr) == (OBJECTIVE, "min", TIME_ATTR)
+    milestones, admission = scheduler_milestones(SearchConfig(budget_flops=8e9, grace_flops=1e8))
+    assert admission == 1e8 and milestones[0] == 1e8 and milestones[-1] == 1e9
+    fifo, first = scheduler_milestones(SearchConfig(budget_flops=8e9, scheduler="fifo"))
+    assert fifo == [1e9] and first == 1e9
+
+
+def test_samplers() -> None:
+    import optuna
+
+    assert isinstance(create_sampler("tpe", 0), optuna.samplers.TPESampler)
+    assert isinstance(create_sampler("tpe", 0, multi_objective=True), optuna.samplers.NSGAIISampler)
+    assert isinstance(create_sampler("random", 0), optuna.samplers.RandomSampler)
