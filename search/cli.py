@@ -254,8 +254,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from analysis.runs import AnalysisError
     from search.runner import SearchError
+    from search.space import SpaceError
     from spaces.blocks import BlockDimensionError, UnknownBlockError
-    from spaces.search_space import SpaceError
     from trainers.data import DataError
     from trainers.experiment import ConfigError
 

@@ -20,6 +20,7 @@ from search.budget import BudgetPolicy, BudgetStopper
 from search.checks import ConfigCheck
 from search.resources import TrialResources
 from search.settings import SearchConfig, asha_milestones
+from search.space import SearchSpace, bundled_space, load_space
 from search.tracking import (
     TrialStatusCallback,
     child_runs,
@@ -27,7 +28,6 @@ from search.tracking import (
     end_parent,
     find_or_create_parent,
 )
-from spaces.search_space import SearchSpace, bundled_space, load_space
 from trainers.data import EncodedDataset, load_dataset
 from trainers.experiment import flatten
 

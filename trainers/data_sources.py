@@ -31,6 +31,8 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from trainers.contracts import UserError
+
 __all__ = [
     "CSV_SUFFIXES",
     "MOVIELENS_FIELDS",
@@ -73,7 +75,7 @@ _READ_STR: dict[str, Any] = {"sep": "\t", "dtype": str, "keep_default_na": False
 _HASH_LIMIT_BYTES = 512 * 2**20
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A dataset that cannot be used. The message is one line: file, column, problem.
 
     Example:
