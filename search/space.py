@@ -37,7 +37,6 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Protocol
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -53,7 +52,7 @@ import spaces
 from spaces.blocks import get_block
 from spaces.model import ModelConfig
 from trainers.contracts import UserError
-from trainers.experiment import did_you_mean
+from trainers.experiment import did_you_mean, read_yaml_mapping
 from trainers.loop import TrainConfig
 
 __all__ = [
@@ -150,7 +149,8 @@ def _check_value(adapter: TypeAdapter[Any], where: str, value: Any) -> None:
 
 def _check_knob(key: str, knob: Any, field: FieldInfo) -> None:
     """Every value ``knob`` can take is a valid value of ``field``."""
-    adapter: TypeAdapter[Any] = TypeAdapter(Annotated[field.annotation, field])
+    annotated: Any = Annotated[field.annotation, field]  # the field's type and constraints
+    adapter: TypeAdapter[Any] = TypeAdapter(annotated)
     if isinstance(knob, Choice):
         for i, value in enumerate(knob.choice):
             _check_value(adapter, f"{key}: choice[{i}]", value)
@@ -304,16 +304,7 @@ def load_space(path: str | Path) -> SearchSpace:
     path = Path(path)
     if not path.exists() and (SPACES_DIR / path.name).exists() and path.parent == Path("."):
         path = SPACES_DIR / path.name
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SpaceError(f"{path}: search-space file not found") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise SpaceError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}") from None
-    if not isinstance(raw, dict):
-        raise SpaceError(f"{path}: expected a mapping with families/model/blocks/train")
+    raw = read_yaml_mapping(path, SpaceError, "search-space file", "families/model/blocks/train")
     try:
         return SearchSpace(**raw)
     except ValidationError as err:

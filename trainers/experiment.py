@@ -25,7 +25,7 @@ from trainers.data import DataConfig
 from trainers.loop import TrainConfig
 
 __all__ = ["ConfigError", "ExperimentConfig", "check_keys", "did_you_mean", "experiment_from_flat",
-           "flatten", "load_experiment", "validation_message"]
+           "flatten", "load_experiment", "read_yaml_mapping", "validation_message"]
 
 
 class ConfigError(UserError):
@@ -67,12 +67,12 @@ class ExperimentConfig(BaseModel):
         return flatten(d)
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}} -> {"a.b": 1}``; lists and tuples stay values."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, Mapping):
             out.update(flatten(value, name + "."))
         else:
             out[name] = value
@@ -139,19 +139,27 @@ def validation_message(err: BaseException, source: str = "config") -> str:
     return f"{source}: {err}"
 
 
-def load_experiment(path: str | os.PathLike[str]) -> ExperimentConfig:
-    """Read and validate an experiment YAML; any problem is one ``ConfigError`` line."""
-    path = Path(path)
+def read_yaml_mapping(path: Path, error: type[UserError], what: str,
+                      expected: str) -> dict[str, Any]:
+    """``yaml.safe_load`` of a file that must hold a mapping; a missing file, malformed
+    YAML or another shape is one ``error`` line naming ``path`` (and the YAML line)."""
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
+        raise error(f"{path}: {what} not found") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}") from None
+        raise error(f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with model/train/data sections")
+        raise error(f"{path}: expected a mapping with {expected}")
+    return raw
+
+
+def load_experiment(path: str | os.PathLike[str]) -> ExperimentConfig:
+    """Read and validate an experiment YAML; any problem is one ``ConfigError`` line."""
+    path = Path(path)
+    raw = read_yaml_mapping(path, ConfigError, "file", "model/train/data sections")
     check_keys(raw, ExperimentConfig, str(path))
     try:
         return ExperimentConfig(**raw)

@@ -91,7 +91,7 @@ def train_full(
     import mlflow
     from tqdm import tqdm
 
-    from search.tracking import default_tracking_uri
+    from trainers.contracts import default_tracking_uri
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
