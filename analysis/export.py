@@ -7,12 +7,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from analysis.fits import fit_joint
 from analysis.report import recommend_size, select_best
-from analysis.runs import AnalysisError, SearchRuns
+from analysis.runs import BEST_OBJECTIVE, CONFIG_COLUMN, AnalysisError, SearchRuns
 from spaces import FeatureSpec, ModelConfig, model_cost
+from trainers.contracts import OBJECTIVE
 from trainers.data import DataConfig
 from trainers.experiment import ExperimentConfig, experiment_from_flat
 
@@ -22,12 +21,6 @@ __all__ = ["export_config", "scale_to_flops"]
 def _data_config(runs: SearchRuns) -> DataConfig:
     data = runs.settings.get("data")
     return DataConfig(**data) if data else DataConfig()
-
-
-def _flat_config(row: pd.Series) -> dict[str, Any]:
-    return {k: v for k, v in row.items()
-            if isinstance(k, str) and k.startswith(("model.", "train."))
-            and not (isinstance(v, float) and math.isnan(v))}
 
 
 def scale_to_flops(model: ModelConfig, spec: FeatureSpec, target: float) -> ModelConfig:
@@ -59,13 +52,12 @@ def export_config(runs: SearchRuns, output: str | Path, spec: FeatureSpec | None
     trained on the compute-optimal ``D*`` examples.
     """
     best = select_best(runs.trials, max_flops_per_example)
-    flat = _flat_config(best)
     data = _data_config(runs)
-    exp = experiment_from_flat(flat, data)
+    exp = experiment_from_flat(best[CONFIG_COLUMN], data, f"trial {best.get('trial_id')}")
     fpe = float(best["flops_per_example"])
     provenance: dict[str, Any] = {
         "search": runs.name, "parent_run_id": runs.parent_run_id, "run_id": best.get("run_id"),
-        "trial_id": best.get("trial_id"), "val_logloss": float(best.get("best_val_logloss", best["val_logloss"])),
+        "trial_id": best.get("trial_id"), OBJECTIVE: float(best.get(BEST_OBJECTIVE, best[OBJECTIVE])),
         "val_auc": float(best.get("val_auc", float("nan"))), "flops_per_example": fpe,
         "tracking_uri": runs.tracking_uri,
     }
@@ -73,8 +65,8 @@ def export_config(runs: SearchRuns, output: str | Path, spec: FeatureSpec | None
     examples = int(trial_flops / (3 * fpe)) if fpe > 0 and trial_flops > 0 else None
     model = exp.model
     if budget_flops is not None:
-        h = runs.history.dropna(subset=["flops_per_example", "examples_seen", "val_logloss"])
-        joint = fit_joint(h["flops_per_example"], h["examples_seen"], h["val_logloss"],
+        h = runs.history.dropna(subset=["flops_per_example", "examples_seen", OBJECTIVE])
+        joint = fit_joint(h["flops_per_example"], h["examples_seen"], h[OBJECTIVE],
                           n_boot=0, groups=h["run_id"])
         try:
             size = recommend_size(joint, h, budget_flops, max_flops_per_example)

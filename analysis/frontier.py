@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.runs import AnalysisError
+from trainers.contracts import OBJECTIVE
 
 __all__ = ["compute_frontier", "pareto_front"]
 
@@ -58,7 +59,7 @@ def pareto_front(df: pd.DataFrame, x: str, y: str, by: str | None = None) -> pd.
 
 
 def compute_frontier(history: pd.DataFrame, by: str | None = None, x: str = "train_flops",
-                     y: str = "val_logloss") -> pd.DataFrame:
+                     y: str = OBJECTIVE) -> pd.DataFrame:
     """The compute-efficient frontier: ``L*(C) = min{val_logloss : train_flops <= C}``
     over every report of every trial (optionally per ``by`` group).
 

@@ -25,7 +25,8 @@ import pandas as pd
 
 from analysis.fits import JointFit, PowerLawFit
 from analysis.frontier import compute_frontier, pareto_front
-from analysis.runs import SearchRuns
+from analysis.runs import BEST_OBJECTIVE, SearchRuns
+from trainers.contracts import OBJECTIVE
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -80,7 +81,7 @@ def family_marker(family: str) -> str:
 def _points(runs: SearchRuns, spec: PlotSpec) -> tuple[pd.DataFrame, str]:
     """Rows to plot and the loss column (non-missing, cost > 0)."""
     df = runs.trials if spec.source == "trials" else runs.history
-    y = "best_val_logloss" if spec.source == "trials" else "val_logloss"
+    y = BEST_OBJECTIVE if spec.source == "trials" else OBJECTIVE
     if spec.x not in df or y not in df:
         return df.iloc[:0], y
     df = df.dropna(subset=[spec.x, y])
@@ -131,7 +132,7 @@ def _fit_curves(runs: SearchRuns, frontier_fit: PowerLawFit | None,
                 ) -> list[tuple[str, str, str, np.ndarray, np.ndarray]]:
     """(label, family or "", colour, C, L(C)) of each usable fit, over the C range of the
     frontier it was fitted to."""
-    h = runs.history.dropna(subset=["train_flops", "val_logloss"])
+    h = runs.history.dropna(subset=["train_flops", OBJECTIVE])
     h = h[h["train_flops"] > 0]
     out = []
     fits: list[tuple[str, str, PowerLawFit | None, pd.DataFrame]] = [
@@ -234,16 +235,16 @@ def _joint_png(runs: SearchRuns, joint: JointFit, out: Path, budget_flops: float
                max_n: float | None, cap: float | None) -> Path:
     import matplotlib.pyplot as plt
 
-    h = runs.history.dropna(subset=["flops_per_example", "examples_seen", "val_logloss"])
+    h = runs.history.dropna(subset=["flops_per_example", "examples_seen", OBJECTIVE])
     h = h[(h["flops_per_example"] > 0) & (h["examples_seen"] > 0)]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.2), dpi=110, layout="constrained")
     if joint.ok and not h.empty:
         pred = joint.predict(h["flops_per_example"], h["examples_seen"])
         for fam, idx in h.groupby("block", sort=True).groups.items():
-            left.scatter(pred[h.index.get_indexer(idx)], h.loc[idx, "val_logloss"], s=14,
+            left.scatter(pred[h.index.get_indexer(idx)], h.loc[idx, OBJECTIVE], s=14,
                          marker=family_marker(str(fam)), color=family_color(str(fam)),
                          alpha=0.7, label=str(fam), edgecolors="none")
-        both = np.concatenate([pred, h["val_logloss"].to_numpy(dtype=float)])
+        both = np.concatenate([pred, h[OBJECTIVE].to_numpy(dtype=float)])
         lo, hi, _ = _ylim(both)
         left.plot([lo, hi], [lo, hi], color="black", lw=1, label="observed = predicted")
         left.set_xlim(lo, hi)
@@ -266,7 +267,7 @@ def _joint_png(runs: SearchRuns, joint: JointFit, out: Path, budget_flops: float
                               zorder=5, label=f"budget {budget_flops:.3g} FLOPs: "
                                               f"N*={n_opt:.3g}, D*={d_opt:.3g}")
         front = compute_frontier(h)
-        xs, ys = _staircase(front, "train_flops", "val_logloss", float(h["train_flops"].max()))
+        xs, ys = _staircase(front, "train_flops", OBJECTIVE, float(h["train_flops"].max()))
         right.step(xs, ys, where="post", color="#0072B2", lw=1.5,
                    label="observed compute frontier")
         right.set_xscale("log")

@@ -42,8 +42,8 @@ import pandas as pd
 from analysis.fits import JointFit, PowerLawFit, fit_joint, fit_power_law
 from analysis.frontier import compute_frontier, pareto_front
 from analysis.plots import html_figures, png_figures
-from analysis.runs import AnalysisError, SearchRuns
-from trainers.experiment import experiment_from_flat
+from analysis.runs import BEST_OBJECTIVE, CONFIG_COLUMN, AnalysisError, SearchRuns
+from trainers.contracts import METRICS, OBJECTIVE
 
 __all__ = ["EXTRAPOLATION", "ComputeOptimal", "ReportResult", "ScalingFits", "build_report",
            "fit_search", "log_report_to_mlflow", "recommend_size", "select_best"]
@@ -51,9 +51,7 @@ __all__ = ["EXTRAPOLATION", "ComputeOptimal", "ReportResult", "ScalingFits", "bu
 EXTRAPOLATION = 10.0  # how far beyond the largest trained model a recommendation may reach
 EXCLUDED_STATUS = ("ERROR", "DIVERGED")  # trials never recommended
 SPREAD_WARNING = 10.0  # warn when the 95% interval of N* spans more than this factor
-_TRIAL_KEYS = ("run_id", "trial_id", "block", "status", "best_val_logloss", "val_logloss",
-               "val_auc", "flops_per_example", "params_dense", "params_embedding",
-               "train_flops", "examples_seen")
+_TRIAL_KEYS = ("run_id", "trial_id", "block", "status", BEST_OBJECTIVE, *METRICS)
 
 
 @dataclass(frozen=True)
@@ -118,7 +116,7 @@ def select_best(trials: pd.DataFrame, max_flops_per_example: float | None = None
     Raises:
         AnalysisError: no trial qualifies.
     """
-    col = "best_val_logloss" if "best_val_logloss" in trials else "val_logloss"
+    col = BEST_OBJECTIVE if BEST_OBJECTIVE in trials else OBJECTIVE
     if col not in trials:
         raise AnalysisError("no trial with a validation loss: trials lack 'val_logloss'")
     ok = trials[np.isfinite(pd.to_numeric(trials[col], errors="coerce"))]
@@ -149,18 +147,18 @@ def fit_search(runs: SearchRuns, n_boot: int = 200, joint_boot: int = 100, seed:
       ``flops_per_example``, D = ``examples_seen``) of every trial not ERROR or
       DIVERGED, pooled over the families, bootstrapped by whole trials.
     """
-    h = runs.history.dropna(subset=["train_flops", "val_logloss"])
+    h = runs.history.dropna(subset=["train_flops", OBJECTIVE])
     h = h[h["train_flops"] > 0]
     front = compute_frontier(h)
-    frontier = fit_power_law(front["train_flops"], front["val_logloss"], n_boot, seed)
+    frontier = fit_power_law(front["train_flops"], front[OBJECTIVE], n_boot, seed)
     by_family = {}
     for fam, g in h.groupby("block", sort=True):
         f = compute_frontier(g)
-        by_family[str(fam)] = fit_power_law(f["train_flops"], f["val_logloss"], n_boot, seed)
+        by_family[str(fam)] = fit_power_law(f["train_flops"], f[OBJECTIVE], n_boot, seed)
     failed = runs.trials.loc[runs.trials["status"].isin(EXCLUDED_STATUS), "run_id"]
     hj = h.dropna(subset=["flops_per_example", "examples_seen"])
     hj = hj[~hj["run_id"].isin(failed)]  # a diverging run's spikes are no scaling data
-    joint = fit_joint(hj["flops_per_example"], hj["examples_seen"], hj["val_logloss"],
+    joint = fit_joint(hj["flops_per_example"], hj["examples_seen"], hj[OBJECTIVE],
                       joint_boot, seed, groups=hj["run_id"])
     return ScalingFits(frontier, by_family, joint)
 
@@ -218,21 +216,8 @@ def _jsonable(obj: Any) -> Any:
 
 def _trial_summary(row: pd.Series) -> dict[str, Any]:
     out = {k: row[k] for k in _TRIAL_KEYS if k in row}
-    config = {k: row[k] for k in row.index
-              if isinstance(k, str) and k.startswith(("model.", "train."))
-              and not (isinstance(row[k], float) and math.isnan(row[k]))}
-    out["config"] = _typed(config)
+    out["config"] = dict(row[CONFIG_COLUMN])
     return out
-
-
-def _typed(flat: dict[str, Any]) -> dict[str, Any]:
-    """The config with its own types again (a pandas column shared with other families
-    turns ints into floats: ``n_fm: 4.0``); as given when it does not validate."""
-    try:
-        typed = experiment_from_flat(flat).flat()
-    except (ValueError, TypeError):
-        return flat
-    return {k: typed.get(k, v) for k, v in flat.items()}
 
 
 def _records(df: pd.DataFrame, cols: list[str]) -> list[dict[str, Any]]:
@@ -243,11 +228,11 @@ def _frontiers(runs: SearchRuns) -> dict[str, Any]:
     out: dict[str, Any] = {}
     ids = ["run_id", "trial_id", "block"]
     for x in ("flops_per_example", "params_dense"):
-        if x in runs.trials and "best_val_logloss" in runs.trials:
-            front = pareto_front(runs.trials, x, "best_val_logloss")
-            out[x] = _records(front, ids + [x, "best_val_logloss"])
-    h = runs.history.dropna(subset=["train_flops", "val_logloss"])
-    cols = ids + ["train_flops", "val_logloss", "examples_seen", "flops_per_example"]
+        if x in runs.trials and BEST_OBJECTIVE in runs.trials:
+            front = pareto_front(runs.trials, x, BEST_OBJECTIVE)
+            out[x] = _records(front, ids + [x, BEST_OBJECTIVE])
+    h = runs.history.dropna(subset=["train_flops", OBJECTIVE])
+    cols = ids + ["train_flops", OBJECTIVE, "examples_seen", "flops_per_example"]
     out["train_flops"] = _records(compute_frontier(h), cols)
     out["train_flops_by_family"] = {
         str(fam): _records(compute_frontier(g), cols) for fam, g in h.groupby("block", sort=True)}
@@ -319,7 +304,7 @@ def _html(runs: SearchRuns, summary: dict[str, Any], divs: list[str], out: Path,
         return out
 
     trial_rows = rows((("best_overall", "best trial"), ("best_under_cap", "best under the cap")),
-                      lambda r: [r.get("trial_id"), r.get("block"), r.get("best_val_logloss"),
+                      lambda r: [r.get("trial_id"), r.get("block"), r.get(BEST_OBJECTIVE),
                                  r.get("val_auc"), r.get("flops_per_example"),
                                  r.get("params_dense")])
     size_rows = rows((("compute_optimal", "no serving cap"),
@@ -434,6 +419,6 @@ def log_report_to_mlflow(result: ReportResult, parent_run_id: str,
     """Attach the report's files to the search's parent run (artifact folder ``report``)."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
-    for path in result.files:
-        client.log_artifact(parent_run_id, str(path), artifact_path="report")
+    from trainers.tracking import log_files
+
+    log_files(MlflowClient(tracking_uri), parent_run_id, list(result.files), artifact_path="report")

@@ -7,9 +7,12 @@ metrics per report with ``step = examples_seen``).
 
 :class:`SearchRuns` holds
 
-* ``trials``: one row per trial: ``run_id``, ``trial_id``, ``block``, ``status``, the
-  config columns (``model.block``, ``model.d_model``, ``train.lr``, ..., typed: numbers
-  are numbers), the last value of every metric, and ``best_val_logloss`` (the lowest
+* ``trials``: one row per trial: ``run_id``, ``trial_id``, ``block``, ``status``,
+  ``config`` (the trial's typed config, flat: ``{"model.block": "wukong",
+  "model.d_model": 32, "train.lr": 0.001, ...}``, read from the run's
+  ``recscale.config`` JSON; no pandas column turns its ints into floats), the same
+  values as columns (``model.block``, ``model.d_model``, ``train.lr``, ... for
+  filtering), the last value of every metric, and ``best_val_logloss`` (the lowest
   validation loss the trial reported);
 * ``history``: one row per report: ``run_id``, ``trial_id``, ``block``, ``step`` and
   the metric series (``train_flops``, ``examples_seen``, ``val_logloss``, ``val_auc``,
@@ -18,7 +21,6 @@ metrics per report with ``step = examples_seen``).
 
 from __future__ import annotations
 
-import ast
 import json
 import math
 import os
@@ -28,21 +30,36 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from trainers.contracts import UserError
+from trainers.contracts import (
+    KIND_SEARCH,
+    KIND_TRIAL,
+    METRICS,
+    OBJECTIVE,
+    TAG_BLOCK,
+    TAG_CONFIG,
+    TAG_KIND,
+    TAG_PARENT,
+    TAG_STATUS,
+    TAG_TRIAL_ID,
+    UserError,
+    default_tracking_uri,
+)
 from trainers.experiment import flatten
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
-__all__ = ["HISTORY_METRICS", "AnalysisError", "SearchRuns", "load_search", "runs_from_frames"]
+__all__ = ["BEST_OBJECTIVE", "CONFIG_COLUMN", "HISTORY_METRICS", "AnalysisError", "SearchRuns", "load_search",
+           "runs_from_frames"]
 
-KIND_TAG = "recscale.kind"  # the tags written by search/tracking.py
-PARENT_TAG = "mlflow.parentRunId"
-CONFIG_TAG = "recscale.config"  # optional: the run's config as JSON (typed values)
-HISTORY_METRICS = ("val_logloss", "val_auc", "val_ne", "train_loss", "examples_seen",
-                   "train_flops", "flops_per_example", "params_dense", "params_embedding",
-                   "examples_per_s")
+#: The metric series read back per report: every metric of the contract.
+HISTORY_METRICS = METRICS
+#: The column of ``trials`` holding each trial's typed flat config.
+CONFIG_COLUMN = "config"
+#: The column of ``trials`` with the lowest objective value each trial reported.
+BEST_OBJECTIVE = f"best_{OBJECTIVE}"
+CONFIG_SECTIONS = ("model.", "train.")  # what a trial's config holds (data is the search's)
 ID_COLUMNS = ("run_id", "trial_id", "block")
 
 
@@ -66,18 +83,13 @@ class SearchRuns:
     tracking_uri: str | None = None
 
 
-def _parse_param(text: str) -> Any:
-    """An MLflow param (always a string) back to the value it was logged from:
-    ``"16"`` → 16, ``"0.001"`` → 0.001, ``"None"`` → None, ``"[64]"`` → [64];
-    anything else stays a string."""
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        try:
-            return float(text)  # "nan", "inf"
-        except ValueError:
-            return text
-    return value if isinstance(value, int | float | bool | list | tuple | dict | None) else text
+def _config_from_columns(row: pd.Series) -> dict[str, Any]:
+    """A trial's flat config from its dotted columns, for frames built without the typed
+    ``config`` column (a column shared by several families holds NaN where a trial's
+    family has no such knob: that is no value of this trial's)."""
+    return {k: v for k, v in row.items()
+            if isinstance(k, str) and k.startswith(CONFIG_SECTIONS)
+            and not (isinstance(v, float) and math.isnan(v))}
 
 
 def runs_from_frames(trials: pd.DataFrame, history: pd.DataFrame, name: str = "search",
@@ -90,7 +102,8 @@ def runs_from_frames(trials: pd.DataFrame, history: pd.DataFrame, name: str = "s
     ``flops_per_example``/``params_dense`` of a report from its trial (and the trial's
     ``flops_per_example``/``params_dense`` from its last report), a missing
     ``train_flops = 3·flops_per_example·examples_seen``, ``step = examples_seen``, and
-    ``best_val_logloss`` = the lowest ``val_logloss`` the trial reported. Every column
+    ``best_val_logloss`` = the lowest ``val_logloss`` the trial reported, and the
+    ``config`` column from the dotted config columns where it is absent. Every column
     of :data:`HISTORY_METRICS` exists in ``history`` (NaN where never reported).
     """
     if trials.empty:
@@ -107,6 +120,8 @@ def runs_from_frames(trials: pd.DataFrame, history: pd.DataFrame, name: str = "s
     for col in ("trial_id", "block", "status"):
         if col not in trials:
             trials[col] = trials["run_id"] if col == "trial_id" else None
+    if CONFIG_COLUMN not in trials:
+        trials[CONFIG_COLUMN] = [_config_from_columns(row) for _, row in trials.iterrows()]
     for col in ("step", *HISTORY_METRICS):
         history[col] = (pd.to_numeric(history[col], errors="coerce") if col in history
                         else pd.Series(math.nan, index=history.index, dtype=float))
@@ -122,20 +137,10 @@ def runs_from_frames(trials: pd.DataFrame, history: pd.DataFrame, name: str = "s
     history["train_flops"] = history["train_flops"].fillna(derived)
     history["step"] = history["step"].fillna(history["examples_seen"])
     history = history.sort_values(["run_id", "step"], kind="mergesort").reset_index(drop=True)
-    if "best_val_logloss" not in trials:
-        best = history.groupby("run_id")["val_logloss"].min()
-        trials["best_val_logloss"] = trials["run_id"].map(best)
+    if BEST_OBJECTIVE not in trials:
+        best = history.groupby("run_id")[OBJECTIVE].min()
+        trials[BEST_OBJECTIVE] = trials["run_id"].map(best)
     return SearchRuns(name, trials, history, parent_run_id, dict(settings or {}), tracking_uri)
-
-
-def _default_uri(uri: str | None) -> str:
-    """The given URI, else ``MLFLOW_TRACKING_URI``, else MLflow's own default (SQLite in
-    the working directory: the same rule as ``search.tracking.default_tracking_uri``)."""
-    if uri:
-        return uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{os.path.abspath('mlflow.db')}"
 
 
 def _check_store(uri: str) -> None:
@@ -171,23 +176,35 @@ def _history(client: MlflowClient, run: Run) -> dict[int, dict[str, float]]:
     return series
 
 
+def run_config(run: Run) -> dict[str, Any]:
+    """The typed config a trial run was logged with, flat (``model.*``, ``train.*``).
+
+    It is read from the run's ``recscale.config`` JSON (``ExperimentConfig.to_dict()``,
+    written when the trial starts): JSON keeps ``32`` an int and ``0.001`` a float, so
+    nothing is parsed back from MLflow's string params.
+
+    Raises:
+        AnalysisError: the run has no such JSON, or it does not hold a config.
+    """
+    raw = run.data.tags.get(TAG_CONFIG)
+    try:
+        tree = json.loads(raw) if raw else None
+    except json.JSONDecodeError as err:
+        raise AnalysisError(f"trial run {run.info.run_id}: tag {TAG_CONFIG} is not JSON "
+                            f"({err.msg})") from None
+    if not isinstance(tree, dict) or not isinstance(tree.get("model"), dict):
+        raise AnalysisError(f"trial run {run.info.run_id} has no typed config (tag {TAG_CONFIG} "
+                            "with a model section)")
+    return {k: v for k, v in flatten(tree).items() if k.startswith(CONFIG_SECTIONS)}
+
+
 def _trial_row(run: Run) -> dict[str, Any]:
     tags = run.data.tags
-    row: dict[str, Any] = {"run_id": run.info.run_id, "trial_id": tags.get("trial_id"),
-                           "block": tags.get("block"), "status": tags.get("status"),
-                           "run_status": run.info.status}
-    config: dict[str, Any] = {k: _parse_param(v) for k, v in run.data.params.items()}
-    raw = tags.get(CONFIG_TAG)
-    if raw:
-        try:
-            typed = json.loads(raw)
-        except json.JSONDecodeError:
-            typed = {}  # a truncated tag: the params (the contract) already hold the config
-        if isinstance(typed, dict):
-            config.update(flatten(typed))
-    row.update(config)
-    if row["block"] is None and isinstance(config.get("model.block"), str):
-        row["block"] = config["model.block"]
+    config = run_config(run)
+    row: dict[str, Any] = {"run_id": run.info.run_id, "trial_id": tags.get(TAG_TRIAL_ID),
+                           "block": tags.get(TAG_BLOCK, config.get("model.block")),
+                           "status": tags.get(TAG_STATUS), "run_status": run.info.status,
+                           CONFIG_COLUMN: config, **config}
     row.update(run.data.metrics)
     return row
 
@@ -211,7 +228,7 @@ def load_search(name: str, tracking_uri: str | None = None) -> SearchRuns:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    uri = _default_uri(tracking_uri)
+    uri = default_tracking_uri(tracking_uri)
     _check_store(uri)
     client = MlflowClient(uri)
     try:
@@ -223,12 +240,12 @@ def load_search(name: str, tracking_uri: str | None = None) -> SearchRuns:
     if exp.lifecycle_stage == "deleted":
         raise AnalysisError(f"search {name!r} in {uri} was deleted")
     exp_id = str(exp.experiment_id)
-    parents = _search_all(client, exp_id, f"tags.`{KIND_TAG}` = 'search'")
+    parents = _search_all(client, exp_id, f"tags.`{TAG_KIND}` = '{KIND_SEARCH}'")
     if not parents:
         raise AnalysisError(f"experiment {name!r} in {uri} has no recscale search run")
     parent = parents[0]  # the first one created, as search.tracking resumes into it
-    children = _search_all(client, exp_id, f"tags.`{PARENT_TAG}` = '{parent.info.run_id}' "
-                                           f"and tags.`{KIND_TAG}` = 'trial'")
+    children = _search_all(client, exp_id, f"tags.`{TAG_PARENT}` = '{parent.info.run_id}' "
+                                           f"and tags.`{TAG_KIND}` = '{KIND_TRIAL}'")
     if not children:
         raise AnalysisError(f"search {name!r} in {uri} has no trial runs yet")
     rows = [_trial_row(run) for run in children]
@@ -240,7 +257,7 @@ def load_search(name: str, tracking_uri: str | None = None) -> SearchRuns:
     trials = pd.DataFrame(rows)
     history = pd.DataFrame(hist)
     try:
-        settings = json.loads(parent.data.tags.get(CONFIG_TAG) or "{}")
+        settings = json.loads(parent.data.tags.get(TAG_CONFIG) or "{}")
     except json.JSONDecodeError:
         settings = {}
     if not isinstance(settings, dict):

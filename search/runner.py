@@ -22,8 +22,8 @@ from search.monitor import DriverMemory
 from search.resources import TrialResources
 from search.schedulers import make_scheduler, scheduler_milestones
 from search.settings import SearchConfig
+from search.space import SearchSpace, bundled_space, load_space
 from search.tracking import TrialStatusCallback
-from spaces.search_space import SearchSpace, bundled_space, load_space
 from trainers.contracts import (
     METRICS,
     OBJECTIVE,
@@ -39,7 +39,7 @@ from trainers.contracts import (
 )
 from trainers.data import EncodedDataset, load_dataset
 from trainers.experiment import flatten
-from trainers.tracking import child_runs, end_run, find_or_create_parent
+from trainers.tracking import child_runs, end_run, find_or_create_parent, log_files
 
 __all__ = [
     "SearchError",
@@ -271,7 +271,7 @@ def open_tracking(plan: SearchPlan, tracking_uri: str | None) -> Tracking:
         client, cfg.name, params, tags={TAG_DATA_FINGERPRINT: ds.fingerprint,
                                         TAG_STORAGE: str(plan.exp_path),
                                         TAG_CONFIG: cfg.model_dump_json()})
-    client.log_artifact(parent_id, str(plan.space_path))
+    log_files(client, parent_id, [plan.space_path])
     return Tracking(uri, exp_id, parent_id)
 
 

@@ -33,6 +33,7 @@ from analysis import (
     pareto_front,
     runs_from_frames,
 )
+from analysis.export import export_config
 from analysis.report import (
     ReportResult,
     build_report,
@@ -40,6 +41,8 @@ from analysis.report import (
     recommend_size,
     select_best,
 )
+from trainers.contracts import KIND_SEARCH, KIND_TRIAL, TAG_CONFIG, TAG_KIND, TAG_PARENT
+from trainers.experiment import experiment_from_flat, load_experiment
 
 FAMILIES = ["attention", "tokenmixer", "wukong", "unimixing", "unimixing_lite"]
 
@@ -421,10 +424,12 @@ def test_load_search_reads_a_sqlite_store_and_logs_the_report(tmp_path: Path) ->
         run = client.create_run(exp, tags={"recscale.kind": "trial", "trial_id": f"t{i}",
                                            "mlflow.parentRunId": pid, "block": "wukong",
                                            "status": status})
-        params = {"model.block": "wukong", "model.d_model": 16 * (i + 1), "train.lr": 1e-3,
-                  "model.head_hidden": [64], "train.max_examples": None}
+        cfg = experiment_from_flat({"model.block": "wukong", "model.d_model": 16 * (i + 1),
+                                    "model.wukong.k": 4, "train.lr": 1e-3})
+        client.set_tag(run.info.run_id, TAG_CONFIG, json.dumps(cfg.to_dict()))  # as tracking does
         steps = (100, 200, 300)
-        client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()],
+        # params are MLflow's strings, for its UI; analysis never parses them back
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in cfg.flat().items()],
                          metrics=[Metric(name, v, 0, s) for s in steps for name, v in (
                              ("val_logloss", 0.7 - s / 1e4 - i / 100), ("examples_seen", s),
                              ("train_flops", 3e3 * s), ("flops_per_example", 1e3),
@@ -434,9 +439,12 @@ def test_load_search_reads_a_sqlite_store_and_logs_the_report(tmp_path: Path) ->
     t = runs.trials.set_index("trial_id")
     assert list(t.index) == ["t0", "t1", "t2"] and list(t.status) == ["TERMINATED", "STOPPED",
                                                                        "DIVERGED"]
-    assert t["model.d_model"].tolist() == [16, 32, 48]  # params typed back
+    assert t["model.d_model"].tolist() == [16, 32, 48]  # the typed config, not the params
     assert t.loc["t0", "train.lr"] == 1e-3 and t.loc["t0", "model.head_hidden"] == [64]
     assert t.loc["t0", "train.max_examples"] is None
+    config = t.loc["t1", "config"]
+    assert config["model.wukong.k"] == 4 and type(config["model.d_model"]) is int
+    assert not any(k.startswith("data.") for k in config)  # the data is the search's
     assert t.loc["t2", "best_val_logloss"] == pytest.approx(0.7 - 0.03 - 0.02)
     assert t.loc["t2", "val_logloss"] == pytest.approx(0.7 - 0.03 - 0.02)  # the last value
     h = runs.history
@@ -467,16 +475,40 @@ def test_load_search_reads_a_sqlite_store_and_logs_the_report(tmp_path: Path) ->
         load_search("fake-search", f"sqlite:///{tmp_path / 'nowhere.db'}")
 
 
-def test_summary_configs_keep_their_types() -> None:
-    """A pandas column shared by several families holds NaN, so its ints arrive as floats;
-    the summary gives them back their types (and leaves an invalid config as it is)."""
-    from analysis.report import _typed
+def test_summary_configs_keep_their_types(tmp_path: Path) -> None:
+    """Trials of several families share config columns, so pandas holds NaN where a
+    family lacks a knob and turns the others' ints into floats; the report and export
+    read each trial's own typed ``config`` instead."""
+    exps = [experiment_from_flat({"model.block": "wukong", "model.wukong.n_fm": 4}),
+            experiment_from_flat({"model.block": "tokenmixer", "model.d_model": 32})]
+    trials = pd.DataFrame([
+        {"run_id": f"r{i}", "trial_id": f"t{i}", "block": e.model.block, "status": "TERMINATED",
+         "best_val_logloss": 0.4 + i / 10, "val_logloss": 0.4 + i / 10, "flops_per_example": 1e3,
+         "train_flops": 3e6, "config": {k: v for k, v in e.flat().items()
+                                        if k.startswith(("model.", "train."))},
+         **e.flat()} for i, e in enumerate(exps)])
+    assert trials["model.wukong.n_fm"].dtype == float  # the pandas column lost the type
+    hist = pd.DataFrame([{"run_id": f"r{i}", "step": s, "examples_seen": s,
+                          "val_logloss": 0.5 + i / 10 - s / 1e4} for i in range(2)
+                         for s in (100, 200, 300)])
+    runs = runs_from_frames(trials, hist, "typed")
+    best = build_report(runs, tmp_path / "rep", n_boot=0).summary["recommendation"]["best_overall"]
+    assert best["trial_id"] == "t0" and best["config"] == trials.loc[0, "config"]
+    assert type(best["config"]["model.wukong.n_fm"]) is int
+    assert not any(k.startswith("model.tokenmixer.") for k in best["config"])
+    exported = export_config(runs, tmp_path / "b.yaml")
+    assert exported.model == exps[0].model
+    assert "n_fm: 4\n" in (tmp_path / "b.yaml").read_text()
+    assert load_experiment(tmp_path / "b.yaml").model == exps[0].model
 
-    flat = {"model.block": "wukong", "model.d_model": 32.0, "model.n_tokens": 4.0,
-            "model.wukong.n_fm": 4.0, "train.lr": 0.001, "train.epochs": 1.0}
-    typed = _typed(flat)
-    assert set(typed) == set(flat)
-    assert typed["model.wukong.n_fm"] == 4 and isinstance(typed["model.wukong.n_fm"], int)
-    assert isinstance(typed["model.d_model"], int) and isinstance(typed["train.lr"], float)
-    bad = {"model.block": "no_such_block", "model.d_model": 32.0}
-    assert _typed(bad) == bad
+
+def test_load_search_refuses_a_trial_without_its_typed_config(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("untyped", artifact_location=str(tmp_path / "art"))
+    pid = client.create_run(exp, tags={TAG_KIND: KIND_SEARCH}).info.run_id
+    client.create_run(exp, tags={TAG_KIND: KIND_TRIAL, TAG_PARENT: pid, TAG_CONFIG: "{not json"})
+    with pytest.raises(AnalysisError, match=f"tag {TAG_CONFIG} is not JSON"):
+        load_search("untyped", uri)

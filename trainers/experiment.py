@@ -2,25 +2,30 @@
 
 This is the format ``recscale export`` writes and ``recscale train`` reads. YAML goes
 through ``yaml.safe_load`` only; every section becomes a typed, validated object, and any
-problem becomes one :class:`ConfigError` line naming the file and the key.
+problem becomes one :class:`ConfigError` line naming the file and the key. An unknown key
+(``trian.lr``, ``model.wukong.kk``) is an error that names the nearest valid key, both
+here and in :func:`experiment_from_flat` (the flat dotted form Ray and MLflow see).
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+import typing
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from spaces import ModelConfig
-from spaces.blocks import BlockDimensionError, UnknownBlockError
+from spaces import ModelConfig, block_names, get_block
 from trainers.contracts import UserError
 from trainers.data import DataConfig
 from trainers.loop import TrainConfig
 
-__all__ = ["ConfigError", "ExperimentConfig", "flatten", "load_experiment", "validation_message"]
+__all__ = ["ConfigError", "ExperimentConfig", "check_keys", "did_you_mean", "experiment_from_flat",
+           "flatten", "load_experiment", "read_yaml_mapping", "validation_message"]
 
 
 class ConfigError(UserError):
@@ -62,16 +67,65 @@ class ExperimentConfig(BaseModel):
         return flatten(d)
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}} -> {"a.b": 1}``; lists and tuples stay values."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, Mapping):
             out.update(flatten(value, name + "."))
         else:
             out[name] = value
     return out
+
+
+def did_you_mean(key: str, valid: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the valid name nearest ``key``, else ``""``."""
+    near = difflib.get_close_matches(key, list(valid), n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+def _section_schemas(schema: type[BaseModel]) -> dict[str, type[BaseModel] | None]:
+    """The keys a mapping for ``schema`` may hold, each with the model its value is
+    checked against (None: a leaf, or a free-form mapping such as ``provenance``).
+
+    ``ModelConfig`` holds a section per block family (``model.wukong``) instead of
+    its ``mixer`` field.
+    """
+    out: dict[str, type[BaseModel] | None] = {}
+    for name, field in schema.model_fields.items():
+        kinds = typing.get_args(field.annotation) or (field.annotation,)
+        nested = [k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)]
+        out[name] = nested[0] if nested else None
+    if schema is ModelConfig:
+        out.pop("mixer")
+        out.update({name: get_block(name).Config for name in block_names()})
+    return out
+
+
+def check_keys(tree: Mapping[str, Any], schema: type[BaseModel], source: str,
+               prefix: str = "") -> None:
+    """Raise a one-line :class:`ConfigError` at the first key of ``tree`` (nested, as in
+    the YAML) that ``schema`` does not know, naming the nearest valid key.
+
+    Example::
+
+        >>> check_keys({"trian": {"lr": 0.1}}, ExperimentConfig, "best.yaml")
+        Traceback (most recent call last):
+        trainers.experiment.ConfigError: best.yaml: unknown key 'trian.lr' (did you mean 'train.lr'?)
+    """
+    valid = _section_schemas(schema)
+    for key, value in tree.items():
+        if key not in valid:
+            rest = next(iter(flatten(value)), "") if isinstance(value, Mapping) else ""
+            tail = f".{rest}" if rest else ""
+            near = difflib.get_close_matches(str(key), list(valid), n=1)
+            hint = (f" (did you mean {prefix + near[0] + tail!r}?)" if near
+                    else f" (valid here: {', '.join(valid)})")
+            raise ConfigError(f"{source}: unknown key {prefix + str(key) + tail!r}{hint}")
+        sub = valid[key]
+        if sub is not None and isinstance(value, Mapping):
+            check_keys(value, sub, source, f"{prefix}{key}.")
 
 
 def validation_message(err: BaseException, source: str = "config") -> str:
@@ -82,43 +136,58 @@ def validation_message(err: BaseException, source: str = "config") -> str:
         msg = first["msg"].removeprefix("Value error, ")
         more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
         return f"{source}: {loc}: {msg}{more}"
-    if isinstance(err, UnknownBlockError | BlockDimensionError):
-        return f"{source}: {err}"
     return f"{source}: {err}"
+
+
+def read_yaml_mapping(path: Path, error: type[UserError], what: str,
+                      expected: str) -> dict[str, Any]:
+    """``yaml.safe_load`` of a file that must hold a mapping; a missing file, malformed
+    YAML or another shape is one ``error`` line naming ``path`` (and the YAML line)."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise error(f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: expected a mapping with {expected}")
+    return raw
 
 
 def load_experiment(path: str | os.PathLike[str]) -> ExperimentConfig:
     """Read and validate an experiment YAML; any problem is one ``ConfigError`` line."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with model/train/data sections")
+    raw = read_yaml_mapping(path, ConfigError, "file", "model/train/data sections")
+    check_keys(raw, ExperimentConfig, str(path))
     try:
         return ExperimentConfig(**raw)
     except (ValidationError, ValueError) as err:
         raise ConfigError(validation_message(err, str(path))) from None
 
 
-def experiment_from_flat(flat: dict[str, Any], data: DataConfig | None = None) -> ExperimentConfig:
+def experiment_from_flat(flat: Mapping[str, Any], data: DataConfig | None = None,
+                         source: str = "config") -> ExperimentConfig:
     """Typed configs from a flat dotted-key sample (what Ray Tune hands a trial).
 
-    Keys outside ``model.``/``train.`` are ignored; ``data`` replaces any data keys.
+    Every key must name a field: ``model.*``, ``train.*`` or ``data.*`` (an unknown one
+    is a :class:`ConfigError` naming it and the nearest valid key). ``data``, when
+    given, replaces the ``data.*`` keys. ``experiment_from_flat(exp.flat()) == exp``.
     """
-    tree: dict[str, Any] = {"model": {}, "train": {}}
+    tree: dict[str, Any] = {"model": {}}
     for key, value in flat.items():
-        head, _, rest = key.partition(".")
-        if head not in tree or not rest:
-            continue
-        node = tree[head]
-        *parents, leaf = rest.split(".")
+        node = tree
+        *parents, leaf = key.split(".")
         for p in parents:
-            node = node.setdefault(p, {})
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{source}: key {key!r} nests under the value of {p!r}")
+            node = child
         node[leaf] = list(value) if isinstance(value, tuple) else value
-    return ExperimentConfig(model=tree["model"], train=tree["train"], data=data or DataConfig())
+    check_keys(tree, ExperimentConfig, source)
+    if "provenance" in tree:
+        raise ConfigError(f"{source}: provenance is not part of a flat config")
+    if data is not None:
+        tree["data"] = data
+    return ExperimentConfig(**tree)

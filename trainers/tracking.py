@@ -46,6 +46,7 @@ __all__ = [
     "experiment_id",
     "find_or_create_parent",
     "find_trial_run",
+    "log_files",
     "log_metric_series",
     "log_metrics",
     "log_params",
@@ -92,6 +93,13 @@ def log_metric_series(client: MlflowClient, run_id: str, key: str,
     """One metric as a series of ``(step, value)`` points."""
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(key, float(v), now, int(s)) for s, v in points])
+
+
+def log_files(client: MlflowClient, run_id: str, paths: list[Path] | list[str],
+              artifact_path: str | None = None) -> None:
+    """Files as artifacts of ``run_id`` (under ``artifact_path``)."""
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path=artifact_path)
 
 
 def create_run(client: MlflowClient, exp_id: str, run_name: str, tags: Mapping[str, str],

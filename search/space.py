@@ -7,6 +7,12 @@ own knobs and the training knobs. Every knob is either a constant or one of::
     {int: [lo, hi], log: false, step: 1}
     {float: [lo, hi], log: true}
 
+Every value a file gives (a constant, each ``choice`` entry, both ends of a range) is
+checked at load against the type and range of the field it sets (``ModelConfig``, the
+family's block config, ``TrainConfig``); a ``float`` range on an integer knob is an error.
+The files ship in ``spaces/`` (:data:`SPACES_DIR`); the loader lives in ``search/``
+because training knobs are ``trainers`` fields, and ``spaces`` depends on nothing above it.
+
 Example (``spaces/unified.yaml`` is the full one)::
 
     name: tiny
@@ -29,27 +35,41 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 
+import spaces
 from spaces.blocks import get_block
-from spaces.errors import UserError
 from spaces.model import ModelConfig
+from trainers.contracts import UserError
+from trainers.experiment import did_you_mean, read_yaml_mapping
+from trainers.loop import TrainConfig
 
 __all__ = [
     "Choice",
     "FloatRange",
     "IntRange",
+    "SPACES_DIR",
     "SearchSpace",
     "SpaceError",
     "bundled_space",
+    "bundled_spaces",
     "load_space",
     "unflatten",
 ]
 
-SPACES_DIR = Path(__file__).parent
+#: Where the shipped space files live (package data of ``spaces``).
+SPACES_DIR = Path(spaces.__file__).parent
 
 
 class SpaceError(UserError):
@@ -103,6 +123,62 @@ def _parse_knob(value: Any) -> Any:
     return value
 
 
+def _as_tuples(value: Any) -> Any:
+    """YAML has lists only; tuple fields (``head_hidden``) validate strictly as tuples."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+_REASONS = {"int_type": "is not an integer", "int_parsing": "is not an integer",
+            "int_from_float": "is not an integer", "float_type": "is not a number",
+            "float_parsing": "is not a number", "bool_type": "is not true or false",
+            "string_type": "is not a string"}
+
+
+def _check_value(adapter: TypeAdapter[Any], where: str, value: Any) -> None:
+    """Raise ``ValueError("<where> <value> <what a valid value looks like>")`` unless
+    ``value`` is valid for the field (strictly: ``"3"`` is not an integer)."""
+    try:
+        adapter.validate_python(_as_tuples(value), strict=True)
+    except ValidationError as err:
+        first = err.errors()[0]
+        reason = _REASONS.get(first["type"], first["msg"].replace("Input should", "should"))
+        item = f"item {'.'.join(str(p) for p in first['loc'])} " if first["loc"] else ""
+        raise ValueError(f"{where} {value!r}: {item}{reason}" if item
+                         else f"{where} {value!r} {reason}") from None
+
+
+def _check_knob(key: str, knob: Any, field: FieldInfo) -> None:
+    """Every value ``knob`` can take is a valid value of ``field``."""
+    annotated: Any = Annotated[field.annotation, field]  # the field's type and constraints
+    adapter: TypeAdapter[Any] = TypeAdapter(annotated)
+    if isinstance(knob, Choice):
+        for i, value in enumerate(knob.choice):
+            _check_value(adapter, f"{key}: choice[{i}]", value)
+    elif isinstance(knob, IntRange | FloatRange):
+        kind = "int" if isinstance(knob, IntRange) else "float"
+        if kind == "float":
+            try:
+                adapter.validate_python(0.5, strict=True)
+            except ValidationError as err:
+                if err.errors()[0]["type"] in ("int_type", "int_from_float"):
+                    raise ValueError(f"{key}: a float range on an integer knob; "
+                                     f"use {{int: [lo, hi]}}") from None
+        for i, value in enumerate(knob.bounds):
+            _check_value(adapter, f"{key}: {kind}[{i}]", value)
+    else:
+        _check_value(adapter, f"{key}:", knob)
+
+
+def _check_section(section: str, knobs: dict[str, Any], fields: dict[str, FieldInfo],
+                   what: str) -> None:
+    """Every key of ``knobs`` names one of ``fields``, and each value fits that field."""
+    for key, knob in knobs.items():
+        if key not in fields:
+            raise ValueError(f"{section}.{key} is not {what}{did_you_mean(key, fields)}; "
+                             f"valid: {sorted(fields)}")
+        _check_knob(f"{section}.{key}", knob, fields[key])
+
+
 class TrialLike(Protocol):
     def suggest_categorical(self, name: str, choices: Any) -> Any: ...
     def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int: ...
@@ -152,23 +228,14 @@ class SearchSpace(_Strict):
         return {fam: {k: _parse_knob(v) for k, v in knobs.items()} for fam, knobs in blocks.items()}
 
     @model_validator(mode="after")
-    def _known_keys(self) -> SearchSpace:
-        from trainers.loop import TrainConfig  # local: spaces must not need trainers at import
-
-        model_fields = set(ModelConfig.model_fields) - {"block", "mixer"}
-        for key in self.model:
-            if key not in model_fields:
-                raise ValueError(f"model.{key} is not a model knob; valid: {sorted(model_fields)}")
+    def _known_keys_and_values(self) -> SearchSpace:
+        model_fields = {k: f for k, f in ModelConfig.model_fields.items() if k not in ("block", "mixer")}
+        _check_section("model", self.model, model_fields, "a model knob")
         for fam, knobs in self.blocks.items():
             if fam not in self.families:
                 raise ValueError(f"blocks.{fam} given but {fam!r} is not in families {self.families}")
-            fields = set(get_block(fam).Config.model_fields)
-            for key in knobs:
-                if key not in fields:
-                    raise ValueError(f"blocks.{fam}.{key} is not a {fam} knob; valid: {sorted(fields)}")
-        for key in self.train:
-            if key not in TrainConfig.model_fields:
-                raise ValueError(f"train.{key} is not a training knob; valid: {sorted(TrainConfig.model_fields)}")
+            _check_section(f"blocks.{fam}", knobs, get_block(fam).Config.model_fields, f"a {fam} knob")
+        _check_section("train", self.train, TrainConfig.model_fields, "a training knob")
         return self
 
     def suggest(self, trial: TrialLike) -> dict[str, Any]:
@@ -237,22 +304,14 @@ def load_space(path: str | Path) -> SearchSpace:
     path = Path(path)
     if not path.exists() and (SPACES_DIR / path.name).exists() and path.parent == Path("."):
         path = SPACES_DIR / path.name
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SpaceError(f"{path}: search-space file not found") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise SpaceError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}") from None
-    if not isinstance(raw, dict):
-        raise SpaceError(f"{path}: expected a mapping with families/model/blocks/train")
+    raw = read_yaml_mapping(path, SpaceError, "search-space file", "families/model/blocks/train")
     try:
         return SearchSpace(**raw)
     except ValidationError as err:
         first = err.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise SpaceError(f"{path}: {loc}: {first['msg'].removeprefix('Value error, ')}") from None
+        loc = ".".join(str(p) for p in first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")
+        raise SpaceError(f"{path}: {loc}: {msg}" if loc else f"{path}: {msg}") from None
 
 
 def bundled_space(name: str) -> Path:
@@ -265,5 +324,6 @@ def bundled_space(name: str) -> Path:
 
 
 def bundled_spaces() -> list[Path]:
+    """Every space file shipped in ``spaces/``."""
     return sorted(SPACES_DIR.glob("*.yaml"))
 
