@@ -2,7 +2,9 @@
 
 Measures, as fresh processes (the way a person runs them), the wall time of
 ``recscale --help``, ``recscale search --help`` and the one-line error of
-``recscale train`` on a bad file (malformed YAML; a misspelt key). Each command runs
+``recscale train`` on a bad file (malformed YAML; a misspelt section, both refused
+before torch loads; a misspelt key inside ``model``, which needs the block registry and
+so torch). Each command runs
 ``--repeats`` times after one warm-up run (the OS file cache warm, as on a second
 invocation); the median and the worst are recorded.
 
@@ -54,11 +56,14 @@ def main() -> None:
         misspelt = Path(tmp) / "misspelt.yaml"
         misspelt.write_text("model: {block: tokenmixer, d_model: 16, n_tokens: 4}\n"
                             "trian: {lr: 0.01}\n")
+        nested = Path(tmp) / "nested.yaml"
+        nested.write_text("model: {block: tokenmixer, d_modle: 16, n_tokens: 4}\n")
         cases = {
             "recscale --help": [*exe, "--help"],
             "recscale search --help": [*exe, "search", "--help"],
             "recscale train malformed.yaml": [*exe, "train", str(malformed)],
             "recscale train misspelt.yaml": [*exe, "train", str(misspelt)],
+            "recscale train nested.yaml": [*exe, "train", str(nested)],
         }
         results = {name: _time(cmd, args.repeats) for name, cmd in cases.items()}
     out = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "repeats": args.repeats,

@@ -81,6 +81,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from trainers.config_io import precheck_experiment
+
+    precheck_experiment(args.config)  # a malformed file fails before torch is imported
     from trainers.contracts import OBJECTIVE
     from trainers.experiment import load_experiment
     from trainers.full import train_full

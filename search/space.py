@@ -51,8 +51,8 @@ from pydantic.fields import FieldInfo
 import spaces
 from spaces.blocks import get_block
 from spaces.model import ModelConfig
+from trainers.config_io import did_you_mean, read_yaml_mapping
 from trainers.contracts import UserError
-from trainers.experiment import did_you_mean, read_yaml_mapping
 from trainers.loop import TrainConfig
 
 __all__ = [

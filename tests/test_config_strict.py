@@ -187,3 +187,18 @@ def test_every_value_of_an_exported_config_round_trips(tmp_path: Path) -> None:
     exp = ExperimentConfig(**GOOD)
     exp.to_yaml(tmp_path / "e.yaml")
     assert load_experiment(tmp_path / "e.yaml") == exp
+
+
+def test_light_precheck_knows_the_experiment_sections(tmp_path: Path) -> None:
+    """trainers.config_io checks sections without model code; they must be the config's."""
+    from trainers.config_io import EXPERIMENT_SECTIONS, precheck_experiment
+    from trainers.experiment import ExperimentConfig
+
+    assert set(EXPERIMENT_SECTIONS) == set(ExperimentConfig.model_fields)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {block: wukong}\ntrian: {lr: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'trian.lr' \(did you mean 'train.lr'\?\)"):
+        precheck_experiment(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text("model: {block: wukong, d_modle: 3}\n")
+    precheck_experiment(good)  # nested keys are left to load_experiment

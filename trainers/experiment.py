@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import os
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +20,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from spaces import ModelConfig, block_names, get_block
-from trainers.contracts import UserError
+from trainers.config_io import ConfigError, read_yaml_mapping
 from trainers.data import DataConfig
 from trainers.loop import TrainConfig
 
-__all__ = ["ConfigError", "ExperimentConfig", "check_keys", "did_you_mean", "experiment_from_flat",
-           "flatten", "load_experiment", "read_yaml_mapping", "validation_message"]
-
-
-class ConfigError(UserError):
-    """A config that cannot be used; the message is one line naming the problem."""
+__all__ = ["ConfigError", "ExperimentConfig", "check_keys", "experiment_from_flat", "flatten",
+           "load_experiment", "validation_message"]
 
 
 class ExperimentConfig(BaseModel):
@@ -77,12 +73,6 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
-
-
-def did_you_mean(key: str, valid: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` for the valid name nearest ``key``, else ``""``."""
-    near = difflib.get_close_matches(key, list(valid), n=1)
-    return f" (did you mean {near[0]!r}?)" if near else ""
 
 
 def _section_schemas(schema: type[BaseModel]) -> dict[str, type[BaseModel] | None]:
@@ -137,23 +127,6 @@ def validation_message(err: BaseException, source: str = "config") -> str:
         more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
         return f"{source}: {loc}: {msg}{more}"
     return f"{source}: {err}"
-
-
-def read_yaml_mapping(path: Path, error: type[UserError], what: str,
-                      expected: str) -> dict[str, Any]:
-    """``yaml.safe_load`` of a file that must hold a mapping; a missing file, malformed
-    YAML or another shape is one ``error`` line naming ``path`` (and the YAML line)."""
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise error(f"{path}: {what} not found") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise error(f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}") from None
-    if not isinstance(raw, dict):
-        raise error(f"{path}: expected a mapping with {expected}")
-    return raw
 
 
 def load_experiment(path: str | os.PathLike[str]) -> ExperimentConfig:
