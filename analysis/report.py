@@ -221,7 +221,8 @@ def _trial_summary(row: pd.Series) -> dict[str, Any]:
 
 
 def _records(df: pd.DataFrame, cols: list[str]) -> list[dict[str, Any]]:
-    return df[[c for c in cols if c in df]].to_dict("records")
+    records: list[dict[str, Any]] = df[[c for c in cols if c in df]].to_dict("records")
+    return records
 
 
 def _frontiers(runs: SearchRuns) -> dict[str, Any]:

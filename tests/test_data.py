@@ -78,7 +78,7 @@ def test_config_defaults_round_trip() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
-        ({"name": "criteo"}, "valid names: movielens-1m, synthetic, file"),
+        ({"name": "criteo"}, "valid names: file, movielens-1m, synthetic"),
         ({"fractions": (0.8, 0.1, 0.2)}, "sum to 1"),
         ({"fractions": (1.0, 0.0, 0.0)}, "sum to 1"),
         ({"label": "rating>=3"}, "label"),

@@ -170,7 +170,8 @@ def _codes(values: pd.Series | np.ndarray) -> np.ndarray:
     if s.dtype == object or isinstance(s.dtype, pd.StringDtype):
         s = s.mask(s == "")
     codes, _ = pd.factorize(s, sort=True, use_na_sentinel=True)
-    return codes.astype(np.int64, copy=False)
+    out: np.ndarray = codes.astype(np.int64, copy=False)
+    return out
 
 
 def _float_column(path: Path, col: str, raw: pd.Series) -> np.ndarray:
@@ -183,7 +184,8 @@ def _float_column(path: Path, col: str, raw: pd.Series) -> np.ndarray:
     if bad.any():
         value = raw.to_numpy()[bad][0]
         raise DataError(f"{path}: column {col!r}: non-numeric value {_one_line(value)}")
-    return values
+    out: np.ndarray = values
+    return out
 
 
 def read_movielens(label: LabelRule = "rating>=4") -> RawTable:
@@ -440,24 +442,28 @@ def _first_bad(path: Path, col: str, raw: pd.Series, bad: np.ndarray, problem: s
 
 def _label(path: Path, col: str, raw: pd.Series) -> np.ndarray:
     if raw.dtype == bool:
-        return raw.to_numpy(np.float32)
+        out: np.ndarray = raw.to_numpy(np.float32)
+        return out
     values = pd.to_numeric(raw, errors="coerce").to_numpy(np.float64, na_value=np.nan)
     bad = ~np.isin(values, (0.0, 1.0))
     if bad.any():
         raise _first_bad(path, col, raw, bad, "labels must be 0 or 1")
-    return values.astype(np.float32)
+    out = values.astype(np.float32)
+    return out
 
 
 def _numeric(path: Path, col: str, raw: pd.Series) -> np.ndarray:
     if raw.dtype == bool:
-        return raw.to_numpy(np.float64)
+        out: np.ndarray = raw.to_numpy(np.float64)
+        return out
     values = pd.to_numeric(raw, errors="coerce").to_numpy(np.float64, na_value=np.nan)
     bad = (np.isnan(values) & raw.notna().to_numpy()) | np.isinf(values)
     if bad.any():
         raise _first_bad(path, col, raw, bad, "numeric column has a non-numeric or infinite value")
     if np.isnan(values).all():
         raise DataError(f"{path}: column {col!r}: numeric column is all NaN")
-    return values
+    out = values
+    return out
 
 
 def _timestamp(path: Path, col: str, raw: pd.Series) -> np.ndarray:
@@ -470,13 +476,15 @@ def _timestamp(path: Path, col: str, raw: pd.Series) -> np.ndarray:
             values = numbers.to_numpy(np.float64, na_value=np.nan)
             if np.isnan(values).any():
                 raise _first_bad(path, col, raw, np.isnan(values), "timestamps must not be missing")
-            return values
+            out: np.ndarray = values
+            return out
         stamps = pd.to_datetime(raw, utc=True, errors="coerce", format="mixed")
     bad = stamps.isna().to_numpy()
     if bad.any():
         raise _first_bad(path, col, raw, bad, "timestamps must be numbers or dates, none missing")
     seconds = (stamps - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(1, "s")  # any resolution
-    return seconds.to_numpy(np.float64)
+    out = seconds.to_numpy(np.float64)
+    return out
 
 
 def _categorical(raw: pd.Series) -> np.ndarray:

@@ -264,7 +264,7 @@ def train(
             status, message = "diverged", f"loss became {float(loss.detach())} after {seen} examples"
             break
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         if train_cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
         opt.step()
