@@ -148,8 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except KeyboardInterrupt:
-        print("recscale: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"recscale: interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
         return 130
     except Exception as err:
         message = _user_error(err)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,7 @@ from trainers.tracking import child_runs, end_run, find_or_create_parent, log_fi
 
 __all__ = [
     "SearchError",
+    "SearchInterrupted",
     "SearchOutcome",
     "SearchPlan",
     "Tracking",
@@ -175,6 +178,8 @@ def _trial_table(trials: list[Any], check: ConfigCheck, run_ids: dict[str, str])
                     "mlflow_run_id": run_ids.get(trial.trial_id, "")})
         row.update({k: metrics[k] for k in _RESULT_COLUMNS if k in metrics})
         row["trial_id"] = trial.trial_id
+        if row["trial_status"] == "running" and trial.status == "TERMINATED":
+            row["trial_status"] = "stopped"  # ended early by ASHA or the budget
         row["error"] = _error_message(trial.error_file) if error else ""
         rows.append(row)
     if never_started:
@@ -433,14 +438,66 @@ def run_search(
     plan.exp_path.mkdir(parents=True, exist_ok=True)
     (plan.exp_path / SETTINGS_FILE).write_text(json.dumps(_settings_record(cfg), indent=2))
     t0 = time.perf_counter()
+    interrupt = _CtrlC()
     try:
-        tuner.fit()
+        with interrupt:
+            tuner.fit()
     except BaseException:
         from mlflow.tracking import MlflowClient
 
         end_run(MlflowClient(tracking.uri), tracking.parent_run_id, "KILLED")
         raise
+    if interrupt.seen:
+        from mlflow.tracking import MlflowClient
+
+        end_run(MlflowClient(tracking.uri), tracking.parent_run_id, "KILLED")
+        raise SearchInterrupted(
+            f"search {cfg.name!r} interrupted; its state is saved in {plan.exp_path}: "
+            "run the same command again to resume it")
     return collect_outcome(plan, tracking, time.perf_counter() - t0)
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C ended the search; Tune saved its state, so the same command resumes it."""
+
+
+class _CtrlC:
+    """Ctrl-C during ``fit``: note it, then let Tune stop gracefully (it saves the
+    experiment state) by sending its other stop signal, SIGUSR1 (ray 2.60
+    ``tune.tune._setup_signal_catching`` registers it beside SIGINT). Tune's own SIGINT
+    handler is switched off for the duration, since it would swallow the interrupt and
+    return as if the search had ended. A second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._active = False
+        self._previous: Any = None
+        self._env: str | None = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.seen = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    def __enter__(self) -> _CtrlC:
+        self._active = (threading.current_thread() is threading.main_thread()
+                        and hasattr(signal, "SIGUSR1"))
+        if self._active:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._env = os.environ.get(_TUNE_SIGINT)
+            os.environ[_TUNE_SIGINT] = "1"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._active:
+            signal.signal(signal.SIGINT, self._previous)
+            if self._env is None:
+                os.environ.pop(_TUNE_SIGINT, None)
+            else:
+                os.environ[_TUNE_SIGINT] = self._env
+
+
+_TUNE_SIGINT = "TUNE_DISABLE_SIGINT_HANDLER"
 
 
 def _describe(knob: Any) -> str:

@@ -21,7 +21,7 @@ class ResourceConfig(BaseModel):
     power-of-two fraction, between ``gpu_min_fraction`` and 1 GPU.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus: Literal["auto", "on", "off"] = "auto"
@@ -38,7 +38,7 @@ class SearchConfig(BaseModel):
     is ``train_flops``, with milestones ``grace_flops · reduction_factor^k``.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: str = Field("recscale", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     space: str = "unified"

@@ -77,7 +77,8 @@ def test_no_trained_config_over_the_cap(unified) -> None:
 def test_asha_stops_trials_at_flops_milestones(unified) -> None:
     cfg, out = unified
     rungs = asha_milestones(cfg.grace, cfg.reduction_factor, cfg.trial_budget)
-    stopped = out.trials[out.trials["trial_status"] == "running"]  # ended early by ASHA/budget
+    stopped = out.trials[out.trials["trial_status"] == "stopped"]  # ended early by ASHA/budget
+    assert "running" not in set(out.trials["trial_status"])
     assert len(stopped) >= 1, out.trials[["trial_status", "train_flops"]]
     at_a_rung = 0
     for _, row in stopped.iterrows():
@@ -237,6 +238,40 @@ def test_resume_after_sigkill(tmp_path) -> None:
     # one sample per finished trial; trials the budget ends with the experiment have none
     assert finished - 2 <= memory[-1] <= finished, (memory, finished)
     assert memory[0] <= len(before), "the first segment's samples were lost on resume"
+
+
+def test_ctrl_c_marks_the_parent_killed_and_the_same_command_resumes(tmp_path) -> None:
+    raytmp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": raytmp, "RAY_ADDRESS": "",
+           "RECSCALE_CACHE": str(tmp_path / "cache")}
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cmd = [a if a != "resume-test" else "ctrlc-test" for a in _search_cmd(tmp_path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if _finished_trials(client, "ctrlc-test"):
+                break
+            time.sleep(1)
+        assert proc.poll() is None, f"search ended before Ctrl-C: {proc.stderr.read()[-2000:]}"
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run(["pkill", "-9", "-f", raytmp], check=False)
+    assert proc.returncode == 130, err[-2000:]
+    last = [ln for ln in err.splitlines() if ln.strip()][-1]
+    assert last.startswith("recscale: interrupted") and "same command again to resume" in last
+    exp = client.get_experiment_by_name("ctrlc-test")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`recscale.kind` = 'search'")
+    assert parent.info.status == "KILLED"
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    subprocess.run(["pkill", "-9", "-f", raytmp], check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["spent_flops"] > 0
 
 
 def test_analyze_export_then_train_round_trips(unified, tmp_path) -> None:

@@ -1,0 +1,42 @@
+"""Bad command-line input is one line and exit status 2, before anything runs or is
+logged (in-process: the console script's own ``main``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recscale.cli import main
+
+
+@pytest.mark.parametrize(("flag", "value", "needle"), [
+    ("--budget-flops", "inf", "budget_flops: Input should be a finite number"),
+    ("--budget-flops", "nan", "budget_flops: Input should be a finite number"),
+    ("--budget-flops", "-1", "budget_flops: Input should be greater than 0"),
+    ("--max-flops-per-example", "inf", "max_flops_per_example: Input should be a finite number"),
+])
+def test_non_finite_or_negative_budgets_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str], flag: str,
+                                                    value: str, needle: str) -> None:
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    options = {"--budget-flops": "1e9", flag: value}
+    args = ["search", "--data", "synthetic", "--name", "bad",
+            "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--storage", str(tmp_path / "ray"),
+            *(item for pair in options.items() for item in pair)]
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("recscale: error:") and needle in lines[0], lines
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "ray").exists()
+    assert not ray.is_initialized()
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("search", "train", "ui", "analyze", "export", "demo"):
+        assert command in out
