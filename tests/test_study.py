@@ -76,7 +76,7 @@ def test_plan_spreads_sizes_around_the_centre_and_trains_for_c() -> None:
         assert len(set(ns)) == 5 and ns[0] < n_c < ns[-1]
         assert 4 < ns[-1] / ns[0] < 64  # about `span`, on the discrete grid
     for p in pts:
-        assert p.D == int(p.budget // (3 * p.N))
+        assert int(p.budget // (3 * p.N)) == p.D
         assert 3 * p.N * p.D <= p.budget < 3 * p.N * (p.D + 1)
         assert p.flat["train.schedule"] == "wsd" and p.flat["train.max_examples"] == p.D
         assert p.flat["model.block"] == "tokenmixer"
