@@ -95,6 +95,7 @@ def _figures(fit: StudyFit, verify: Any, out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fams = list(fit.families)
     target = fit.pick.budget
@@ -108,11 +109,11 @@ def _figures(fit: StudyFit, verify: Any, out: Path) -> list[Path]:
         s = fit.families[fam]
         for p in s.profiles:
             col = color[p.budget]
-            ax.scatter(p.N, p.L, color=col, s=18, zorder=3)
+            ax.scatter(p.N, p.L, color=col, s=18, zorder=3,
+                       label=f"C={p.budget:.2g} ({p.status})")
             if math.isfinite(p.curvature) and p.curvature > 0:
                 grid = np.geomspace(min(p.N) / 1.3, max(p.N) * 1.3, 80)
-                ax.plot(grid, p.curve(grid), color=col, lw=1.2,
-                        label=f"C={p.budget:.2g} ({p.status})")
+                ax.plot(grid, p.curve(grid), color=col, lw=1.2, ls="-" if p.ok else ":")
             if math.isfinite(p.n_star):
                 ax.plot([p.n_star], [p.l_star], marker="*", ms=12, color=col, mec="k", zorder=4)
                 lo, hi = p.ci.get("n_star", (math.nan, math.nan))
@@ -130,6 +131,7 @@ def _figures(fit: StudyFit, verify: Any, out: Path) -> list[Path]:
                 ax.scatter([r.N], [r.measured], marker="D", color="crimson", edgecolor="k",
                            zorder=5, s=36)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("N (forward FLOPs per example)")
         ax.set_ylabel("validation log loss")
         ax.set_title(f"{fam}: isoFLOP profiles (star = fitted minimum)")
@@ -171,9 +173,11 @@ def _figures(fit: StudyFit, verify: Any, out: Path) -> list[Path]:
     for ax in (axn, axl):
         ax.axvline(target, color="grey", ls=":", lw=1)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("training compute C (FLOPs)")
         ax.legend(fontsize=7)
     axn.set_yscale("log")
+    axn.yaxis.set_minor_formatter(NullFormatter())
     axn.set_ylabel("N* (FLOPs per example)")
     axn.set_title("compute-optimal size N*(C) (band: 95%)")
     axl.set_ylabel("L*(C) validation log loss")

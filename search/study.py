@@ -315,19 +315,12 @@ PointTrainer = Callable[[StudyPoint, SharedData], dict[str, float]]
 
 def train_point(point: StudyPoint, data: SharedData) -> dict[str, float]:
     """The default trainer: ``trainers.loop.train`` on the point's config."""
-    import torch
-
+    from search.trainable import _view  # zero-copy views of the object-store arrays
     from trainers.experiment import experiment_from_flat
     from trainers.loop import train
 
-    def view(arrays: dict[str, np.ndarray]) -> Any:
-        from search.trainable import _SplitView
-
-        return _SplitView(*(torch.from_numpy(np.array(arrays[k], copy=True))
-                            for k in ("cat", "num", "label")))
-
     exp = experiment_from_flat(point.flat)
-    result = train(exp.model, exp.train, data["spec"], view(data["train"]), view(data["val"]))
+    result = train(exp.model, exp.train, data["spec"], _view(data["train"]), _view(data["val"]))
     out = {k: float(v) for k, v in result.metrics.items()}
     if result.status == "diverged":
         out[OBJECTIVE] = float("inf")
