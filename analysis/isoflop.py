@@ -157,12 +157,10 @@ def fit_profile(family: str, budget: float, N: Sequence[float], D: Sequence[floa
     y = np.asarray(L, dtype=float)[order]
     keep = np.isfinite(y) & (n > 0)
     n, d, y = n[keep], d[keep], y[keep]
-    base = {"family": family, "budget": float(budget), "N": tuple(map(float, n)),
-            "D": tuple(map(float, d)), "L": tuple(map(float, y))}
     if len(np.unique(n)) < _MIN_SIZES:
-        return IsoProfile(status="too_few_points",
-                          message=f"{len(np.unique(n))} distinct sizes; a profile needs "
-                                  f"{_MIN_SIZES}", **base)
+        return IsoProfile(family, float(budget), "too_few_points",
+                          f"{len(np.unique(n))} distinct sizes; a profile needs {_MIN_SIZES}",
+                          tuple(map(float, n)), tuple(map(float, d)), tuple(map(float, y)))
     x = np.log(n)
     X = np.vander(x, 3, increasing=True)  # (n, 3): 1, x, x²
     coef, *_ = np.linalg.lstsq(X, y, rcond=None)
@@ -183,23 +181,24 @@ def fit_profile(family: str, budget: float, N: Sequence[float], D: Sequence[floa
         for i, c in enumerate(coefs):
             bx, bl = _parabola_min(c)
             samples[i] = (bx, bl, c[2])
-    ci = {"n_star": tuple(np.exp(_interval(samples[:, 0]))),
-          "l_star": _interval(samples[:, 1])}
-    fields = dict(coef=(float(coef[0]), float(coef[1]), float(coef[2])),
-                  n_star=math.exp(xs) if math.isfinite(xs) else _NAN, l_star=ls,
-                  resid_sd=resid_sd, ci=ci, samples=samples)
+    lo_x, hi_x = _interval(samples[:, 0])
+    ci: dict[str, tuple[float, float]] = {"n_star": (math.exp(lo_x), math.exp(hi_x)),
+                                          "l_star": _interval(samples[:, 1])}
+    n_star = math.exp(xs) if math.isfinite(xs) else _NAN
+
+    def made(status: FitStatus, message: str) -> IsoProfile:
+        return IsoProfile(family, float(budget), status, message, tuple(map(float, n)),
+                          tuple(map(float, d)), tuple(map(float, y)),
+                          (float(coef[0]), float(coef[1]), float(coef[2])), n_star, ls,
+                          resid_sd, ci, samples)
+
     if not coef[2] > 0:
-        return IsoProfile(status="failed", message="loss is not convex in ln N "
-                          f"(c2 = {coef[2]:.3g}): no minimum", **base, **fields)  # type: ignore[arg-type]
+        return made("failed", f"loss is not convex in ln N (c2 = {coef[2]:.3g}): no minimum")
     if not x[0] < xs < x[-1]:
         side = "smallest" if xs <= x[0] else "largest"
-        return IsoProfile(status="hit_bound",
-                          message=f"minimum N*={math.exp(xs):.3g} at or beyond the {side} size "
-                                  f"measured ({n[0]:.3g}..{n[-1]:.3g}); widen the sizes",
-                          **base, **fields)  # type: ignore[arg-type]
-    return IsoProfile(status="converged",
-                      message=f"N*={math.exp(xs):.3g} inside {n[0]:.3g}..{n[-1]:.3g}",
-                      **base, **fields)  # type: ignore[arg-type]
+        return made("hit_bound", f"minimum N*={n_star:.3g} at or beyond the {side} size "
+                                 f"measured ({n[0]:.3g}..{n[-1]:.3g}); widen the sizes")
+    return made("converged", f"N*={n_star:.3g} inside {n[0]:.3g}..{n[-1]:.3g}")
 
 
 # --- laws across budgets -------------------------------------------------------------

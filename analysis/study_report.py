@@ -32,7 +32,8 @@ def _fmt(v: float | None, digits: int = 4) -> str:
     return f"{v:.{digits}g}"
 
 
-def _ci(lo: float | None, hi: float | None, digits: int = 4) -> str:
+def _ci(pair: tuple[float, float] | None, digits: int = 4) -> str:
+    lo, hi = pair if pair is not None else (None, None)
     return f"[{_fmt(lo, digits)}, {_fmt(hi, digits)}]"
 
 
@@ -40,15 +41,15 @@ def table_rows(fit: StudyFit, verify: Any = None) -> list[tuple[str, str, str, s
     """``(quantity, value, 95% interval, status)`` for every number a user acts on."""
     rows: list[tuple[str, str, str, str]] = []
     for fam, s in fit.families.items():
-        rows.append((f"{fam}: N*(C) exponent a", _fmt(s.a, 3), _ci(*s.ci.get("a", (None, None)), 3),
+        rows.append((f"{fam}: N*(C) exponent a", _fmt(s.a, 3), _ci(s.ci.get("a"), 3),
                      s.status))
         rows.append((f"{fam}: L*(C) exponent b (pure power law)", _fmt(s.b, 3),
-                     _ci(*s.ci.get("b", (None, None)), 3), s.status))
+                     _ci(s.ci.get("b"), 3), s.status))
         for p in s.profiles:
             rows.append((f"{fam}: N* at C={p.budget:.3g}", _fmt(p.n_star, 3),
-                         _ci(*p.ci.get("n_star", (None, None)), 3), p.status))
+                         _ci(p.ci.get("n_star"), 3), p.status))
             rows.append((f"{fam}: L* at C={p.budget:.3g}", _fmt(p.l_star),
-                         _ci(*p.ci.get("l_star", (None, None))), p.status))
+                         _ci(p.ci.get("l_star")), p.status))
     for c, f in fit.winners.items():
         rows.append((f"winner at C={c:.3g}", f, "", "measured"))
     pk = fit.pick
@@ -57,12 +58,12 @@ def table_rows(fit: StudyFit, verify: Any = None) -> list[tuple[str, str, str, s
     rows.append((f"pick at C={pk.budget:.3g}: family", pk.family or "n/a", "", tag))
     if pred is not None:
         rows.append((f"pick at C={pk.budget:.3g}: N (FLOPs/example)", _fmt(pred.N, 3),
-                     _ci(*pred.n_ci, 3), tag))
+                     _ci(pred.n_ci, 3), tag))
         rows.append((f"pick at C={pk.budget:.3g}: D (examples)", _fmt(pred.D, 3),
-                     _ci(*(pk.budget / (3 * n) for n in pred.n_ci[::-1])
-                         if all(math.isfinite(v) for v in pred.n_ci) else (None, None), 3), tag))
+                     _ci((pk.budget / (3 * pred.n_ci[1]), pk.budget / (3 * pred.n_ci[0]))
+                         if all(math.isfinite(v) for v in pred.n_ci) else None, 3), tag))
         rows.append((f"pick at C={pk.budget:.3g}: loss ({pred.loss_law} law)", _fmt(pred.loss),
-                     _ci(*pred.loss_ci), tag))
+                     _ci(pred.loss_ci), tag))
         rows.append((f"pick at C={pk.budget:.3g}: passes over the training data",
                      _fmt(pk.epochs, 3) if fit.n_train else "fresh data",
                      f"measured up to {_fmt(pk.max_epochs_measured, 3)}", tag))
@@ -70,7 +71,7 @@ def table_rows(fit: StudyFit, verify: Any = None) -> list[tuple[str, str, str, s
         for r in verify.rows:
             rows.append((f"verify {r.role} (N={r.N:.3g}, D={r.D:.3g}): predicted / measured",
                          f"{r.predicted:.4f} / {r.measured:.4f} ({r.error:+.4f})",
-                         _ci(*r.ci), "inside" if r.inside else "OUTSIDE"))
+                         _ci(r.ci), "inside" if r.inside else "OUTSIDE"))
         b = verify.n_star_beats_neighbours
         rows.append(("verify: N* no worse than both neighbours",
                      "yes" if b else "NO" if b is not None else "n/a", "", "measured"))
@@ -156,12 +157,12 @@ def _figures(fit: StudyFit, verify: Any, out: Path) -> list[Path]:
         if s.ok:
             axn.plot(cs, s.n_star(cs), color=col,
                      label=f"{fam}: a={s.a:.3f} [{s.ci['a'][0]:.3f}, {s.ci['a'][1]:.3f}]")
-            lo, hi = s.band(cs, "n")
-            axn.fill_between(cs, lo, hi, color=col, alpha=0.15)
+            band_lo, band_hi = s.band(cs, "n")
+            axn.fill_between(cs, band_lo, band_hi, color=col, alpha=0.15)
             axl.plot(cs, s.loss_at(cs, s.n_star(cs)), color=col,
                      label=f"{fam} ({'joint law' if s.joint_ok else 'power law'})")
-            lo, hi = s.band(cs, "l")
-            axl.fill_between(cs, lo, hi, color=col, alpha=0.15)
+            band_lo, band_hi = s.band(cs, "l")
+            axl.fill_between(cs, band_lo, band_hi, color=col, alpha=0.15)
     if verify is not None and verify.center is not None:
         r = verify.center
         axn.scatter([r.budget], [r.N], marker="D", color="crimson", edgecolor="k", zorder=5,

@@ -289,8 +289,8 @@ def plan_study(cfg: StudyConfig, spec: FeatureSpec, n_train: int | None) -> list
             ok = [(n, m) for n, m in cands if c / (3 * n) >= min_d
                   and (cfg.max_epochs is None or not n_train
                        or c / (3 * n) <= cfg.max_epochs * n_train)]
-            targets = np.geomspace(n_c / math.sqrt(cfg.span), n_c * math.sqrt(cfg.span),
-                                   cfg.sizes)
+            targets = [float(t) for t in np.geomspace(n_c / math.sqrt(cfg.span),
+                                                      n_c * math.sqrt(cfg.span), cfg.sizes)]
             chosen = pick_sizes(ok, targets)
             if len(chosen) < 3 or not chosen[0][0] <= n_c <= chosen[-1][0]:
                 have = f"{ok[0][0]:.3g}..{ok[-1][0]:.3g}" if ok else "none"
@@ -419,7 +419,8 @@ def run_points(name: str, points: Sequence[StudyPoint], kind: str, data: SharedD
     else:
         tuner = tune.Tuner(
             fn, param_space={"point": tune.grid_search([p.key for p in points])},
-            tune_config=tune.TuneConfig(scheduler=FIFOScheduler(), num_samples=1,
+            tune_config=tune.TuneConfig(scheduler=FIFOScheduler(),  # type: ignore[no-untyped-call]
+                                        num_samples=1,
                                         max_concurrent_trials=max_concurrent,
                                         reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=verbose,
@@ -430,7 +431,8 @@ def run_points(name: str, points: Sequence[StudyPoint], kind: str, data: SharedD
                                           max_report_frequency=60)))
     results = tuner.fit()
     rows = []
-    for r in results:
+    for i in range(len(results)):
+        r = results[i]
         row = {"point": (r.config or {}).get("point"), **(r.metrics or {})}
         row["error"] = str(r.error).splitlines()[-1] if r.error else ""
         rows.append(row)
