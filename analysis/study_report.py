@@ -108,6 +108,10 @@ def _figures(fit: StudyFit, verify: Any, out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(fams), figsize=(5.5 * len(fams), 4.2), squeeze=False)
     for ax, fam in zip(axes[0], fams):
         s = fit.families[fam]
+        all_n = [n for p in s.profiles for n in p.N]
+        if verify is not None and verify.family == fam:
+            all_n += [r.N for r in verify.rows]
+        x_lo, x_hi = (min(all_n) / 2, max(all_n) * 2) if all_n else (1.0, 10.0)
         for p in s.profiles:
             col = color[p.budget]
             ax.scatter(p.N, p.L, color=col, s=18, zorder=3,
@@ -115,11 +119,12 @@ def _figures(fit: StudyFit, verify: Any, out: Path) -> list[Path]:
             if math.isfinite(p.curvature) and p.curvature > 0:
                 grid = np.geomspace(min(p.N) / 1.3, max(p.N) * 1.3, 80)
                 ax.plot(grid, p.curve(grid), color=col, lw=1.2, ls="-" if p.ok else ":")
-            if math.isfinite(p.n_star):
+            if p.ok:  # minima outside the sizes measured are not drawn (hit_bound)
                 ax.plot([p.n_star], [p.l_star], marker="*", ms=12, color=col, mec="k", zorder=4)
                 lo, hi = p.ci.get("n_star", (math.nan, math.nan))
                 if math.isfinite(lo):
-                    ax.hlines(p.l_star, lo, hi, color=col, lw=2, alpha=0.6)
+                    ax.hlines(p.l_star, max(lo, x_lo), min(hi, x_hi), color=col, lw=2,
+                              alpha=0.6)
         if verify is not None and verify.family == fam:
             ns = np.array([r.N for r in verify.rows], dtype=float)
             if s.ok:
@@ -127,11 +132,14 @@ def _figures(fit: StudyFit, verify: Any, out: Path) -> list[Path]:
                 ax.plot(grid, s.loss_at(verify.budget, grid), color="crimson", ls="--", lw=1,
                         label=f"predicted at C={verify.budget:.2g}")
             for r in verify.rows:
-                ax.errorbar([r.N], [r.predicted], yerr=[[r.predicted - r.ci[0]], [r.ci[1] - r.predicted]],
+                ax.errorbar([r.N], [r.predicted],
+                            yerr=[[r.predicted - r.ci[0]], [r.ci[1] - r.predicted]],
                             color="crimson", capsize=3, fmt="none")
                 ax.scatter([r.N], [r.measured], marker="D", color="crimson", edgecolor="k",
-                           zorder=5, s=36)
+                           zorder=5, s=36, label="verify: measured (bar: predicted 95%)"
+                           if r is verify.rows[0] else None)
         ax.set_xscale("log")
+        ax.set_xlim(x_lo, x_hi)
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("N (forward FLOPs per example)")
         ax.set_ylabel("validation log loss")
@@ -177,6 +185,14 @@ def _figures(fit: StudyFit, verify: Any, out: Path) -> list[Path]:
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("training compute C (FLOPs)")
         ax.legend(fontsize=7)
+    all_l = [v for s in fit.families.values() for p in s.profiles for v in p.L]
+    all_n = [v for s in fit.families.values() for p in s.profiles for v in p.N]
+    if verify is not None:
+        all_l += [r.measured for r in verify.rows if math.isfinite(r.measured)]
+    if all_l:  # bands from wild bootstrap replicates would otherwise set the scale
+        span = max(all_l) - min(all_l)
+        axl.set_ylim(min(all_l) - 0.5 * span - 0.01, max(all_l) + 0.2 * span + 0.01)
+        axn.set_ylim(min(all_n) / 10, max(all_n) * 10)
     axn.set_yscale("log")
     axn.yaxis.set_minor_formatter(NullFormatter())
     axn.set_ylabel("N* (FLOPs per example)")
