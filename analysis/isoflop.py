@@ -521,6 +521,9 @@ def _pick(families: dict[str, FamilyScaling], budgets: tuple[float, ...], target
             problems_note = f"; {fam} beats {second[0]} beyond the intervals"
     else:
         problems_note = ""
+    left_out = [f"{f} ({s.status})" for f, s in families.items() if not s.ok]
+    if left_out:
+        problems_note += f"; families without usable laws left out: {', '.join(left_out)}"
     if problems:
         return Pick("extrapolated", "; ".join(problems) + problems_note, target, fam, pred,
                     n_opt, epochs, max_epochs, ranking)
