@@ -184,7 +184,8 @@ def _figures(fit: StudyFit, verify: Any, out: Path) -> list[Path]:
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("training compute C (FLOPs)")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     all_l = [v for s in fit.families.values() for p in s.profiles for v in p.L]
     all_n = [v for s in fit.families.values() for p in s.profiles for v in p.N]
     if verify is not None:
