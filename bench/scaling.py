@@ -58,6 +58,17 @@ def configs(parts: list[str], families: tuple[str, ...] = FAMILIES) -> dict[str,
             name="bench-scaling-movielens", data=DataConfig(name="movielens-1m"),
             budgets=ladder(1e9, 4, 4.0), center_ratio=30.0,
             eval_max_examples=100_000, **common)  # type: ignore[arg-type]
+    if "movielens_small" in parts:
+        # a second MovieLens study after the first found N* at or below its smallest
+        # sizes: a smaller frame (2 tokens, head [8], widths from 2) and spreads centred
+        # at D/N = 300 (the first study's converged minimum implies ~350), 3 budgets
+        small = {**common, "model": {"n_tokens": 2, "embed_dim": 8, "head_hidden": [8],
+                                     "tokenizer": "grouped", "pooling": "mean"},
+                 "widths": (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)}
+        out["movielens_small"] = StudyConfig(
+            name="bench-scaling-movielens-small", data=DataConfig(name="movielens-1m"),
+            budgets=ladder(1e9, 3, 4.0), center_ratio=300.0,
+            eval_max_examples=100_000, **small)  # type: ignore[arg-type]
     return out
 
 
