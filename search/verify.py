@@ -134,7 +134,10 @@ def plan_verify(fit: StudyFit, record: Any, spec: Any, budget: float,
         why = scaling.message if scaling is not None else fit.pick.message
         raise StudyError(f"no usable scaling law for {fam or 'any family'!r}: {why}")
     cfg = record.config
-    n_opt = float(scaling.n_star(budget))
+    pred = fit.pick.prediction
+    # the pick's N (the serving cap applied) for the picked family; else the law's N*
+    n_opt = (float(pred.N) if pred is not None and fam == fit.pick.family
+             and fit.pick.budget == budget else float(scaling.n_star(budget)))
     cands = size_candidates(cfg, fam, spec)
     lr = fit_lr(record, fam)
     points: list[StudyPoint] = []
