@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -57,7 +57,9 @@ __all__ = [
     "PickStatus",
     "Prediction",
     "StudyFit",
+    "DEAD_NE",
     "analyze_study",
+    "dead_points",
     "fit_family",
     "fit_profile",
     "study_points",
@@ -429,22 +431,37 @@ class StudyFit:
     winners: dict[float, str]
     pick: Pick
     n_train: int | None
+    dead: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        return {"budgets_flops": list(self.budgets),
+        return {"budgets_flops": list(self.budgets), "points_left_out_dead": list(self.dead),
                 "winner_per_budget": [{"budget_flops": c, "family": f}
                                       for c, f in self.winners.items()],
                 "families": {k: v.as_dict() for k, v in self.families.items()},
                 "pick": self.pick.as_dict(), "n_train": self.n_train}
 
 
+#: A run whose normalised entropy is at least this learned nothing beyond the base rate:
+#: a failed run (too narrow to train, or diverged), not a point on the size curve.
+DEAD_NE = 0.995
+
+
+def dead_points(points: pd.DataFrame) -> pd.Series:
+    """Rows that did not learn: infinite loss, or ``val_ne >= DEAD_NE`` where reported."""
+    dead = ~np.isfinite(points["loss"].astype(float))
+    if "val_ne" in points.columns:
+        dead |= points["val_ne"].astype(float) >= DEAD_NE
+    return dead
+
+
 def study_points(points: pd.DataFrame) -> pd.DataFrame:
-    """The lowest loss per ``(family, budget, N)`` (over a learning-rate grid), finite."""
+    """The lowest loss per ``(family, budget, N)`` (over a learning-rate grid), leaving out
+    runs that did not learn (:func:`dead_points`)."""
     need = {"family", "budget", "N", "D", "loss"}
     missing = need - set(points.columns)
     if missing:
         raise ValueError(f"study points lack column(s) {sorted(missing)}")
-    df = points[np.isfinite(points["loss"].astype(float))]
+    df = points[~dead_points(points)]
     idx = df.groupby(["family", "budget", "N"])["loss"].idxmin()
     return df.loc[idx].sort_values(["family", "budget", "N"]).reset_index(drop=True)
 
@@ -465,6 +482,9 @@ def analyze_study(points: pd.DataFrame, target_flops: float | None = None,
         max_extrapolation: how far beyond the largest budget a pick is still an answer.
     """
     best = study_points(points)
+    gone = points[dead_points(points)]
+    dead = tuple(f"{r.family} C={float(r.budget):.3g} N={float(r.N):.4g}"
+                 for r in gone.itertuples())
     budgets = tuple(sorted(float(c) for c in best["budget"].unique()))
     families: dict[str, FamilyScaling] = {}
     for fam, fdf in best.groupby("family", sort=True):
@@ -481,7 +501,10 @@ def analyze_study(points: pd.DataFrame, target_flops: float | None = None,
     max_epochs = (float((best["D"] / n_train).max()) if n_train else _NAN)
     pick = _pick(families, budgets, target, max_n, n_train, max_epochs, max_extrapolation,
                  seed)
-    return StudyFit(families, budgets, winners, pick, n_train)
+    if dead:
+        pick = replace(pick, message=pick.message + f"; {len(dead)} run(s) that did not beat "
+                       f"the base rate left out ({', '.join(dead)})")
+    return StudyFit(families, budgets, winners, pick, n_train, dead)
 
 
 def _pick(families: dict[str, FamilyScaling], budgets: tuple[float, ...], target: float,

@@ -52,6 +52,9 @@ def table_rows(fit: StudyFit, verify: Any = None) -> list[tuple[str, str, str, s
                          _ci(p.ci.get("l_star")), p.status))
     for c, f in fit.winners.items():
         rows.append((f"winner at C={c:.3g}", f, "", "measured"))
+    if fit.dead:
+        rows.append(("runs left out (did not beat the base rate)", str(len(fit.dead)),
+                     "", "; ".join(fit.dead)))
     pk = fit.pick
     pred = pk.prediction
     tag = pk.status if pk.status != "extrapolated" else "EXTRAPOLATED: not an answer"

@@ -133,3 +133,15 @@ def test_report_files(tmp_path) -> None:
     assert any("exponent a" in q for q in quantities)
     assert any("passes over the training data" in q for q in quantities)
     assert "| pick at C=6.4e+11: loss (joint law) |" in (out / "report.md").read_text()
+
+
+def test_runs_that_did_not_learn_are_left_out() -> None:
+    pts = planted(BUDGETS)
+    pts["val_ne"] = 0.8
+    dead = pts.index[pts.groupby("budget")["N"].rank() == 1]  # smallest size per budget
+    pts.loc[dead, "loss"] = 0.69
+    pts.loc[dead, "val_ne"] = 1.0
+    fit = analyze_study(pts, n_boot=100)
+    assert len(fit.dead) == 4 and "did not beat the base rate" in fit.pick.message
+    clean = analyze_study(pts.drop(index=dead), n_boot=100)
+    assert fit.families["f"].a == pytest.approx(clean.families["f"].a)
