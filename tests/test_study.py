@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import tempfile
+import zlib
 
 import numpy as np
 import pytest
@@ -46,7 +47,7 @@ def planted_n_star(c: float) -> float:
 
 def planted_trainer(point: StudyPoint, data: dict) -> dict[str, float]:
     """Trains nothing: reports the planted L(N, D) plus seeded noise."""
-    rng = np.random.default_rng(abs(hash(point.key)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(point.key.encode()))  # stable across processes
     loss = planted_loss(point.N, point.D) + rng.normal(0.0, NOISE)
     return {"val_logloss": loss, "examples_seen": float(point.D),
             "train_flops": 3.0 * point.N * point.D, "flops_per_example": float(point.N)}
@@ -185,6 +186,10 @@ def test_planted_truth_end_to_end(tmp_path) -> None:
         assert [r.role for r in ver.rows] == ["N*/2", "N*", "2N*"]
         for r in ver.rows:
             assert abs(r.measured - r.predicted) < 0.01
+        print(f"\nplanted: a={fam.a:.4f} {fam.ci['a']} (true {A_TRUE:.4f}); N*(10x)="
+              f"{float(fam.n_star(target)):.4g} (true {truth:.4g}); predicted loss "
+              f"{pred.loss:.4f} vs law {planted_loss(pred.N, pred.D):.4f}")
+        print(ver.table())
         rec2 = load_study("planted", uri)
         assert len(rec2.verify) == 3 and set(rec2.verify["role"]) == {"N*", "N*/2", "2N*"}
     finally:
