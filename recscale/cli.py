@@ -6,6 +6,8 @@
     recscale export  NAME [--max-flops-per-example S] [--budget-flops C] -o best.yaml
     recscale train   best.yaml [-o DIR]
     recscale demo    (a real search on the embedded defaults, then analysis and export)
+    recscale scale   --name S --families tokenmixer --min-budget 1e11   (an isoFLOP study)
+    recscale verify  S [--budget-flops C]   (train the predicted compute-optimal size)
 
 Bad input (a malformed YAML, an unknown block, an infeasible budget, a bad data file)
 prints one line ``recscale: error: ...`` and exits with status 2.
@@ -18,7 +20,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from recscale import commands
+from recscale import cmd_study, commands
 from recscale.commands import CliError
 
 __all__ = ["build_parser", "main"]
@@ -121,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_out")
     _add_tracking(d)
     d.set_defaults(func=commands.cmd_demo)
+    cmd_study.add_parsers(sub)  # scale, verify
     return parser
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "TIME_ATTR",
     "TRIAL_STATUSES",
     "default_tracking_uri",
+    "missing_store",
 ]
 
 # --- metrics -------------------------------------------------------------------------
@@ -94,3 +95,13 @@ def default_tracking_uri(uri: str | None = None) -> str:
     """The tracking-URI rule: the flag, else ``MLFLOW_TRACKING_URI``, else
     ``sqlite:///<cwd>/mlflow.db``."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
+
+
+def missing_store(uri: str) -> str | None:
+    """The path of a SQLite store that ``uri`` names but that does not exist (MLflow would
+    create an empty one on first use), else None."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):].split("?", 1)[0]
+        if path and not os.path.exists(path):
+            return path
+    return None

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from spaces import FeatureSpec, ModelConfig, RecModel, build_model
@@ -36,6 +36,7 @@ __all__ = [
     "evaluate",
     "normalized_entropy",
     "train",
+    "wsd_factor",
 ]
 
 Metrics = dict[str, float]
@@ -71,7 +72,14 @@ class TrainConfig(BaseModel):
         max_examples: examples to train on in all; overrides ``epochs``.
         eval_every: examples between evaluations (default: a quarter epoch).
         eval_max_examples: evaluate on at most this many validation examples.
-        schedule: ``constant`` or ``cosine`` decay of the learning rate to 0.
+        schedule: ``constant``, ``cosine`` decay of the learning rate to 0, or ``wsd``
+            (warmup-stable-decay, see :func:`wsd_factor`): linear warmup over
+            ``warmup_frac`` of the steps, constant, then a decay over the last
+            ``decay_frac`` of the steps that ends at the run's last step, so the run is
+            *trained for* its length rather than cut from a longer one.
+        warmup_frac: share of the steps spent warming up (``wsd`` only).
+        decay_frac: share of the steps spent decaying (``wsd`` only).
+        decay_shape: ``linear`` (to 0) or ``sqrt`` (``1 − sqrt(progress)``) decay.
         grad_clip: max global gradient norm (None: no clipping).
         seed: seeds initialisation, shuffling and dropout.
     """
@@ -87,9 +95,19 @@ class TrainConfig(BaseModel):
     max_examples: int | None = Field(None, ge=1)
     eval_every: int | None = Field(None, ge=1)
     eval_max_examples: int | None = Field(None, ge=1)
-    schedule: Literal["constant", "cosine"] = "constant"
+    schedule: Literal["constant", "cosine", "wsd"] = "constant"
+    warmup_frac: float = Field(0.0, ge=0.0, lt=1.0)
+    decay_frac: float = Field(0.2, gt=0.0, le=1.0)
+    decay_shape: Literal["linear", "sqrt"] = "linear"
     grad_clip: float | None = Field(1.0, gt=0)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _phases(self) -> TrainConfig:
+        if self.warmup_frac + self.decay_frac > 1.0 + 1e-9:
+            raise ValueError(f"warmup_frac + decay_frac = {self.warmup_frac + self.decay_frac:.3g} "
+                             "exceeds 1")
+        return self
 
     def total_examples(self, n_train: int) -> int:
         return self.max_examples if self.max_examples is not None else int(self.epochs * n_train)
@@ -144,6 +162,46 @@ def evaluate(model: nn.Module, split: SplitLike, base_rate: float, prefix: str =
         f"{prefix}_auc": auc,
         f"{prefix}_ne": normalized_entropy(logloss, base_rate),
     }
+
+
+def wsd_factor(step: int, steps_total: int, warmup_frac: float, decay_frac: float,
+               shape: Literal["linear", "sqrt"] = "linear") -> float:
+    """Learning-rate multiplier of warmup-stable-decay at optimiser step ``step`` (0-based).
+
+    With ``S = steps_total``, ``W = round(warmup_frac·S)`` and ``K = max(1,
+    round(decay_frac·S))`` (capped so ``W + K <= S``)::
+
+        step < W            (step + 1) / W                     linear warmup
+        step < S − K        1                                  stable
+        otherwise           1 − p  or  1 − sqrt(p),            p = (step − (S − K) + 1) / K
+
+    so the last step (``p = 1``) runs at 0 and the decay ends exactly at the run's end.
+
+    Example:
+        >>> [round(wsd_factor(s, 10, 0.2, 0.4), 2) for s in range(10)]
+        [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
+    """
+    total = max(1, steps_total)
+    warm = min(total - 1, int(round(warmup_frac * total)))
+    decay = max(1, min(total - warm, int(round(decay_frac * total))))
+    if step < warm:
+        return (step + 1) / warm
+    start = total - decay
+    if step < start:
+        return 1.0
+    p = min(1.0, (step - start + 1) / decay)
+    return 1.0 - (math.sqrt(p) if shape == "sqrt" else p)
+
+
+def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig,
+               steps_total: int) -> torch.optim.lr_scheduler.LRScheduler:
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps_total)
+    if cfg.schedule == "wsd":
+        warm, decay, shape = cfg.warmup_frac, cfg.decay_frac, cfg.decay_shape
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: wsd_factor(s, steps_total, warm, decay, shape))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
 def _optimizer(model: RecModel, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -204,9 +262,7 @@ def train(
     base_rate = float(train_split.label.float().mean())
     bs = train_cfg.batch_size
     steps_total = max(1, math.ceil(total / bs))
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps_total)
-             if train_cfg.schedule == "cosine"
-             else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
+    sched = _scheduler(opt, train_cfg, steps_total)
 
     seen, epoch, pos, loss_sum, loss_n, next_eval = 0, 0, 0, 0.0, 0, interval
     elapsed = 0.0

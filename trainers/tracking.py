@@ -46,6 +46,7 @@ __all__ = [
     "experiment_id",
     "find_or_create_parent",
     "find_trial_run",
+    "finish_run",
     "log_files",
     "log_metric_series",
     "log_metrics",
@@ -161,14 +162,18 @@ def child_runs(client: MlflowClient, exp_id: str, parent_run_id: str) -> dict[st
             return out
 
 
-def set_trial_status(client: MlflowClient, exp_id: str, parent_run_id: str, trial_id: str,
-                     status: str) -> None:
-    """A finished trial's ``status`` tag and MLflow run status."""
-    run_id = find_trial_run(client, exp_id, parent_run_id, trial_id)
-    if run_id is None:
-        return
+def finish_run(client: MlflowClient, run_id: str, status: str) -> None:
+    """A finished trial run's ``status`` tag (one of ``TRIAL_STATUSES``) and MLflow status."""
     client.set_tag(run_id, TAG_STATUS, status)
     client.set_terminated(run_id, "FAILED" if status == "ERROR" else "FINISHED")
+
+
+def set_trial_status(client: MlflowClient, exp_id: str, parent_run_id: str, trial_id: str,
+                     status: str) -> None:
+    """A finished trial's ``status`` tag and MLflow run status, found by its trial id."""
+    run_id = find_trial_run(client, exp_id, parent_run_id, trial_id)
+    if run_id is not None:
+        finish_run(client, run_id, status)
 
 
 class TrialTracker:

@@ -1,0 +1,160 @@
+"""isoFLOP scaling studies, then ``verify`` at 10x the largest budget studied.
+
+    .venv/bin/python bench/scaling.py                      # both datasets
+    .venv/bin/python bench/scaling.py --parts synthetic --dry-run   # plan and cost only
+
+For each dataset: a study (budget ladder x sizes per family, each point trained for
+D = C/(3N) with a WSD schedule) through Ray Tune + MLflow (SQLite under --work), the
+isoFLOP fits, ``verify`` at the target (N*, N*/2, 2N*), and the report
+(``bench/results/scaling_<part>/``: isoflop.png, scaling.png, summary.json, report.md).
+Numbers go to ``bench/results/scaling.json``. Sized for ~25 minutes on 2 shared cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the package, not a shadowing bench/ module
+
+for k, v in (("RAY_USAGE_STATS_ENABLED", "0"), ("RAY_AUTH_MODE", "disabled"),
+             ("MLFLOW_DISABLE_TELEMETRY", "true"), ("RAY_AIR_NEW_OUTPUT", "0")):
+    os.environ.setdefault(k, v)
+
+from search.study import StudyConfig, ladder, plan_study  # noqa: E402
+from trainers.data import DataConfig, SyntheticConfig, load_dataset  # noqa: E402
+
+# Throughput model for the dry run (bench/RESULTS.md, 1 thread, batch 256): ~35k
+# examples/s while per-step overhead dominates, ~18 GFLOP/s of training once FLOPs do.
+_EX_PER_S, _FLOPS_PER_S, _TRIAL_S = 35_000.0, 18e9, 3.0
+
+FAMILIES = ("tokenmixer", "unimixing_lite")
+
+
+def configs(parts: list[str], families: tuple[str, ...] = FAMILIES) -> dict[str, StudyConfig]:
+    common = dict(families=families, sizes=5, span=16.0, warmup_frac=0.05, decay_frac=0.2,
+                  train={"batch_size": 256, "lr": 3e-3, "optimizer": "adamw_split",
+                         "embedding_lr": 1e-2},
+                  model={"n_tokens": 4, "embed_dim": 8, "head_hidden": [32],
+                         "tokenizer": "grouped", "pooling": "mean"},
+                  max_concurrent=2)
+    out = {}
+    if "synthetic" in parts:
+        # fresh examples: every point, and every verify run, sees each row at most once
+        syn = SyntheticConfig(n_rows=7_000_000, n_cat_fields=8, cardinality=100, order=3,
+                              n_interactions=6, noise=0.1, seed=0)
+        out["synthetic"] = StudyConfig(
+            name="bench-scaling-synthetic", data=DataConfig(name="synthetic", synthetic=syn),
+            budgets=ladder(1.25e9, 4, 4.0), center_ratio=15.0, max_epochs=1.0,
+            eval_max_examples=100_000, **common)  # type: ignore[arg-type]
+    if "movielens" in parts:
+        out["movielens"] = StudyConfig(
+            name="bench-scaling-movielens", data=DataConfig(name="movielens-1m"),
+            budgets=ladder(1e9, 4, 4.0), center_ratio=30.0,
+            eval_max_examples=100_000, **common)  # type: ignore[arg-type]
+    if "movielens_small" in parts:
+        # a second MovieLens study after the first found N* at or below its smallest
+        # sizes: a smaller frame (2 tokens, head [8], widths from 2) and spreads centred
+        # at D/N = 300 (the first study's converged minimum implies ~350), 3 budgets
+        small = {**common, "model": {"n_tokens": 2, "embed_dim": 8, "head_hidden": [8],
+                                     "tokenizer": "grouped", "pooling": "mean"},
+                 "widths": (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)}
+        out["movielens_small"] = StudyConfig(
+            name="bench-scaling-movielens-small", data=DataConfig(name="movielens-1m"),
+            budgets=ladder(1e9, 3, 4.0), center_ratio=300.0,
+            eval_max_examples=100_000, **small)  # type: ignore[arg-type]
+    return out
+
+
+def _seconds(n: float, d: float) -> float:
+    return d / min(_EX_PER_S, _FLOPS_PER_S / (3 * n)) + _TRIAL_S
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--parts", default="synthetic,movielens")
+    ap.add_argument("--work", default="/tmp/recscale-bench-scaling",
+                    help="MLflow SQLite, Ray state, data cache")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/scaling.json"))
+    ap.add_argument("--families", default=",".join(FAMILIES))
+    ap.add_argument("--verify-all", action="store_true",
+                    help="verify every family (default: the pick's family only)")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="study (resumed if done), fits and report only")
+    ap.add_argument("--dry-run", action="store_true", help="plan and estimate cost only")
+    args = ap.parse_args()
+    parts = [p for p in args.parts.split(",") if p]
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    results: dict[str, object] = {}
+    out_path = Path(args.out)
+    if out_path.exists():
+        results = json.loads(out_path.read_text())
+    for part, cfg in configs(parts, tuple(args.families.split(","))).items():
+        t0 = time.perf_counter()
+        ds = load_dataset(cfg.data, cache_dir=work / "cache")
+        n_train = len(ds.train)
+        points = plan_study(cfg, ds.spec, n_train)
+        est = sum(_seconds(p.N, p.D) for p in points) / cfg.max_concurrent
+        target = 10 * max(cfg.budgets)
+        print(f"[{part}] {len(points)} points, n_train={n_train}, est. study {est:.0f} s "
+              f"(2 slots); N range {min(p.N for p in points):.3g}..{max(p.N for p in points):.3g};"
+              f" max epochs {max(p.D / n_train for p in points):.2f}", flush=True)
+        for fam in cfg.families:
+            n_c = math.sqrt(target / (3 * cfg.center_ratio))
+            v = sum(_seconds(n, target / (3 * n)) for n in (n_c / 2, n_c, 2 * n_c))
+            print(f"[{part}] verify {fam} at {target:.3g} if N*~{n_c:.3g}: ~{v:.0f} s of slots",
+                  flush=True)
+        if args.dry_run:
+            continue
+        from analysis.isoflop import analyze_study
+        from analysis.study_report import build_study_report
+        from analysis.verify import run_verify
+        from search.study import load_study, run_study
+
+        study = run_study(cfg, tracking_uri=uri, storage=work / "ray", dataset=ds, verbose=0)
+        t_study = time.perf_counter() - t0
+        record = load_study(cfg.name, uri)
+        fit = analyze_study(record.points, target, None, record.n_train)
+        print(f"[{part}] study {t_study:.0f} s; pick {fit.pick.status}: {fit.pick.message}",
+              flush=True)
+        verifies = {}
+        for fam in (() if args.no_verify else
+                    cfg.families if args.verify_all else (fit.pick.family,)):
+            if not fam or not fit.families[fam].ok:
+                print(f"[{part}] verify {fam}: skipped ({fit.pick.message})")
+                continue
+            t1 = time.perf_counter()
+            ver = run_verify(cfg.name, target, uri, work / "ray", family=fam, dataset=ds)
+            print(ver.table(), f"\n[{part}] verify {fam} {time.perf_counter() - t1:.0f} s",
+                  flush=True)
+            verifies[fam] = ver
+        record = load_study(cfg.name, uri)
+        main_fam = fit.pick.family if fit.pick.family in verifies else next(iter(verifies), None)
+        report = build_study_report(record, fit, verifies.get(main_fam) if main_fam else None,
+                                    ROOT / f"bench/results/scaling_{part}")
+        for fam, ver in verifies.items():
+            if fam != main_fam:
+                build_study_report(record, fit, ver,
+                                   ROOT / f"bench/results/scaling_{part}_{fam}")
+        results[part] = {
+            "config": json.loads(cfg.model_dump_json()), "n_train": n_train,
+            "n_points": len(study.points), "study_seconds": t_study,
+            "total_seconds": time.perf_counter() - t0,
+            "fit": json.loads(json.dumps(fit.as_dict(), default=float)),
+            "verify": {f: v.as_dict() for f, v in verifies.items()},
+            "report": str(report.relative_to(ROOT)),
+        }
+        out_path.write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

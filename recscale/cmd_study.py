@@ -1,0 +1,145 @@
+"""``recscale scale`` and ``recscale verify``: the command-line layer of scaling studies.
+
+    recscale scale  --name tm --data movielens-1m --families tokenmixer \\
+                    --min-budget 1e11 --n-budgets 4 --ratio 4 [--target-flops 1.6e13]
+    recscale verify tm [--budget-flops 1.6e13] [--max-flops-per-example 5e5]
+
+Only argparse here; Ray, MLflow, torch and SciPy are imported inside the handlers. Bad
+input raises :class:`search.study.StudyError` (a ``trainers.contracts.UserError``), which
+the ``recscale`` entry point prints as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+__all__ = ["add_parsers", "cmd_scale", "cmd_verify"]
+
+
+def _env() -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register ``scale`` and ``verify`` on the ``recscale`` sub-command parser."""
+    s = sub.add_parser("scale", help="isoFLOP scaling study: a budget ladder x sizes, "
+                                     "each trained for D = C/(3N)")
+    s.add_argument("--name", required=True, help="study name = MLflow experiment")
+    s.add_argument("--data", default="movielens-1m", choices=["movielens-1m", "synthetic"])
+    s.add_argument("--max-rows", type=int, default=None, help="MovieLens subsample")
+    s.add_argument("--synthetic-rows", type=int, default=None, help="synthetic teacher rows")
+    s.add_argument("--families", default="tokenmixer", help="comma-separated block families")
+    s.add_argument("--budgets", default=None, help="comma-separated training FLOPs per point")
+    s.add_argument("--min-budget", type=float, default=1e10, help="smallest budget of the ladder")
+    s.add_argument("--n-budgets", type=int, default=4)
+    s.add_argument("--ratio", type=float, default=4.0, help="ladder step")
+    s.add_argument("--sizes", type=int, default=5, help="model sizes per budget and family")
+    s.add_argument("--span", type=float, default=16.0, help="largest/smallest N per budget")
+    s.add_argument("--center-ratio", type=float, default=10.0,
+                   help="D/N guessed at the optimum (centres the sizes)")
+    s.add_argument("--lr", default="3e-3", help="learning rate, or a comma list (grid per size)")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--max-epochs", type=float, default=None,
+                   help="refuse points needing more passes over the training split")
+    s.add_argument("--target-flops", type=float, default=None,
+                   help="budget to answer for (default 10x the largest)")
+    s.add_argument("--max-flops-per-example", type=float, default=None, help="serving cap")
+    s.add_argument("--max-concurrent", type=int, default=2)
+    s.add_argument("--tracking-uri", default=None)
+    s.add_argument("--storage", default=None, help="Ray Tune state (resume)")
+    s.add_argument("-o", "--out", default=None, help="report directory (default NAME_study/)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-v", "--verbose", type=int, default=1)
+    s.set_defaults(func=cmd_scale)
+
+    v = sub.add_parser("verify", help="train the predicted compute-optimal config at a "
+                                      "target budget, with N*/2 and 2N*")
+    v.add_argument("name", help="the study")
+    v.add_argument("--budget-flops", type=float, default=None,
+                   help="target budget (default 10x the largest studied)")
+    v.add_argument("--family", default=None, help="verify this family (default: the pick)")
+    v.add_argument("--max-flops-per-example", type=float, default=None, help="serving cap")
+    v.add_argument("--tracking-uri", default=None)
+    v.add_argument("--storage", default=None)
+    v.add_argument("-o", "--out", default=None, help="report directory (default NAME_study/)")
+    v.add_argument("-v", "--verbose", type=int, default=1)
+    v.set_defaults(func=cmd_verify)
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from search.study import StudyError, ladder, study_config
+    from trainers.data import DataConfig, SyntheticConfig
+
+    try:
+        lrs = _floats(args.lr)
+        budgets = (_floats(args.budgets) if args.budgets
+                   else ladder(args.min_budget, args.n_budgets, args.ratio))
+    except ValueError as err:
+        raise StudyError(f"scale: {err}") from None
+    if args.data == "synthetic":
+        syn = SyntheticConfig(**({"n_rows": args.synthetic_rows} if args.synthetic_rows else {}))
+        data = DataConfig(name="synthetic", synthetic=syn)
+    else:
+        data = DataConfig(name=args.data, max_rows=args.max_rows)
+    return study_config(
+        name=args.name, data=data, families=tuple(f for f in args.families.split(",") if f),
+        budgets=budgets, sizes=args.sizes, span=args.span, center_ratio=args.center_ratio,
+        train={"batch_size": args.batch_size, "lr": lrs[0] if lrs else 3e-3,
+               "optimizer": "adamw_split", "embedding_lr": 1e-2},
+        lrs=lrs if len(lrs) > 1 else (), max_epochs=args.max_epochs,
+        max_concurrent=args.max_concurrent, seed=args.seed)
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    """Run the study, fit it, write the report, print the table."""
+    _env()
+    cfg = _config(args)
+    from analysis.isoflop import analyze_study
+    from analysis.study_report import build_study_report, table_rows
+    from search.study import load_study, run_study
+
+    run_study(cfg, tracking_uri=args.tracking_uri, storage=args.storage, verbose=args.verbose)
+    record = load_study(cfg.name, args.tracking_uri)
+    fit = analyze_study(record.points, args.target_flops, args.max_flops_per_example,
+                        record.n_train)
+    out = build_study_report(record, fit, None, args.out or f"{cfg.name}_study",
+                             log_to_mlflow=True)
+    _print(table_rows(fit), out)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Verify a study at a target budget and add the points to its report."""
+    _env()
+    from analysis.isoflop import analyze_study
+    from analysis.study_report import build_study_report, table_rows
+    from analysis.verify import run_verify
+    from search.study import load_study
+
+    outcome = run_verify(args.name, args.budget_flops, args.tracking_uri, args.storage,
+                         args.family, args.max_flops_per_example, verbose=args.verbose)
+    record = load_study(args.name, args.tracking_uri)
+    fit = analyze_study(record.points, outcome.budget, args.max_flops_per_example,
+                        record.n_train)
+    out = build_study_report(record, fit, outcome, args.out or f"{args.name}_study",
+                             log_to_mlflow=True)
+    print(outcome.table())
+    _print(table_rows(fit, outcome), out)
+    return 0
+
+
+def _print(rows: list[tuple[str, str, str, str]], out: Any) -> None:
+    w = max(len(r[0]) for r in rows) if rows else 10
+    for q, val, ci, st in rows:
+        print(f"{q:<{w}}  {val:>14}  {ci:>24}  {st}")
+    print(json.dumps({"report": str(out)}))

@@ -1,0 +1,147 @@
+"""isoFLOP fits on planted data: profiles, N*(C), L*(C), the pick and its statuses."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.isoflop import analyze_study, fit_profile
+from analysis.study_report import build_study_report
+
+E, A, ALPHA, B, BETA = 0.45, 0.08, 0.30, 0.10, 0.35
+A_TRUE = BETA / (ALPHA + BETA)
+
+
+def law(n: np.ndarray | float, d: np.ndarray | float) -> np.ndarray:
+    return np.asarray(E + A * (np.asarray(n) / 1e4) ** -ALPHA + B * (np.asarray(d) / 1e5) ** -BETA)
+
+
+def true_n_star(c: float) -> float:
+    # dL/dN = 0 along D = C/3N: α·A·(N/1e4)^-α = β·B·(D/1e5)^-β
+    x = np.linspace(0, 25, 200_001)
+    n = np.exp(x)
+    return float(n[np.argmin(law(n, c / (3 * n)))])
+
+
+def planted(budgets: list[float], sizes: int = 7, noise: float = 0.002, seed: int = 0,
+            families: tuple[str, ...] = ("f",), offset: dict[str, float] | None = None
+            ) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for fam in families:
+        for c in budgets:
+            centre = true_n_star(c) * 1.3
+            for n in centre * np.geomspace(1 / 4, 4, sizes) * np.exp(rng.normal(0, 0.05, sizes)):
+                d = c / (3 * n)
+                loss = float(law(n, d)) + (offset or {}).get(fam, 0.0) + rng.normal(0, noise)
+                rows.append({"family": fam, "budget": c, "N": n, "D": d, "loss": loss})
+    return pd.DataFrame(rows)
+
+
+BUDGETS = [1e9 * 4**k for k in range(4)]
+
+
+def test_profile_recovers_a_planted_parabola() -> None:
+    n = np.geomspace(1e3, 1e5, 9)
+    loss = 0.5 + 0.01 * np.log(n / 1e4) ** 2
+    p = fit_profile("f", 1e10, n, 1e10 / (3 * n), loss + np.random.default_rng(0).normal(0, 1e-4, 9))
+    assert p.status == "converged"
+    assert p.n_star == pytest.approx(1e4, rel=0.05)
+    assert p.l_star == pytest.approx(0.5, abs=2e-4)
+    assert p.curvature == pytest.approx(0.01, rel=0.05)
+    lo, hi = p.ci["n_star"]
+    assert lo < 1e4 < hi and hi / lo < 1.5
+
+
+def test_profile_statuses() -> None:
+    n = np.geomspace(1e3, 1e5, 5)
+    edge = fit_profile("f", 1e10, n, n, 0.5 + 0.01 * np.log(n / 3e5) ** 2)
+    assert edge.status == "hit_bound" and "largest" in edge.message
+    concave = fit_profile("f", 1e10, n, n, 0.5 - 0.01 * np.log(n / 1e4) ** 2)
+    assert concave.status == "failed" and not math.isfinite(concave.n_star)
+    few = fit_profile("f", 1e10, n[:2], n[:2], [0.5, 0.6])
+    assert few.status == "too_few_points"
+
+
+def test_laws_recover_the_planted_exponent_and_extrapolate() -> None:
+    fit = analyze_study(planted(BUDGETS), n_boot=300)
+    fam = fit.families["f"]
+    assert fam.status == "converged"
+    assert abs(fam.a - A_TRUE) / A_TRUE < 0.05
+    lo, hi = fam.ci["a"]
+    assert lo < A_TRUE < hi
+    target = 10 * BUDGETS[-1]
+    assert float(fam.n_star(target)) == pytest.approx(true_n_star(target), rel=0.15)
+    pred = fam.predict(target)
+    assert pred.loss_law == "joint"
+    assert abs(pred.loss - float(law(pred.N, pred.D))) < 0.003
+    assert pred.loss_ci[0] < float(law(pred.N, pred.D)) < pred.loss_ci[1]
+    # off the optimum the predicted loss rises on both sides
+    assert fam.predict(target, pred.N / 3).loss > pred.loss < fam.predict(target, pred.N * 3).loss
+    assert 0 < fam.b < 0.2 and fam.ci["b"][0] < fam.b < fam.ci["b"][1]
+    assert fit.pick.status == "ok" and fit.pick.budget == target
+
+
+def test_pick_refuses_beyond_what_was_measured() -> None:
+    pts = planted(BUDGETS)
+    far = analyze_study(pts, target_flops=100 * BUDGETS[-1], n_boot=100)
+    assert far.pick.status == "extrapolated" and "100x the largest budget" in far.pick.message
+    # repetition: D* at the target needs more passes than any measured point (the
+    # smallest sizes, which see the most examples, left out so the study's D stays short)
+    pts = pts[pts.groupby("budget")["N"].rank() > 2]
+    n_train = int(pts["D"].max() / 2)  # the study measured up to 2 passes
+    rep = analyze_study(pts, n_train=n_train, n_boot=100)
+    assert rep.families["f"].ok
+    assert rep.pick.status == "extrapolated" and "repetition not measured" in rep.pick.message
+    assert rep.pick.epochs > 2
+
+
+def test_serving_cap_and_family_ranking() -> None:
+    pts = planted(BUDGETS, families=("good", "worse"), offset={"worse": 0.02})
+    fit = analyze_study(pts, n_boot=100)
+    assert set(fit.winners.values()) == {"good"}
+    assert [r[0] for r in fit.pick.ranking] == ["good", "worse"]
+    assert "beyond the intervals" in fit.pick.message
+    n_opt = fit.pick.n_star
+    capped = analyze_study(pts, max_n=n_opt / 4, n_boot=100)
+    assert capped.pick.status == "capped"
+    assert capped.pick.prediction is not None
+    assert abs(capped.pick.prediction.N / (n_opt / 4) - 1) < 1e-9
+    assert capped.pick.prediction.loss > fit.pick.prediction.loss  # type: ignore[union-attr]
+
+
+def test_no_usable_law_fails_honestly() -> None:
+    pts = planted(BUDGETS[:1])
+    fit = analyze_study(pts, n_boot=50)
+    assert fit.families["f"].status == "too_few_points"
+    assert fit.pick.status == "failed" and fit.pick.prediction is None
+
+
+def test_report_files(tmp_path) -> None:
+    fit = analyze_study(planted(BUDGETS, families=("a", "b"), offset={"b": 0.01}), n_boot=100)
+    out = build_study_report(None, fit, None, tmp_path)
+    for name in ("isoflop.png", "scaling.png", "summary.json", "report.md"):
+        assert (out / name).stat().st_size > 0
+    data = json.loads((out / "summary.json").read_text())  # strict JSON: no NaN
+    assert data["fit"]["pick"]["family"] == "a"
+    assert data["fit"]["families"]["a"]["a"] == pytest.approx(fit.families["a"].a)
+    quantities = [r["quantity"] for r in data["table"]]
+    assert any("exponent a" in q for q in quantities)
+    assert any("passes over the training data" in q for q in quantities)
+    assert "| pick at C=6.4e+11: loss (joint law) |" in (out / "report.md").read_text()
+
+
+def test_runs_that_did_not_learn_are_left_out() -> None:
+    pts = planted(BUDGETS)
+    pts["val_ne"] = 0.8
+    dead = pts.index[pts.groupby("budget")["N"].rank() == 1]  # smallest size per budget
+    pts.loc[dead, "loss"] = 0.69
+    pts.loc[dead, "val_ne"] = 1.0
+    fit = analyze_study(pts, n_boot=100)
+    assert len(fit.dead) == 4 and "did not beat the base rate" in fit.pick.message
+    clean = analyze_study(pts.drop(index=dead), n_boot=100)
+    assert fit.families["f"].a == pytest.approx(clean.families["f"].a)
