@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 __all__ = ["CONFIG_COLUMN", "HISTORY_METRICS", "RESULT_STEP", "AnalysisError", "SearchRuns",
-           "load_search", "runs_from_frames"]
+           "find_search", "load_search", "runs_from_frames"]
 
 #: The metric series read back per report: every metric of the contract but the
 #: per-trial constants (logged once).
@@ -295,3 +295,26 @@ def load_search(name: str, tracking_uri: str | None = None) -> SearchRuns:
     if not isinstance(settings, dict):
         settings = {}
     return runs_from_frames(trials, history, name, settings, parent.info.run_id, uri, exp_id)
+
+
+def find_search(name: str | None, tracking_uri: str | None = None) -> tuple[str, str] | None:
+    """``(experiment id, name)`` of the search ``name``, or, without a name, of the
+    search whose parent run started last; None when the store has no such search."""
+    from mlflow.tracking import MlflowClient
+
+    uri = default_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):].split("?")[0]):
+        return None
+    client = MlflowClient(uri)
+    if name is not None:
+        exp = client.get_experiment_by_name(name)
+        return None if exp is None else (str(exp.experiment_id), str(exp.name))
+    ids = [e.experiment_id for e in client.search_experiments()]
+    if not ids:
+        return None
+    runs = client.search_runs(ids, filter_string=f"tags.`{TAG_KIND}` = '{KIND_SEARCH}'",
+                              max_results=1, order_by=["attributes.start_time DESC"])
+    if not runs:
+        return None
+    exp_id = str(runs[0].info.experiment_id)
+    return exp_id, str(client.get_experiment(exp_id).name)
