@@ -141,6 +141,7 @@ def _open_browser(url: str) -> bool:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    import signal
     import subprocess
 
     from analysis.runs import find_search
@@ -161,6 +162,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     url = ui_url(args.host, args.port, found[0] if found else None)
     proc = subprocess.Popen(cmd, env=env)
+
+    def _stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)  # a service manager's stop ends the server too
     try:
         if not _wait_ready(proc, f"http://{args.host}:{args.port}/"):
             return proc.wait()

@@ -33,6 +33,7 @@ from mlflow.tracking import MlflowClient
 from analysis.pipeline import write_report
 from search.runner import SearchOutcome, run_search
 from search.settings import ResourceConfig, SearchConfig
+from tests.browser import Browser
 from trainers.data import DataConfig, SyntheticConfig, load_dataset
 
 pytestmark = pytest.mark.slow
@@ -118,14 +119,6 @@ def test_one_best_everywhere(searched: tuple[SearchConfig, SearchOutcome, Path])
 # ---- the browser ------------------------------------------------------------------------
 
 
-def _chromium() -> str:
-    found = shutil.which("chromium")
-    if found is None:
-        pytest.skip("no chromium: `make test` installs Debian's chromium when run as root "
-                    "with apt-get; here it is neither installed nor installable")
-    return found
-
-
 def _artifacts() -> Path:
     out = Path(os.environ.get("RECSCALE_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "ui"
     out.mkdir(parents=True, exist_ok=True)
@@ -138,17 +131,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _browse(chromium: str, url: str, shot: Path, budget_ms: int = 20_000) -> str:
-    """The DOM of ``url`` after the single-page app rendered, and its screenshot."""
-    common = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-              "--window-size=1600,1000", f"--virtual-time-budget={budget_ms}",
-              f"--user-data-dir={tempfile.mkdtemp(prefix='chr')}"]
-    subprocess.run([*common, f"--screenshot={shot}", url], capture_output=True, timeout=90,
-                   check=False)
-    dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True,
-                         timeout=90, check=False)
-    (shot.with_suffix(".html")).write_text(dom.stdout)
-    return dom.stdout
+@pytest.fixture
+def browser() -> Any:
+    found = shutil.which("chromium")
+    if found is None:
+        pytest.skip("no chromium: `make test` installs Debian's chromium when run as root "
+                    "with apt-get; here it is neither installed nor installable")
+    page = Browser(found)
+    yield page
+    page.close()
 
 
 @pytest.fixture(scope="module")
@@ -177,34 +168,55 @@ def ui(searched: tuple[SearchConfig, SearchOutcome, Path]) -> Any:
             proc.wait(10)
 
 
+EXPANDERS = "document.querySelectorAll('button[data-component-id*=\"runnamecellrenderer\"]')"
+
+
 def test_ui_opens_the_runs_in_the_machine_learning_mode(
-        searched: tuple[SearchConfig, SearchOutcome, Path], ui: str) -> None:
-    chromium = _chromium()
+        searched: tuple[SearchConfig, SearchOutcome, Path], ui: str, browser: Browser) -> None:
+    """The address ``recscale ui`` prints opens the runs table in the machine-learning
+    mode; expanding the parent (MLflow opens it collapsed) lists every trial under it."""
     _, out, _ = searched
     assert ui.endswith(f"/#/experiments/{out.experiment_id}/runs?workflowType=machine_learning")
     shots = _artifacts()
     t0 = time.monotonic()
-    dom = _browse(chromium, ui, shots / "runs.png")
-    assert NAME in dom  # the search's experiment, its parent run
+    browser.open(ui)
+    assert browser.wait_for(f"{EXPANDERS}.length > 0", 60), browser.text()[:2000]
+    browser.screenshot(shots / "runs.png")
+    text = browser.text()
+    assert "Model training" in text and NAME in text and "Runs" in text
+    for genai in ("Detect issues", "Evaluations", "token"):
+        assert genai not in text, f"GenAI mode: {genai!r} on the page"
+    assert browser.evaluate(f"{EXPANDERS}.length") == 1  # one parent: the search
+    browser.evaluate(f"{EXPANDERS}.forEach(b => b.click())")
     trials = out.trials.dropna(subset=["mlflow_run_id"])
     names = [f"{b}-{t}" for b, t in zip(trials["model.block"], trials["trial_id"], strict=True)]
-    listed = [n for n in names if n in dom]
-    assert listed == names, f"trials not listed under the parent: {set(names) - set(listed)}"
-    for genai in ("Detect issues", "Traces", "Evaluations"):
-        assert genai not in dom, f"GenAI mode: {genai!r} on the page"
+    assert browser.wait_for(f"document.body.innerText.includes({json.dumps(names[0])})", 30)
+    browser.screenshot(shots / "runs_expanded.png")
+    (shots / "runs_expanded.html").write_text(browser.dom())
+    text = browser.text()
+    missing = [n for n in names if n not in text]
+    assert not missing, f"trials not listed under the parent: {missing}"
+    # the trials come after the parent row, indented under it (one level down)
+    rows = browser.evaluate(
+        "[...document.querySelectorAll('a[href*=\"/runs/\"]')].map(a => a.textContent)")
+    rows = [r for r in rows if r == NAME or r in names]
+    assert rows[0] == NAME and sorted(rows[1:]) == sorted(names)
     assert time.monotonic() - t0 < 120
 
 
 def test_parent_page_shows_the_winner_and_its_artifacts(
-        searched: tuple[SearchConfig, SearchOutcome, Path], ui: str) -> None:
-    chromium = _chromium()
+        searched: tuple[SearchConfig, SearchOutcome, Path], ui: str, browser: Browser) -> None:
     _, out, _ = searched
     winner = out.winner()
     assert winner is not None
-    base = ui.split("#", 1)[0]
-    page = f"{base}#/experiments/{out.experiment_id}/runs/{out.parent_run_id}"
-    dom = _browse(chromium, page, _artifacts() / "parent.png")
-    assert "Winner:" in dom and str(winner["trial_id"]) in dom
-    assert str(winner["mlflow_run_id"]) in dom
-    art = _browse(chromium, f"{page}/artifacts", _artifacts() / "parent_artifacts.png")
-    assert "best.yaml" in art and "report" in art
+    page = f"{ui.split('#', 1)[0]}#/experiments/{out.experiment_id}/runs/{out.parent_run_id}"
+    browser.open(f"{page}?workflowType=machine_learning")
+    assert browser.wait_for("document.body && document.body.innerText.includes('Winner')", 60)
+    browser.screenshot(_artifacts() / "parent.png")
+    text = browser.text()
+    assert f"trial {winner['trial_id']}" in text and str(winner["mlflow_run_id"]) in text
+    assert "search.best_val_logloss" in text and "spent" in text
+    browser.open(f"{page}/artifacts?workflowType=machine_learning")
+    assert browser.wait_for("document.body.innerText.includes('best.yaml')", 60)
+    browser.screenshot(_artifacts() / "parent_artifacts.png")
+    assert "report" in browser.text()
