@@ -161,7 +161,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
            "--host", args.host, "--port", str(args.port), "--workers", "1"]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     url = ui_url(args.host, args.port, found[0] if found else None)
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, stdout=sys.stderr)  # stdout: the address alone
 
     def _stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt

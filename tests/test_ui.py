@@ -155,9 +155,9 @@ def ui(searched: tuple[SearchConfig, SearchOutcome, Path]) -> Any:
         start_new_session=True)
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline()  # printed once the server answers
+        line = proc.stdout.readline()  # the address, printed once the server answers
         match = re.search(r"http://\S+", line)
-        assert match, f"recscale ui printed {line!r}"
+        assert match, f"recscale ui printed {line!r} (exit code {proc.poll()})"
         yield match.group(0)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
