@@ -44,7 +44,7 @@ from analysis.fits import JointFit, PowerLawFit, fit_joint, fit_power_law
 from analysis.frontier import compute_frontier, pareto_front
 from analysis.plots import PLOTLY_JS, html_figures, png_figures, write_plotly_js
 from analysis.runs import CONFIG_COLUMN, RESULT_STEP, AnalysisError, SearchRuns
-from trainers.contracts import METRICS, OBJECTIVE, RESULT_REPORT
+from trainers.contracts import METRICS, OBJECTIVE, RESULT_REPORT, VAL_SE
 
 __all__ = ["DEFAULT_UI_URL", "EXTRAPOLATION", "run_url", "ComputeOptimal", "ReportResult", "ScalingFits", "build_report",
            "fit_search", "log_report_to_mlflow", "recommend_size", "select_best"]
@@ -244,6 +244,42 @@ def _frontiers(runs: SearchRuns) -> dict[str, Any]:
     return out
 
 
+def validation_noise(runs: SearchRuns) -> dict[str, Any]:
+    """The noise of the number ASHA compares, next to the differences it acts on.
+
+    Every report evaluates the same fixed validation examples; ``se_median``/``se_max``
+    summarise the standard error of ``val_logloss`` over the reports. For each ASHA
+    milestone, ``cut_gap`` is the loss difference, at that milestone, between the last
+    trial in the kept top ``1/reduction_factor`` and the first one below it (each trial's
+    first report at or past the milestone): the difference ASHA acts on there.
+    """
+    h = runs.history
+    se = pd.to_numeric(h[VAL_SE], errors="coerce").dropna() if VAL_SE in h else pd.Series()
+    out: dict[str, Any] = {
+        "eval_examples": runs.settings.get("eval_max_examples"),
+        "se_median": float(se.median()) if len(se) else None,
+        "se_max": float(se.max()) if len(se) else None, "rungs": []}
+    try:
+        from search.settings import SearchConfig, asha_milestones
+
+        cfg = SearchConfig.model_validate(runs.settings)
+        milestones = asha_milestones(cfg.grace, cfg.reduction_factor, cfg.trial_budget)[:-1]
+        rf = cfg.reduction_factor
+    except (ValueError, TypeError):
+        return out
+    for m in milestones:
+        reached = h[h["train_flops"] >= m].dropna(subset=[OBJECTIVE])
+        first = reached.sort_values("train_flops").groupby("run_id").head(1)
+        losses = np.sort(first[OBJECTIVE].to_numpy(dtype=float))
+        keep = max(1, len(losses) // rf)
+        gap = float(losses[keep] - losses[keep - 1]) if len(losses) > keep else None
+        rung_se = pd.to_numeric(first.get(VAL_SE), errors="coerce").median()
+        out["rungs"].append({"milestone_flops": m, "trials": len(losses), "kept": keep,
+                             "cut_gap": gap,
+                             "se": None if pd.isna(rung_se) else float(rung_se)})
+    return out
+
+
 def _try(fn: Any, *args: Any) -> dict[str, Any]:
     try:
         result = fn(*args)
@@ -409,6 +445,19 @@ def _html(runs: SearchRuns, summary: dict[str, Any], divs: list[str], out: Path,
               f"{html.escape(budgets)})</h2>",
               _raw_table(["trial", "family", "status", "val log loss", "val AUC",
                           "training FLOPs", "FLOPs/example"], trial_table)]
+    noise = summary.get("validation") or {}
+    if noise.get("se_median") is not None:
+        rung_rows = [[r["milestone_flops"], r["trials"], r["kept"], r["cut_gap"], r["se"]]
+                     for r in noise["rungs"]]
+        parts += [f"<h2>Validation noise (the search's budget: {html.escape(budgets)})</h2>",
+                  f"<p>Every report evaluates the same {_fmt(noise.get('eval_examples'))} "
+                  "validation examples (the first of the split; all of it when unset). The "
+                  f"standard error of a val log loss is {noise['se_median']:.2g} (median over "
+                  f"reports; at most {noise['se_max']:.2g}). ASHA's cuts below compare it "
+                  "with the loss gap between the last trial kept and the first one stopped "
+                  "at each milestone.</p>",
+                  _table(["milestone (training FLOPs)", "trials reaching it", "kept",
+                          "loss gap at the cut", "SE at the milestone"], rung_rows)]
     parts += ["<h2>Scaling fits</h2>",
               "<p>L(C) = E + A·C<sup>−α</sup>; L(N, D) = E + A·N<sup>−α</sup> + "
               "B·D<sup>−β</sup>. Intervals: 95% bootstrap.</p>",
@@ -472,6 +521,7 @@ def build_report(runs: SearchRuns, out_dir: str | Path, max_flops_per_example: f
                                "by_family": {k: v.as_dict() for k, v in fits.by_family.items()}},
                  "joint": fits.joint.as_dict()},
         "recommendation": _recommendation(runs, fits, max_flops_per_example, budget_flops),
+        "validation": validation_noise(runs),
     }
     summary = _jsonable(summary)
     largest = float(runs.history["flops_per_example"].max())

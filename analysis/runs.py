@@ -44,6 +44,7 @@ from trainers.contracts import (
     TAG_PARENT,
     TAG_STATUS,
     TAG_TRIAL_ID,
+    VAL_SE,
     UserError,
     default_tracking_uri,
 )
@@ -58,7 +59,7 @@ __all__ = ["CONFIG_COLUMN", "HISTORY_METRICS", "RESULT_STEP", "AnalysisError", "
 
 #: The metric series read back per report: every metric of the contract but the
 #: per-trial constants (logged once).
-HISTORY_METRICS = tuple(m for m in METRICS if m not in CONSTANT_METRICS)
+HISTORY_METRICS = (*(m for m in METRICS if m not in CONSTANT_METRICS), VAL_SE)
 #: The column of ``trials`` holding each trial's typed flat config.
 CONFIG_COLUMN = "config"
 #: The column of ``trials`` with the step (training FLOPs) of the report that is the
@@ -130,7 +131,7 @@ def runs_from_frames(trials: pd.DataFrame, history: pd.DataFrame, name: str = "s
             trials[col] = trials["run_id"] if col == "trial_id" else None
     if CONFIG_COLUMN not in trials:
         trials[CONFIG_COLUMN] = [_config_from_columns(row) for _, row in trials.iterrows()]
-    for col in ("step", *METRICS):
+    for col in ("step", *METRICS, VAL_SE):
         history[col] = (pd.to_numeric(history[col], errors="coerce") if col in history
                         else pd.Series(math.nan, index=history.index, dtype=float))
     last = history.groupby("run_id").last()

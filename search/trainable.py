@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from ray import tune
 
-from spaces import FeatureSpec, model_cost
-from trainers.contracts import CONSTANT_METRICS, OBJECTIVE, STEP_AXIS, TIME_ATTR
+from spaces import FeatureSpec, build_model, model_cost
+from trainers.contracts import CONSTANT_METRICS, OBJECTIVE, STEP_AXIS, TIME_ATTR, VAL_SE
 from trainers.data import DataConfig
 from trainers.experiment import experiment_from_flat
-from trainers.loop import train
+from trainers.loop import predict_logits, train
 
-__all__ = ["SharedData", "TrialContext", "run_trial", "share_dataset"]
+__all__ = ["SharedData", "TrialContext", "logloss_se", "run_trial", "share_dataset"]
 
 STATE_FILE = "state.pt"
 
@@ -72,6 +72,18 @@ def _view(arrays: dict[str, np.ndarray]) -> _SplitView:
     with warnings.catch_warnings():  # object-store arrays are read-only; we never write
         warnings.simplefilter("ignore", UserWarning)
         return _SplitView(*(torch.from_numpy(arrays[k]) for k in ("cat", "num", "label")))
+
+
+def logloss_se(model: torch.nn.Module, split: Any, limit: int | None) -> float:
+    """Standard error of the validation log loss of ``model`` on the first ``limit``
+    examples of ``split`` (the fixed set every report of every trial is evaluated on):
+    the standard deviation of the per-example loss over sqrt(n)."""
+    logits = predict_logits(model, split, limit=limit)
+    labels = split.label[: len(logits)]
+    losses = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels,
+                                                                  reduction="none")
+    n = len(losses)
+    return float(losses.std() / math.sqrt(n)) if n > 1 else float("nan")
 
 
 def _trial_resources() -> dict[str, float]:
@@ -131,19 +143,25 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
         "node_id": ray.get_runtime_context().get_node_id(),
     }
 
+    val = _view(data["val"])
+    probe = build_model(exp.model, spec)  # the reported weights, for the loss's standard error
+
     def report(metrics: dict[str, float], state: Any) -> bool:
         done = metrics["examples_seen"] >= max_examples
-        metrics = {**metrics, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        snapshot = state()
+        probe.load_state_dict(snapshot["model"])
+        metrics = {**metrics, VAL_SE: logloss_se(probe, val, ctx.eval_max_examples),
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    "trial_seconds": time.perf_counter() - started}
         if tracker is not None:
             tracker.log(metrics)
         with tempfile.TemporaryDirectory() as d:
-            torch.save(state(), os.path.join(d, STATE_FILE))
+            torch.save(snapshot, os.path.join(d, STATE_FILE))
             tune.report({**metrics, **extra, "trial_status": "completed" if done else "running"},
                         checkpoint=tune.Checkpoint.from_directory(d))
         return False
 
-    result = train(exp.model, train_cfg, spec, _view(data["train"]), _view(data["val"]),
+    result = train(exp.model, train_cfg, spec, _view(data["train"]), val,
                    report=report, resume=resume, eval_at=eval_at, device=device)
     if result.status == "diverged":
         last = result.history[-1] if result.history else {

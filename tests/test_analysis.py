@@ -433,6 +433,26 @@ def test_report_summary_has_the_frontiers_fits_and_recommendation(report: Report
             >= rec["compute_optimal"]["predicted_val_logloss"] - 1e-12)
 
 
+def test_validation_noise_states_the_se_beside_the_gaps_asha_cuts_at() -> None:
+    from analysis.report import validation_noise
+
+    trials, hist = _fake_search(n_trials=9)
+    hist["val_logloss_se"] = 0.004
+    settings = {"name": "x", "space": "unified", "budget_flops": 1e12, "trial_flops": 4e10,
+                "grace_flops": 4e10 / 9, "reduction_factor": 3, "eval_max_examples": 500}
+    noise = validation_noise(runs_from_frames(trials, hist, settings=settings))
+    assert noise["se_median"] == noise["se_max"] == 0.004 and noise["eval_examples"] == 500
+    assert [r["milestone_flops"] for r in noise["rungs"]] == pytest.approx([4e10 / 9, 4e10 / 3])
+    assert all(r["trials"] >= 4 for r in noise["rungs"])
+    for rung in noise["rungs"]:
+        reached = hist[hist.train_flops >= rung["milestone_flops"]]
+        first = reached.sort_values("train_flops").groupby("run_id").head(1)
+        losses = sorted(first["val_logloss"])
+        assert rung["trials"] == len(losses) and rung["kept"] == max(1, len(losses) // 3)
+        assert rung["cut_gap"] == pytest.approx(losses[rung["kept"]] - losses[rung["kept"] - 1])
+    assert validation_noise(runs_from_frames(trials, hist))["rungs"] == []  # no settings
+
+
 def test_report_on_a_thin_search_records_statuses_instead_of_failing(tmp_path: Path) -> None:
     trials, hist = _fake_search(n_trials=2)
     hist = hist[hist.examples_seen <= 8000]  # two reports per trial

@@ -112,6 +112,9 @@ def test_one_best_everywhere(searched: tuple[SearchConfig, SearchOutcome, Path])
     assert {f.path for f in client.list_artifacts(out.parent_run_id, "report")} >= {
         "report/report.html", "report/plotly.min.js", "report/summary.json"}
     assert (report / "report.html").stat().st_size < 300_000
+    noise = summary["validation"]  # the SE of the compared number is stated
+    assert 0 < noise["se_median"] < 0.05 and noise["eval_examples"] == 500
+    assert "Validation noise" in page and noise["rungs"]
     note = tags["mlflow.note.content"]
     assert str((report / "report.html").absolute()) in note and ray_best["trial_id"] in note
 

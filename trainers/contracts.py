@@ -65,6 +65,7 @@ __all__ = [
     "TAG_TRIAL_ID",
     "TIME_ATTR",
     "TRIAL_STATUSES",
+    "VAL_SE",
     "default_tracking_uri",
 ]
 
@@ -87,6 +88,11 @@ METRICS: Final[tuple[str, ...]] = (
     "val_logloss", "val_auc", "val_ne", "train_loss", "examples_seen", "train_flops",
     "flops_per_example", "params_dense", "params_embedding", "examples_per_s",
 )
+
+#: The standard error of ``val_logloss`` over the fixed validation examples (standard
+#: deviation of the per-example loss over sqrt(n)), logged with every search report, so
+#: the noise of the number ASHA compares is stated beside it.
+VAL_SE: Final = "val_logloss_se"
 
 #: Metrics constant over a trial: logged once (step 0), not at every report.
 CONSTANT_METRICS: Final[tuple[str, ...]] = ("flops_per_example", "params_dense", "params_embedding")
