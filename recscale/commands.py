@@ -105,11 +105,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def ui_url(host: str, port: int, experiment_id: str | None) -> str:
     """The page ``recscale ui`` opens: the search's runs in MLflow's machine-learning
-    mode (MLflow 3.17 otherwise opens its GenAI overview), or the experiment list."""
+    mode (MLflow 3.17 otherwise opens its GenAI overview) with recscale's shared view
+    of the runs table (the result columns), or the experiment list."""
+    from trainers.contracts import VIEW_KEY
+
     base = f"http://{host}:{port}/"
     if experiment_id is None:
         return base
-    return f"{base}#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return (f"{base}#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={VIEW_KEY}")
 
 
 def _wait_ready(proc: Any, url: str, timeout: float = 120.0) -> bool:

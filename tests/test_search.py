@@ -81,10 +81,12 @@ def test_asha_stops_trials_at_flops_milestones(unified) -> None:
     assert len(stopped) >= 1, out.trials[["trial_status", "train_flops"]]
     at_a_rung = 0
     for _, row in stopped.iterrows():
-        per_example = 3 * row["flops_per_example"]
+        # every point in whole batches: milestones rounded up, report points to the nearest
+        batch = int(row["train.batch_size"])
+        per_batch = 3 * row["flops_per_example"] * batch
         seen = int(row["examples_seen"])
-        rung_points = {math.ceil(m / per_example) for m in rungs}
-        every = int((cfg.grace / cfg.reports_per_grace) // per_example)
+        rung_points = {batch * math.ceil(m / per_batch) for m in rungs}
+        every = batch * max(1, round(cfg.grace / cfg.reports_per_grace / per_batch))
         # ASHA stops a trial at a rung; the global budget stops it at a report point
         assert seen in rung_points or seen % every == 0, row
         at_a_rung += seen in rung_points
@@ -106,6 +108,8 @@ def test_mlflow_layout(unified) -> None:
     client = MlflowClient(out.tracking_uri)
     exp = client.get_experiment(out.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(exp.tags["mlflow.sharedViewState.recscale"])
+    assert "metrics.`val_logloss`" in view["selectedColumns"]
     runs = client.search_runs([out.experiment_id], max_results=1000)
     parents = [r for r in runs if r.data.tags.get("recscale.kind") == "search"]
     children = [r for r in runs if r.data.tags.get("recscale.kind") == "trial"]
@@ -136,8 +140,8 @@ def test_mlflow_layout(unified) -> None:
         assert not any(k.startswith("data.") for k in params)
         sections = {k.split(".")[1] for k in params if k.count(".") >= 2 and k.startswith("model.")}
         assert sections <= {tags["block"]}, sections
-        config = json.loads(open(client.download_artifacts(r.info.run_id, "config.json",
-                                                           tempfile.mkdtemp())).read())
+        config = json.loads(Path(client.download_artifacts(r.info.run_id, "config.json",
+                                                           tempfile.mkdtemp())).read_text())
         assert config["model"]["block"] == tags["block"] and "data" in config
         hist = client.get_metric_history(r.info.run_id, "val_logloss")
         steps = [m.step for m in hist]

@@ -179,7 +179,8 @@ def test_ui_opens_the_runs_in_the_machine_learning_mode(
     """The address ``recscale ui`` prints opens the runs table in the machine-learning
     mode; expanding the parent (MLflow opens it collapsed) lists every trial under it."""
     _, out, _ = searched
-    assert ui.endswith(f"/#/experiments/{out.experiment_id}/runs?workflowType=machine_learning")
+    assert ui.endswith(f"/#/experiments/{out.experiment_id}/runs?workflowType=machine_learning"
+                       "&viewStateShareKey=recscale")
     shots = _artifacts()
     t0 = time.monotonic()
     browser.open(ui)
@@ -187,6 +188,11 @@ def test_ui_opens_the_runs_in_the_machine_learning_mode(
     browser.screenshot(shots / "runs.png")
     text = browser.text()
     assert "Model training" in text and NAME in text and "Runs" in text
+    # recscale's shared view: the result columns, not MLflow's Dataset / Source / Models
+    headers = browser.evaluate(
+        "[...document.querySelectorAll('[role=\"columnheader\"]')].map(h => h.textContent.trim())")
+    assert {"val_logloss", "val_auc", "train_flops", "block", "trial_status"} <= set(headers)
+    assert not {"Dataset", "Source", "Models"} & set(headers), headers
     for genai in ("Detect issues", "Evaluations", "token"):
         assert genai not in text, f"GenAI mode: {genai!r} on the page"
     assert browser.evaluate(f"{EXPANDERS}.length") == 1  # one parent: the search

@@ -63,6 +63,9 @@ __all__ = [
     "TAG_STATUS",
     "TAG_STORAGE",
     "TAG_TRIAL_ID",
+    "TAG_VIEW",
+    "VIEW_COLUMNS",
+    "VIEW_KEY",
     "TIME_ATTR",
     "TRIAL_STATUSES",
     "VAL_SE",
@@ -119,6 +122,16 @@ TAG_DESCRIPTION: Final = "mlflow.note.content"    # MLflow's run description
 # machine-learning mode (runs, charts) instead of the GenAI one (traces, evaluations)
 TAG_EXPERIMENT_KIND: Final = "mlflow.experimentKind"
 EXPERIMENT_KIND_ML: Final = "custom_model_development"
+#: MLflow 3.17's shared views: an experiment tag ``mlflow.sharedViewState.<key>`` holds
+#: a runs-table state that ``?viewStateShareKey=<key>`` opens. recscale's view shows the
+#: trial's result and identity instead of MLflow's Dataset / Source / Models columns.
+VIEW_KEY: Final = "recscale"
+TAG_VIEW: Final = f"mlflow.sharedViewState.{VIEW_KEY}"
+VIEW_COLUMNS: Final[tuple[str, ...]] = (
+    *(f"metrics.`{m}`" for m in (OBJECTIVE, "val_auc", TIME_ATTR, "flops_per_example")),
+    f"tags.`{TAG_BLOCK}`", f"tags.`{TAG_STATUS}`",
+)
+
 #: The search's own numbers on the parent run (``search.spent_flops``, ...), so they
 #: form their own group in MLflow and never read as trial metrics.
 SEARCH_PREFIX: Final = "search."

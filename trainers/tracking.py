@@ -18,6 +18,7 @@ and asynchronously, so a slow remote tracking server never stalls the driver.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ from trainers.contracts import (
     TAG_SEARCH,
     TAG_STATUS,
     TAG_TRIAL_ID,
+    TAG_VIEW,
+    VIEW_COLUMNS,
 )
 
 __all__ = [
@@ -75,19 +78,24 @@ _PARAM_BATCH = 100
 def experiment_id(client: MlflowClient, name: str) -> str:
     """The id of experiment ``name``, created (or restored from deleted) if need be.
 
-    A new experiment is tagged ``mlflow.experimentKind=custom_model_development``, the
-    setting MLflow 3.17's UI reads to open it in its machine-learning mode (runs and
-    charts) rather than the GenAI one (traces, evaluations).
+    A new experiment is tagged with the settings MLflow 3.17's UI offers for it:
+    ``mlflow.experimentKind=custom_model_development``, which opens it in the
+    machine-learning mode (runs and charts) rather than the GenAI one (traces,
+    evaluations), and recscale's shared runs view (:data:`~trainers.contracts.TAG_VIEW`:
+    the result columns instead of Dataset / Source / Models).
     """
+    tags = {TAG_EXPERIMENT_KIND: EXPERIMENT_KIND_ML,
+            TAG_VIEW: json.dumps({"selectedColumns": list(VIEW_COLUMNS)})}
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
-        if TAG_EXPERIMENT_KIND not in exp.tags:  # made by an older recscale
-            client.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND_ML)
+        for key, value in tags.items():  # an experiment an older recscale made
+            if key not in exp.tags:
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return str(exp.experiment_id)
     try:
-        return str(client.create_experiment(name, tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND_ML}))
+        return str(client.create_experiment(name, tags=tags))
     except Exception:  # created concurrently by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:
