@@ -75,9 +75,10 @@ def _view(arrays: dict[str, np.ndarray]) -> _SplitView:
 
 
 def logloss_se(model: torch.nn.Module, split: Any, limit: int | None) -> float:
-    """Standard error of the validation log loss of ``model`` on the first ``limit``
-    examples of ``split`` (the fixed set every report of every trial is evaluated on):
-    the standard deviation of the per-example loss over sqrt(n)."""
+    """Standard error of the validation log loss of ``model`` over the examples
+    ``trainers.loop.evaluate(..., limit=limit)`` scores (the fixed set every report of
+    every trial is evaluated on; the mean of these losses is its ``val_logloss``): the
+    standard deviation of the per-example loss over sqrt(n)."""
     logits = predict_logits(model, split, limit=limit)
     labels = split.label[: len(logits)]
     losses = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels,
