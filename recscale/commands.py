@@ -64,8 +64,15 @@ def print_best(outcome: Any, n: int = 10) -> None:
           f"({outcome.rejected_samples} samples rejected before training)")
     if len(best):
         print(best[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    winner = outcome.winner()
+    if winner is not None:  # a trial's result is its last report: every number from it
+        print(f"winner: {winner.get('model.block')} trial {winner['trial_id']} "
+              f"({OBJECTIVE} {float(winner[OBJECTIVE]):.4g}, val_auc "
+              f"{float(winner.get('val_auc', float('nan'))):.4g} at "
+              f"{float(winner[TIME_ATTR]):.3g} training FLOPs, its last report)")
     print(f"MLflow: {outcome.tracking_uri}  experiment {outcome.name!r} "
-          f"(parent run {outcome.parent_run_id}); `recscale ui` to compare trials")
+          f"(parent run {outcome.parent_run_id}); `recscale ui {outcome.name}` to compare "
+          "trials")
 
 
 def cmd_search(args: argparse.Namespace) -> int:
