@@ -229,3 +229,35 @@ def test_parent_page_shows_the_winner_and_its_artifacts(
     assert browser.wait_for("document.body.innerText.includes('best.yaml')", 60)
     browser.screenshot(_artifacts() / "parent_artifacts.png")
     assert "report" in browser.text()
+
+
+def test_ui_address_and_which_search_it_opens(tmp_path: Path) -> None:
+    """Without a name ``recscale ui`` opens the search that started last; experiments
+    get the machine-learning mode and recscale's view, older ones included."""
+    from analysis.runs import find_search
+    from recscale.commands import ui_url
+    from trainers.tracking import experiment_id, find_or_create_parent
+
+    assert ui_url("127.0.0.1", 5000, None) == "http://127.0.0.1:5000/"
+    assert ui_url("127.0.0.1", 5001, "3") == ("http://127.0.0.1:5001/#/experiments/3/runs?"
+                                              "workflowType=machine_learning"
+                                              "&viewStateShareKey=recscale")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert find_search(None, uri) is None  # no store: nothing to open
+    client = MlflowClient(uri)
+    old = client.create_experiment("older")  # as an older recscale made it: no tags
+    client.create_experiment("not-a-search")
+    for name in ("first", "second"):
+        find_or_create_parent(client, name, {}, {})
+        time.sleep(0.01)
+    assert find_search(None, uri) == (client.get_experiment_by_name("second").experiment_id,
+                                      "second")
+    assert find_search("first", uri) == (client.get_experiment_by_name("first").experiment_id,
+                                         "first")
+    assert find_search("missing", uri) is None
+    assert experiment_id(client, "older") == old
+    for exp_id in (old, client.get_experiment_by_name("first").experiment_id):
+        tags = client.get_experiment(exp_id).tags
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        assert "metrics.`val_logloss`" in json.loads(
+            tags["mlflow.sharedViewState.recscale"])["selectedColumns"]
