@@ -544,7 +544,7 @@ def test_summary_configs_keep_their_types(tmp_path: Path) -> None:
             experiment_from_flat({"model.block": "tokenmixer", "model.d_model": 32})]
     trials = pd.DataFrame([
         {"run_id": f"r{i}", "trial_id": f"t{i}", "block": e.model.block, "status": "TERMINATED",
-         "best_val_logloss": 0.4 + i / 10, "val_logloss": 0.4 + i / 10, "flops_per_example": 1e3,
+         "val_logloss": 0.4 + i / 10, "flops_per_example": 1e3,
          "train_flops": 3e6, "config": {k: v for k, v in e.flat().items()
                                         if k.startswith(("model.", "train."))},
          **e.flat()} for i, e in enumerate(exps)])
