@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from search.settings import SearchConfig
 from search.space import SearchSpace, bundled_space, load_space
 from search.tracking import TrialStatusCallback
 from trainers.contracts import (
+    CONSTANT_METRICS,
     METRICS,
     OBJECTIVE,
     OBJECTIVE_MODE,
@@ -34,6 +36,7 @@ from trainers.contracts import (
     TAG_DATA_FINGERPRINT,
     TAG_STORAGE,
     TIME_ATTR,
+    VAL_SE,
     UserError,
     default_tracking_uri,
 )
@@ -219,6 +222,30 @@ def _trial_table(trials: list[Any], check: ConfigCheck, run_ids: dict[str, str])
     return pd.DataFrame(rows)
 
 
+def _with_reports_tune_dropped(trials: pd.DataFrame,
+                               logged: Mapping[str, Mapping[str, float]]) -> pd.DataFrame:
+    """Rows whose trial's MLflow run holds a later report than Tune's ``last_result``
+    take that report, every metric of it.
+
+    A trial logs each report to MLflow just before handing it to Tune; when the budget
+    stops the search while a report is in flight, Tune drops it, but the trial did train
+    that far. Taking it keeps one result per trial (its last report) in this table, in
+    MLflow and in the analysis, and counts the FLOPs it spent. ``logged``: run id -> the
+    run's latest metrics.
+    """
+    if trials.empty or "mlflow_run_id" not in trials:
+        return trials
+    trials = trials.copy()
+    keys = (*(m for m in METRICS if m not in CONSTANT_METRICS), VAL_SE)  # the report's
+    for i, run_id in trials["mlflow_run_id"].items():
+        latest = logged.get(str(run_id), {})
+        if latest.get(TIME_ATTR, 0.0) > float(trials.at[i, TIME_ATTR] or 0.0):
+            for key in keys:
+                if key in latest:
+                    trials.loc[i, key] = latest[key]
+    return trials
+
+
 def _error_message(error_file: str | None) -> str:
     """The last line of a trial's error file (the exception's message), or a default."""
     if not error_file:
@@ -398,8 +425,10 @@ def collect_outcome(plan: SearchPlan, tracking: Tracking, wall: float) -> Search
 
     client = MlflowClient(tracking.uri)
     analysis = ExperimentAnalysis(str(plan.exp_path))
-    trials = _trial_table(analysis.trials, plan.check,
-                          child_runs(client, tracking.experiment_id, tracking.parent_run_id))
+    run_ids = child_runs(client, tracking.experiment_id, tracking.parent_run_id)
+    trials = _trial_table(analysis.trials, plan.check, run_ids)
+    trials = _with_reports_tune_dropped(
+        trials, {r: client.get_run(r).data.metrics for r in run_ids.values()})
     spent = float(trials[TIME_ATTR].fillna(0).sum()) if TIME_ATTR in trials else 0.0
     winner = search_winner(trials)
     rejected = rejected_samples(plan)
