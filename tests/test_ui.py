@@ -99,6 +99,9 @@ def test_one_best_everywhere(searched: tuple[SearchConfig, SearchOutcome, Path])
 
     page = (report / "report.html").read_text()
     assert f"Winning config: {best['block']} trial {best['trial_id']}" in page
+    # every trial links to its run in the MLflow UI that recscale ui serves
+    for trial_run in out.trials["mlflow_run_id"]:
+        assert f"/#/experiments/{out.experiment_id}/runs/{trial_run}'" in page
     row = re.search(r"<td>best trial</td>(.*?)</tr>", page)
     assert row is not None
     assert [f"{value:.4g}", f"{auc:.4g}", f"{flops:.4g}"] == re.findall(
