@@ -363,13 +363,13 @@ def _html(runs: SearchRuns, summary: dict[str, Any], divs: list[str], out: Path,
     rec = summary["recommendation"]
     settings = summary["settings"]
 
-    def rows(pairs: tuple[tuple[str, str], ...], cells: Any) -> list[list[Any]]:
+    def rows(pairs: tuple[tuple[str, str], ...], cells: Any, width: int) -> list[list[Any]]:
         """One table row per present recommendation; an error fills the row's 2nd cell."""
         out = []
         for key, label in pairs:
             r = rec.get(key)
             if r is not None:
-                out.append([label, r["error"], None, None, None, None, None, None] if "error" in r
+                out.append([label, r["error"], *[None] * (width - 2)] if "error" in r
                            else [label, *cells(r)])
         return out
 
@@ -379,13 +379,13 @@ def _html(runs: SearchRuns, summary: dict[str, Any], divs: list[str], out: Path,
     trial_rows = rows((("best_overall", "best trial"), ("best_under_cap", "best under the cap")),
                       lambda r: [r.get("trial_id"), r.get("block"), r.get(OBJECTIVE),
                                  r.get("val_auc"), r.get("train_flops"),
-                                 r.get("flops_per_example"), r.get("params_dense")])
+                                 r.get("flops_per_example"), r.get("params_dense")], 8)
     size_rows = rows((("compute_optimal", "no serving cap"),
                       ("compute_optimal_under_cap", "under the serving cap")),
                      lambda r: [r["budget_flops"],
                                 _val_ci(r["flops_per_example"], r["ci95"]["flops_per_example"]),
                                 _val_ci(r["examples"], r["ci95"]["examples"]),
-                                r["predicted_val_logloss"], r["limited_by"], r["warning"], ""])
+                                r["predicted_val_logloss"], r["limited_by"], r["warning"]], 7)
     fits = summary["fits"]
     fit_rows = []
     named = [("L(C), compute frontier", fits["power_law"]["frontier"])]
@@ -434,22 +434,27 @@ def _html(runs: SearchRuns, summary: dict[str, Any], divs: list[str], out: Path,
         parts += [f"<h3>Compute-optimal size for a training budget of {_fmt(budget)} FLOPs"
                   f"{ratio} (joint fit, C = 3·N·D)</h3>",
                   _table(["", "budget (FLOPs)", "N* FLOPs/example [95% CI]",
-                          "D* examples [95% CI]", "predicted loss", "limited by", "warning",
-                          ""], size_rows)]
+                          "D* examples [95% CI]", "predicted loss", "limited by", "warning"],
+                         size_rows)]
     ordered = runs.trials.sort_values(OBJECTIVE, na_position="last", kind="mergesort")
     trial_table = [[_link(r.get("trial_id"), url(r.get("run_id"))), _fmt(r.get("block")),
                     _fmt(r.get("status")), _fmt(r.get(OBJECTIVE)), _fmt(r.get("val_auc")),
                     _fmt(r.get("train_flops")), _fmt(r.get("flops_per_example"))]
                    for _, r in ordered.iterrows()]
-    parts += [f"<h2>Trials (each linked to its MLflow run; the search's budget: "
-              f"{html.escape(budgets)})</h2>",
+    parts += ["<h2>Trials</h2>",
+              f"<p>Each linked to its MLflow run; for the search's budget ({html.escape(budgets)})."
+              "</p>",
               _raw_table(["trial", "family", "status", "val log loss", "val AUC",
                           "training FLOPs", "FLOPs/example"], trial_table)]
     noise = summary.get("validation") or {}
     if noise.get("se_median") is not None:
-        rung_rows = [[r["milestone_flops"], r["trials"], r["kept"], r["cut_gap"], r["se"]]
+        rung_rows = [[r["milestone_flops"], r["trials"], r["kept"], r["cut_gap"], r["se"],
+                      None if r["cut_gap"] is None or r["se"] is None
+                      else ("yes" if r["se"] < r["cut_gap"] else "NO")]
                      for r in noise["rungs"]]
-        parts += [f"<h2>Validation noise (the search's budget: {html.escape(budgets)})</h2>",
+        noisy = [r for r in rung_rows if r[-1] == "NO"]
+        parts += ["<h2>Validation noise</h2>",
+                  f"<p>For the search's budget ({html.escape(budgets)}).</p>",
                   f"<p>Every report evaluates the same {_fmt(noise.get('eval_examples'))} "
                   "validation examples (the first of the split; all of it when unset). The "
                   f"standard error of a val log loss is {noise['se_median']:.2g} (median over "
@@ -457,7 +462,12 @@ def _html(runs: SearchRuns, summary: dict[str, Any], divs: list[str], out: Path,
                   "with the loss gap between the last trial kept and the first one stopped "
                   "at each milestone.</p>",
                   _table(["milestone (training FLOPs)", "trials reaching it", "kept",
-                          "loss gap at the cut", "SE at the milestone"], rung_rows)]
+                          "loss gap at the cut", "SE at the milestone", "SE below the gap"],
+                         rung_rows)]
+        if noisy:
+            parts.append(f"<p><b>Warning:</b> at {len(noisy)} milestone(s) the standard error "
+                         "exceeds the loss gap ASHA cut at: those decisions are within the "
+                         "noise; evaluate on more validation examples (eval_max_examples).</p>")
     parts += ["<h2>Scaling fits</h2>",
               "<p>L(C) = E + A·C<sup>−α</sup>; L(N, D) = E + A·N<sup>−α</sup> + "
               "B·D<sup>−β</sup>. Intervals: 95% bootstrap.</p>",
