@@ -38,6 +38,7 @@ from trainers.contracts import (
     KIND_SEARCH,
     KIND_TRIAL,
     METRICS,
+    SEARCH_ARTIFACT,
     TAG_BLOCK,
     TAG_CONFIG,
     TAG_KIND,
@@ -204,7 +205,8 @@ def run_config(run: Run, client: MlflowClient | None = None) -> dict[str, Any]:
     raw = run.data.tags.get(TAG_CONFIG)
     where = f"tag {TAG_CONFIG}"
     if not raw and client is not None:
-        raw, where = _config_artifact(client, run.info.run_id), f"artifact {CONFIG_ARTIFACT}"
+        raw = _artifact_text(client, run.info.run_id, CONFIG_ARTIFACT)
+        where = f"artifact {CONFIG_ARTIFACT}"
     try:
         tree = json.loads(raw) if raw else None
     except json.JSONDecodeError as err:
@@ -216,18 +218,18 @@ def run_config(run: Run, client: MlflowClient | None = None) -> dict[str, Any]:
     return {k: v for k, v in flatten(tree).items() if k.startswith(CONFIG_SECTIONS)}
 
 
-def _config_artifact(client: MlflowClient, run_id: str) -> str | None:
-    """The text of a run's ``config.json`` artifact, or None when it has none."""
+def _artifact_text(client: MlflowClient, run_id: str, path: str) -> str | None:
+    """The text of a run's JSON artifact ``path``, or None when it has none."""
     import tempfile
 
     from mlflow.exceptions import MlflowException
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = client.download_artifacts(run_id, CONFIG_ARTIFACT, tmp)
+            local = client.download_artifacts(run_id, path, tmp)
         except (MlflowException, OSError):
             return None
-        with open(path) as fh:
+        with open(local) as fh:
             return fh.read()
 
 
@@ -289,8 +291,10 @@ def load_search(name: str, tracking_uri: str | None = None) -> SearchRuns:
             for row, s in zip(rows, series) for step, values in sorted(s.items())]
     trials = pd.DataFrame(rows)
     history = pd.DataFrame(hist)
+    raw = (parent.data.tags.get(TAG_CONFIG)  # a search made before search.json
+           or _artifact_text(client, parent.info.run_id, SEARCH_ARTIFACT) or "{}")
     try:
-        settings = json.loads(parent.data.tags.get(TAG_CONFIG) or "{}")
+        settings = json.loads(raw)
     except json.JSONDecodeError:
         settings = {}
     if not isinstance(settings, dict):

@@ -30,9 +30,9 @@ from trainers.contracts import (
     METRICS,
     OBJECTIVE,
     OBJECTIVE_MODE,
+    SEARCH_ARTIFACT,
     SEARCH_PREFIX,
     SECONDARY_OBJECTIVE,
-    TAG_CONFIG,
     TAG_DATA_FINGERPRINT,
     TAG_STORAGE,
     TIME_ATTR,
@@ -332,8 +332,8 @@ def open_tracking(plan: SearchPlan, tracking_uri: str | None) -> Tracking:
     params["data.fingerprint"] = ds.fingerprint
     exp_id, parent_id, _ = find_or_create_parent(
         client, cfg.name, params, tags={TAG_DATA_FINGERPRINT: ds.fingerprint,
-                                        TAG_STORAGE: str(plan.exp_path),
-                                        TAG_CONFIG: cfg.model_dump_json()})
+                                        TAG_STORAGE: str(plan.exp_path)})
+    client.log_dict(parent_id, _settings_record(cfg), SEARCH_ARTIFACT)  # typed, not a tag
     log_files(client, parent_id, [plan.space_path])
     return Tracking(uri, exp_id, parent_id)
 

@@ -45,6 +45,7 @@ from trainers.contracts import (
     CONFIG_ARTIFACT,
     KIND_SEARCH,
     KIND_TRIAL,
+    SEARCH_ARTIFACT,
     TAG_CONFIG,
     TAG_KIND,
     TAG_PARENT,
@@ -474,9 +475,9 @@ def test_load_search_reads_a_sqlite_store_and_logs_the_report(tmp_path: Path) ->
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("fake-search", artifact_location=str(tmp_path / "art"))
-    parent = client.create_run(exp, tags={"recscale.kind": "search", "recscale.config":
-                                          json.dumps({"budget_flops": 1e12})})
+    parent = client.create_run(exp, tags={"recscale.kind": "search"})
     pid = parent.info.run_id
+    client.log_dict(pid, {"budget_flops": 1e12}, SEARCH_ARTIFACT)  # as the search does
     client.create_run(exp, tags={"note": "an unrelated run"})
     for i, status in enumerate(["TERMINATED", "STOPPED", "DIVERGED"]):
         run = client.create_run(exp, tags={"recscale.kind": "trial", "trial_id": f"t{i}",
@@ -573,3 +574,23 @@ def test_load_search_refuses_a_trial_without_its_typed_config(tmp_path: Path) ->
     client.create_run(exp, tags={TAG_KIND: KIND_TRIAL, TAG_PARENT: pid, TAG_CONFIG: "{not json"})
     with pytest.raises(AnalysisError, match=f"tag {TAG_CONFIG} is not JSON"):
         load_search("untyped", uri)
+
+
+def test_load_search_reads_a_search_made_before_the_json_artifacts(tmp_path: Path) -> None:
+    """Older searches kept the settings and each trial's config in tags."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("older", artifact_location=str(tmp_path / "art"))
+    pid = client.create_run(exp, tags={TAG_KIND: KIND_SEARCH,
+                                       TAG_CONFIG: json.dumps({"budget_flops": 5e11})}).info.run_id
+    cfg = experiment_from_flat({"model.block": "wukong", "model.d_model": 16})
+    run = client.create_run(exp, tags={TAG_KIND: KIND_TRIAL, TAG_PARENT: pid, "trial_id": "t0",
+                                       "block": "wukong",
+                                       TAG_CONFIG: json.dumps(cfg.to_dict())}).info.run_id
+    client.log_batch(run, metrics=[Metric("val_logloss", 0.6, 0, 300), Metric("train_flops", 300, 0, 300)])
+    runs = load_search("older", uri)
+    assert runs.settings == {"budget_flops": 5e11}
+    assert runs.trials.loc[0, "model.d_model"] == 16 and runs.trials.loc[0, "val_logloss"] == 0.6

@@ -84,6 +84,7 @@ def test_one_best_everywhere(searched: tuple[SearchConfig, SearchOutcome, Path])
     assert (m["search.best_val_logloss"], m["search.best_val_auc"],
             m["search.best_train_flops"]) == (value, auc, flops)
     assert tags["recscale.best_run_id"] == run_id
+    assert "recscale.config" not in tags  # the settings are the search.json artifact
     assert tags["recscale.best_trial_id"] == ray_best["trial_id"]
     # the child's own final metrics are that same report, at that step
     child = client.get_run(run_id)
@@ -111,7 +112,7 @@ def test_one_best_everywhere(searched: tuple[SearchConfig, SearchOutcome, Path])
     assert (exported["run_id"], exported["val_logloss"], exported["val_auc"],
             exported["result_train_flops"]) == (run_id, value, auc, flops)
     artifacts = {f.path for f in client.list_artifacts(out.parent_run_id)}
-    assert {"best.yaml", "report"} <= artifacts
+    assert {"best.yaml", "report", "search.json"} <= artifacts
     assert {f.path for f in client.list_artifacts(out.parent_run_id, "report")} >= {
         "report/report.html", "report/plotly.min.js", "report/summary.json"}
     assert (report / "report.html").stat().st_size < 300_000

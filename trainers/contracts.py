@@ -36,6 +36,7 @@ __all__ = [
     "CONSTANT_METRICS",
     "EXPERIMENT_KIND_ML",
     "RESULT_REPORT",
+    "SEARCH_ARTIFACT",
     "SEARCH_PREFIX",
     "TAG_BEST_BLOCK",
     "TAG_BEST_RUN",
@@ -107,7 +108,7 @@ TRIAL_STATUSES: Final[tuple[str, ...]] = ("COMPLETED", "STOPPED", "DIVERGED", "E
 
 TAG_KIND: Final = "recscale.kind"          # search | trial | train | study | verify
 TAG_SEARCH: Final = "recscale.search"      # the search (experiment) name
-TAG_CONFIG: Final = "recscale.config"      # a search's settings as JSON (parent run)
+TAG_CONFIG: Final = "recscale.config"      # settings/config JSON of runs made before search.json
 TAG_STORAGE: Final = "recscale.storage"    # where Ray Tune keeps the search's state
 TAG_DATA_FINGERPRINT: Final = "recscale.data_fingerprint"
 TAG_PARENT: Final = "mlflow.parentRunId"   # MLflow's own nesting tag
@@ -137,6 +138,8 @@ VIEW_COLUMNS: Final[tuple[str, ...]] = (
 SEARCH_PREFIX: Final = "search."
 #: A trial's full typed config, as a JSON artifact of its run.
 CONFIG_ARTIFACT: Final = "config.json"
+#: A search's settings (``SearchConfig``), as a JSON artifact of its parent run.
+SEARCH_ARTIFACT: Final = "search.json"
 TAG_NODE: Final = "ray.node_id"
 
 KIND_SEARCH: Final = "search"
