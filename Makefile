@@ -6,7 +6,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_AUTH_MODE ?= disabled
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: setup test lint typecheck unit demo ui clean
+.PHONY: setup browser test lint typecheck unit demo ui clean
 
 setup: $(VENV)/.installed
 
@@ -24,7 +24,17 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
-unit: setup
+# the browser test (tests/test_ui.py) drives Debian's chromium; installed here when it is
+# missing and we may (root, apt-get); otherwise that test skips and says why
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium for the browser test"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	      >/dev/null 2>&1 || echo "chromium could not be installed: the browser test will skip"; \
+	  else echo "no chromium and not root with apt-get: the browser test will skip"; fi; }
+
+unit: setup browser
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck unit

@@ -9,7 +9,7 @@ from typing import Any
 
 from analysis.fits import fit_joint
 from analysis.report import recommend_size, select_best
-from analysis.runs import BEST_OBJECTIVE, CONFIG_COLUMN, AnalysisError, SearchRuns
+from analysis.runs import CONFIG_COLUMN, AnalysisError, SearchRuns
 from spaces import FeatureSpec, ModelConfig, model_cost
 from trainers.contracts import OBJECTIVE
 from trainers.data import DataConfig
@@ -57,8 +57,10 @@ def export_config(runs: SearchRuns, output: str | Path, spec: FeatureSpec | None
     fpe = float(best["flops_per_example"])
     provenance: dict[str, Any] = {
         "search": runs.name, "parent_run_id": runs.parent_run_id, "run_id": best.get("run_id"),
-        "trial_id": best.get("trial_id"), OBJECTIVE: float(best.get(BEST_OBJECTIVE, best[OBJECTIVE])),
+        "trial_id": best.get("trial_id"), OBJECTIVE: float(best[OBJECTIVE]),
         "val_auc": float(best.get("val_auc", float("nan"))), "flops_per_example": fpe,
+        # the report these numbers are from: the trial's last (trainers.contracts)
+        "result_train_flops": float(best.get("train_flops", float("nan"))),
         "tracking_uri": runs.tracking_uri,
     }
     trial_flops = float(runs.settings.get("trial_flops") or 0) or float(best.get("train_flops", 0))

@@ -49,7 +49,7 @@ def pareto_front(df: pd.DataFrame, x: str, y: str, by: str | None = None) -> pd.
 
     Example::
 
-        pareto_front(trials, "flops_per_example", "best_val_logloss", by="block")
+        pareto_front(trials, "flops_per_example", "val_logloss", by="block")
     """
     _check(df, [x, y] + ([by] if by else []))
     if by is None:

@@ -25,14 +25,14 @@ import pandas as pd
 
 from analysis.fits import JointFit, PowerLawFit
 from analysis.frontier import compute_frontier, pareto_front
-from analysis.runs import BEST_OBJECTIVE, SearchRuns
+from analysis.runs import SearchRuns
 from trainers.contracts import OBJECTIVE
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 __all__ = ["FAMILY_COLORS", "PLOTS", "PlotSpec", "family_color", "family_marker",
-           "html_figures", "png_figures"]
+           "PLOTLY_JS", "html_figures", "png_figures", "write_plotly_js"]
 
 # Okabe–Ito: distinguishable with the common colour-vision deficiencies
 FAMILY_COLORS = {"attention": "#0072B2", "tokenmixer": "#E69F00", "wukong": "#009E73",
@@ -81,7 +81,7 @@ def family_marker(family: str) -> str:
 def _points(runs: SearchRuns, spec: PlotSpec) -> tuple[pd.DataFrame, str]:
     """Rows to plot and the loss column (non-missing, cost > 0)."""
     df = runs.trials if spec.source == "trials" else runs.history
-    y = BEST_OBJECTIVE if spec.source == "trials" else OBJECTIVE
+    y = OBJECTIVE  # a trial's result is its last report (trainers.contracts.RESULT_REPORT)
     if spec.x not in df or y not in df:
         return df.iloc[:0], y
     df = df.dropna(subset=[spec.x, y])
@@ -255,8 +255,8 @@ def _joint_png(runs: SearchRuns, joint: JointFit, out: Path, budget_flops: float
             c_hi = max(c_hi, budget_flops)
         bound = "" if max_n is None else f", N ≤ {max_n:.3g}"
         limits = [(max_n, "--", "black", f"joint fit at the optimal size N*(C){bound}")]
-        if cap is not None:
-            capped = cap if max_n is None else min(cap, max_n)
+        if cap is not None and (max_n is None or cap < max_n):  # else the same curve twice
+            capped = cap
             limits.append((capped, ":", "dimgray", f"… with N ≤ {capped:.3g} FLOPs/example"))
         for limit, style, colour, label in limits:
             cs, ls = _optimal_curve(joint, c_lo, c_hi, limit)
@@ -331,8 +331,8 @@ def _hover(df: pd.DataFrame, x: str, y: str, extra: Sequence[str]) -> list[str]:
 def html_figures(runs: SearchRuns, frontier_fit: PowerLawFit | None = None,
                  family_fits: Mapping[str, PowerLawFit] | None = None,
                  max_flops_per_example: float | None = None) -> list[str]:
-    """The loss-vs-cost figures as plotly ``<div>`` snippets; the first one inlines
-    plotly.js (``include_plotlyjs=True``) so the page works offline."""
+    """The loss-vs-cost figures as plotly ``<div>`` snippets. None carries plotly.js:
+    the page loads it once from ``plotly.min.js`` beside it (:func:`write_plotly_js`)."""
     import plotly.graph_objects as go
 
     extra = ["model.d_model", "model.n_layers", "train.lr", "examples_seen"]
@@ -377,9 +377,22 @@ def html_figures(runs: SearchRuns, frontier_fit: PowerLawFit | None = None,
         if spec.x == "flops_per_example" and max_flops_per_example is not None:
             fig.add_vline(x=max_flops_per_example, line_dash="dot", line_color="gray",
                           annotation_text="serving cap")
-        what = "every report" if history else "best loss per trial"
+        what = "every report" if history else "each trial's result (its last report)"
         fig.update_layout(xaxis_type="log", xaxis_title=spec.label, yaxis_title=Y_LABEL,
                           title=f"validation log loss vs {spec.x} ({what})", height=520,
                           template="plotly_white", legend={"font": {"size": 11}})
-        divs.append(fig.to_html(full_html=False, include_plotlyjs=not divs))
+        divs.append(fig.to_html(full_html=False, include_plotlyjs=False))
     return divs
+
+
+#: The file the report's page loads plotly.js from (written beside it, offline).
+PLOTLY_JS = "plotly.min.js"
+
+
+def write_plotly_js(out_dir: Path) -> Path:
+    """plotly.js from the installed Python package, once, beside the report."""
+    from plotly.offline import get_plotlyjs
+
+    path = out_dir / PLOTLY_JS
+    path.write_text(get_plotlyjs(), encoding="utf-8")
+    return path

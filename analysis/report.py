@@ -4,8 +4,10 @@
 
 * the PNG figures of :mod:`analysis.plots` (``loss_vs_flops_per_example.png``,
   ``loss_vs_params.png``, ``loss_vs_train_flops.png``, ``joint_fit.png``);
-* ``report.html``: the recommendation, the fits and the figures, interactive (plotly,
-  self-contained: plotly.js is inlined, no network needed);
+* ``report.html``: the recommendation (the winning config and the budgets it used), every
+  trial linked to its MLflow run, the fits and the figures, interactive (plotly); the
+  page loads plotly.js once from ``plotly.min.js`` beside it (written from the Python
+  package: offline, and the page stays small) and shows the PNGs by file name;
 * ``summary.json`` with the keys
 
   - ``search``, ``parent_run_id``, ``n_trials``, ``n_reports``, ``families`` (trials per
@@ -27,7 +29,6 @@ largest model trained.
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import math
@@ -41,17 +42,19 @@ import pandas as pd
 
 from analysis.fits import JointFit, PowerLawFit, fit_joint, fit_power_law
 from analysis.frontier import compute_frontier, pareto_front
-from analysis.plots import html_figures, png_figures
-from analysis.runs import BEST_OBJECTIVE, CONFIG_COLUMN, AnalysisError, SearchRuns
-from trainers.contracts import METRICS, OBJECTIVE
+from analysis.plots import PLOTLY_JS, html_figures, png_figures, write_plotly_js
+from analysis.runs import CONFIG_COLUMN, RESULT_STEP, AnalysisError, SearchRuns
+from trainers.contracts import METRICS, OBJECTIVE, RESULT_REPORT, VAL_SE
 
-__all__ = ["EXTRAPOLATION", "ComputeOptimal", "ReportResult", "ScalingFits", "build_report",
+__all__ = ["DEFAULT_UI_URL", "EXTRAPOLATION", "run_url", "ComputeOptimal", "ReportResult", "ScalingFits", "build_report",
            "fit_search", "log_report_to_mlflow", "recommend_size", "select_best"]
 
 EXTRAPOLATION = 10.0  # how far beyond the largest trained model a recommendation may reach
 EXCLUDED_STATUS = ("ERROR", "DIVERGED")  # trials never recommended
 SPREAD_WARNING = 10.0  # warn when the 95% interval of N* spans more than this factor
-_TRIAL_KEYS = ("run_id", "trial_id", "block", "status", BEST_OBJECTIVE, *METRICS)
+_TRIAL_KEYS = ("run_id", "trial_id", "block", "status", RESULT_STEP, *METRICS)
+#: Where ``recscale ui`` serves MLflow by default (links from the report to the runs).
+DEFAULT_UI_URL = "http://127.0.0.1:5000"
 
 
 @dataclass(frozen=True)
@@ -109,14 +112,14 @@ class ComputeOptimal:
 
 
 def select_best(trials: pd.DataFrame, max_flops_per_example: float | None = None) -> pd.Series:
-    """The trial with the lowest ``best_val_logloss`` (else ``val_logloss``) among those
-    with ``flops_per_example <= max_flops_per_example``; trials whose status is ERROR or
-    DIVERGED are never chosen; ties go to the cheaper model.
+    """The trial with the lowest ``val_logloss`` in its result (its last report) among
+    those with ``flops_per_example <= max_flops_per_example``; trials whose status is
+    ERROR or DIVERGED are never chosen; ties go to the cheaper model.
 
     Raises:
         AnalysisError: no trial qualifies.
     """
-    col = BEST_OBJECTIVE if BEST_OBJECTIVE in trials else OBJECTIVE
+    col = OBJECTIVE
     if col not in trials:
         raise AnalysisError("no trial with a validation loss: trials lack 'val_logloss'")
     ok = trials[np.isfinite(pd.to_numeric(trials[col], errors="coerce"))]
@@ -229,14 +232,51 @@ def _frontiers(runs: SearchRuns) -> dict[str, Any]:
     out: dict[str, Any] = {}
     ids = ["run_id", "trial_id", "block"]
     for x in ("flops_per_example", "params_dense"):
-        if x in runs.trials and BEST_OBJECTIVE in runs.trials:
-            front = pareto_front(runs.trials, x, BEST_OBJECTIVE)
-            out[x] = _records(front, ids + [x, BEST_OBJECTIVE])
+        if x in runs.trials and OBJECTIVE in runs.trials:
+            ok = runs.trials.dropna(subset=[x, OBJECTIVE])
+            front = pareto_front(ok, x, OBJECTIVE)
+            out[x] = _records(front, ids + [x, OBJECTIVE, "val_auc", RESULT_STEP])
     h = runs.history.dropna(subset=["train_flops", OBJECTIVE])
     cols = ids + ["train_flops", OBJECTIVE, "examples_seen", "flops_per_example"]
     out["train_flops"] = _records(compute_frontier(h), cols)
     out["train_flops_by_family"] = {
         str(fam): _records(compute_frontier(g), cols) for fam, g in h.groupby("block", sort=True)}
+    return out
+
+
+def validation_noise(runs: SearchRuns) -> dict[str, Any]:
+    """The noise of the number ASHA compares, next to the differences it acts on.
+
+    Every report evaluates the same fixed validation examples; ``se_median``/``se_max``
+    summarise the standard error of ``val_logloss`` over the reports. For each ASHA
+    milestone, ``cut_gap`` is the loss difference, at that milestone, between the last
+    trial in the kept top ``1/reduction_factor`` and the first one below it (each trial's
+    first report at or past the milestone): the difference ASHA acts on there.
+    """
+    h = runs.history
+    se = pd.to_numeric(h[VAL_SE], errors="coerce").dropna() if VAL_SE in h else pd.Series()
+    out: dict[str, Any] = {
+        "eval_examples": runs.settings.get("eval_max_examples"),
+        "se_median": float(se.median()) if len(se) else None,
+        "se_max": float(se.max()) if len(se) else None, "rungs": []}
+    try:
+        from search.settings import SearchConfig, asha_milestones
+
+        cfg = SearchConfig.model_validate(runs.settings)
+        milestones = asha_milestones(cfg.grace, cfg.reduction_factor, cfg.trial_budget)[:-1]
+        rf = cfg.reduction_factor
+    except (ValueError, TypeError):
+        return out
+    for m in milestones:
+        reached = h[h["train_flops"] >= m].dropna(subset=[OBJECTIVE])
+        first = reached.sort_values("train_flops").groupby("run_id").head(1)
+        losses = np.sort(first[OBJECTIVE].to_numpy(dtype=float))
+        keep = max(1, len(losses) // rf)
+        gap = float(losses[keep] - losses[keep - 1]) if len(losses) > keep else None
+        rung_se = pd.to_numeric(first.get(VAL_SE), errors="coerce").median()
+        out["rungs"].append({"milestone_flops": m, "trials": len(losses), "kept": keep,
+                             "cut_gap": gap,
+                             "se": None if pd.isna(rung_se) else float(rung_se)})
     return out
 
 
@@ -290,30 +330,62 @@ def _with_ci(fit: Mapping[str, Any], name: str) -> str:
     return _val_ci(fit.get(name), fit.get("ci95", {}).get(name))
 
 
-def _html(runs: SearchRuns, summary: dict[str, Any], divs: list[str], out: Path,
-          images: list[Path]) -> Path:
-    rec = summary["recommendation"]
+def run_url(ui_url: str, experiment_id: str | None, run_id: str | None) -> str | None:
+    """The MLflow UI page of one run (machine-learning mode), or None without ids."""
+    if not experiment_id or not run_id:
+        return None
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
-    def rows(pairs: tuple[tuple[str, str], ...], cells: Any) -> list[list[Any]]:
+
+def _link(text: Any, url: str | None) -> str:
+    return f"<a href='{html.escape(url)}'>{_fmt(text)}</a>" if url else _fmt(text)
+
+
+def _raw_table(header: list[str], rows: list[list[str]]) -> str:
+    """A table of cells already HTML (links)."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _budget_line(summary: Mapping[str, Any]) -> str:
+    s = summary["settings"]
+    parts = [f"search budget {_fmt(s.get('search_budget_flops'))} training FLOPs (spent "
+             f"{_fmt(s.get('spent_flops'))})",
+             f"per trial at most {_fmt(s.get('trial_flops'))} FLOPs (ASHA's max_t)"]
+    if s.get("max_flops_per_example") is not None:
+        parts.append(f"serving cap {_fmt(s['max_flops_per_example'])} FLOPs/example")
+    return "; ".join(parts)
+
+
+def _html(runs: SearchRuns, summary: dict[str, Any], divs: list[str], out: Path,
+          images: list[Path], ui_url: str) -> Path:
+    rec = summary["recommendation"]
+    settings = summary["settings"]
+
+    def rows(pairs: tuple[tuple[str, str], ...], cells: Any, width: int) -> list[list[Any]]:
         """One table row per present recommendation; an error fills the row's 2nd cell."""
         out = []
         for key, label in pairs:
             r = rec.get(key)
             if r is not None:
-                out.append([label, r["error"], None, None, None, None, None] if "error" in r
+                out.append([label, r["error"], *[None] * (width - 2)] if "error" in r
                            else [label, *cells(r)])
         return out
 
+    def url(run_id: Any) -> str | None:
+        return run_url(ui_url, runs.experiment_id, None if run_id is None else str(run_id))
+
     trial_rows = rows((("best_overall", "best trial"), ("best_under_cap", "best under the cap")),
-                      lambda r: [r.get("trial_id"), r.get("block"), r.get(BEST_OBJECTIVE),
-                                 r.get("val_auc"), r.get("flops_per_example"),
-                                 r.get("params_dense")])
+                      lambda r: [r.get("trial_id"), r.get("block"), r.get(OBJECTIVE),
+                                 r.get("val_auc"), r.get("train_flops"),
+                                 r.get("flops_per_example"), r.get("params_dense")], 8)
     size_rows = rows((("compute_optimal", "no serving cap"),
                       ("compute_optimal_under_cap", "under the serving cap")),
                      lambda r: [r["budget_flops"],
                                 _val_ci(r["flops_per_example"], r["ci95"]["flops_per_example"]),
                                 _val_ci(r["examples"], r["ci95"]["examples"]),
-                                r["predicted_val_logloss"], r["limited_by"], r["warning"]])
+                                r["predicted_val_logloss"], r["limited_by"], r["warning"]], 7)
     fits = summary["fits"]
     fit_rows = []
     named = [("L(C), compute frontier", fits["power_law"]["frontier"])]
@@ -327,34 +399,87 @@ def _html(runs: SearchRuns, summary: dict[str, Any], divs: list[str], out: Path,
     style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:auto;padding:1em}"
              "table{border-collapse:collapse;margin:.5em 0 1.5em}"
              "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}"
-             "th{background:#f3f3f3}")
+             "th{background:#f3f3f3}pre{background:#f7f7f7;padding:.6em;font-size:12px}")
+    budgets = _budget_line(summary)
     parts = [
         f"<h1>recscale report: {html.escape(runs.name)}</h1>",
         f"<p>{summary['n_trials']} trials, {summary['n_reports']} reports; families: "
         f"{html.escape(fams)}. Loss is validation log loss in nats (lower is better); "
         "costs in FLOPs (a multiply-add is 2 FLOPs; training spends 3× the forward cost "
-        "per example).</p>",
+        "per example). A trial's result is its <b>last report</b>: every number in a "
+        "trial's row (loss, AUC, training FLOPs) is from that one report, as in Ray's "
+        f"table and MLflow.</p><p>Budgets: {html.escape(budgets)}.</p>",
         "<h2>Recommendation</h2>",
-        _table(["", "trial", "family", "best val log loss", "val AUC", "FLOPs/example",
-                "dense params"], trial_rows),
+        f"<p>For the search's budget ({html.escape(budgets)}):</p>",
+        _table(["", "trial", "family", "val log loss", "val AUC", "at training FLOPs",
+                "FLOPs/example", "dense params"], trial_rows),
     ]
+    best = rec.get("best_under_cap") or rec.get("best_overall") or {}
+    if "config" in best:
+        link = _link(f"run {best.get('run_id')}", url(best.get("run_id")))
+        parts += [f"<h3>Winning config: {_fmt(best.get('block'))} trial "
+                  f"{_fmt(best.get('trial_id'))} ({link})</h3>",
+                  f"<p>It used {_fmt(best.get('train_flops'))} training FLOPs "
+                  f"({_fmt(best.get('examples_seen'))} examples at "
+                  f"{_fmt(best.get('flops_per_example'))} FLOPs/example) of the "
+                  f"{_fmt(settings.get('trial_flops'))} one trial may spend, within the "
+                  f"search's {_fmt(settings.get('search_budget_flops'))}. "
+                  "<code>recscale export</code> writes it as <code>best.yaml</code>.</p>",
+                  "<pre>" + html.escape(json.dumps(best["config"], indent=1)) + "</pre>"]
     if size_rows:
-        parts += ["<h3>Compute-optimal size for the budget (joint fit, C = 3·N·D)</h3>",
+        budget = settings.get("budget_flops")
+        search_budget = settings.get("search_budget_flops")
+        ratio = (f" = {budget / search_budget:.3g}× the search's budget"
+                 if isinstance(budget, float | int) and search_budget else "")
+        parts += [f"<h3>Compute-optimal size for a training budget of {_fmt(budget)} FLOPs"
+                  f"{ratio} (joint fit, C = 3·N·D)</h3>",
                   _table(["", "budget (FLOPs)", "N* FLOPs/example [95% CI]",
                           "D* examples [95% CI]", "predicted loss", "limited by", "warning"],
                          size_rows)]
+    ordered = runs.trials.sort_values(OBJECTIVE, na_position="last", kind="mergesort")
+    trial_table = [[_link(r.get("trial_id"), url(r.get("run_id"))), _fmt(r.get("block")),
+                    _fmt(r.get("status")), _fmt(r.get(OBJECTIVE)), _fmt(r.get("val_auc")),
+                    _fmt(r.get("train_flops")), _fmt(r.get("flops_per_example"))]
+                   for _, r in ordered.iterrows()]
+    parts += ["<h2>Trials</h2>",
+              f"<p>Each linked to its MLflow run; for the search's budget ({html.escape(budgets)})."
+              "</p>",
+              _raw_table(["trial", "family", "status", "val log loss", "val AUC",
+                          "training FLOPs", "FLOPs/example"], trial_table)]
+    noise = summary.get("validation") or {}
+    if noise.get("se_median") is not None:
+        rung_rows = [[r["milestone_flops"], r["trials"], r["kept"], r["cut_gap"], r["se"],
+                      None if r["cut_gap"] is None or r["se"] is None
+                      else ("yes" if r["se"] < r["cut_gap"] else "NO")]
+                     for r in noise["rungs"]]
+        noisy = [r for r in rung_rows if r[-1] == "NO"]
+        parts += ["<h2>Validation noise</h2>",
+                  f"<p>For the search's budget ({html.escape(budgets)}).</p>",
+                  f"<p>Every report evaluates the same {_fmt(noise.get('eval_examples'))} "
+                  "validation examples (the first of the split; all of it when unset). The "
+                  f"standard error of a val log loss is {noise['se_median']:.2g} (median over "
+                  f"reports; at most {noise['se_max']:.2g}). ASHA's cuts below compare it "
+                  "with the loss gap between the last trial kept and the first one stopped "
+                  "at each milestone.</p>",
+                  _table(["milestone (training FLOPs)", "trials reaching it", "kept",
+                          "loss gap at the cut", "SE at the milestone", "SE below the gap"],
+                         rung_rows)]
+        if noisy:
+            parts.append(f"<p><b>Warning:</b> at {len(noisy)} milestone(s) the standard error "
+                         "exceeds the loss gap ASHA cut at: those decisions are within the "
+                         "noise; evaluate on more validation examples (eval_max_examples).</p>")
     parts += ["<h2>Scaling fits</h2>",
               "<p>L(C) = E + A·C<sup>−α</sup>; L(N, D) = E + A·N<sup>−α</sup> + "
               "B·D<sup>−β</sup>. Intervals: 95% bootstrap.</p>",
               _table(["fit", "status", "E", "A", "α", "B", "β", "R²", "message"], fit_rows),
               "<h2>Figures</h2>", *divs,
               *[f"<p><img alt='{html.escape(p.stem)}' style='max-width:100%' "
-                f"src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'></p>"
-                for p in images],
+                f"src='{html.escape(p.name)}'></p>" for p in images],
               "<details><summary>summary.json</summary><pre>"
               + html.escape(json.dumps(summary, indent=2)) + "</pre></details>"]
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>recscale report: "
-            f"{html.escape(runs.name)}</title><style>{style}</style></head><body>"
+            f"{html.escape(runs.name)}</title><style>{style}</style>"
+            f"<script src='{PLOTLY_JS}'></script></head><body>"
             + "\n".join(parts) + "</body></html>")
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
@@ -362,8 +487,8 @@ def _html(runs: SearchRuns, summary: dict[str, Any], divs: list[str], out: Path,
 
 
 def build_report(runs: SearchRuns, out_dir: str | Path, max_flops_per_example: float | None = None,
-                 budget_flops: float | None = None, n_boot: int = 200, seed: int = 0
-                 ) -> ReportResult:
+                 budget_flops: float | None = None, n_boot: int = 200, seed: int = 0,
+                 ui_url: str = DEFAULT_UI_URL) -> ReportResult:
     """Frontiers, fits and the recommendation of ``runs``, written to ``out_dir``.
 
     Args:
@@ -373,6 +498,7 @@ def build_report(runs: SearchRuns, out_dir: str | Path, max_flops_per_example: f
         budget_flops: a training budget to size the compute-optimal model for.
         n_boot: bootstrap resamples of the ``L(C)`` fits (half as many for the joint fit).
         seed: bootstrap seed.
+        ui_url: the MLflow UI the report's trial links point at (``recscale ui``).
 
     Raises:
         AnalysisError: no trial has a validation loss.
@@ -394,12 +520,18 @@ def build_report(runs: SearchRuns, out_dir: str | Path, max_flops_per_example: f
         "families": runs.trials["block"].value_counts().sort_index().to_dict(),
         "trial_status": {} if status is None else status.value_counts().sort_index().to_dict(),
         "settings": {"max_flops_per_example": max_flops_per_example,
-                     "budget_flops": budget_flops, "extrapolation_limit": EXTRAPOLATION},
+                     "budget_flops": budget_flops, "extrapolation_limit": EXTRAPOLATION,
+                     "search_budget_flops": runs.settings.get("budget_flops"),
+                     "trial_flops": runs.settings.get("trial_flops"),
+                     "spent_flops": float(runs.trials["train_flops"].fillna(0).sum())
+                     if "train_flops" in runs.trials else None,
+                     "result_report": RESULT_REPORT},
         "frontier": _frontiers(runs),
         "fits": {"power_law": {"frontier": fits.frontier.as_dict(),
                                "by_family": {k: v.as_dict() for k, v in fits.by_family.items()}},
                  "joint": fits.joint.as_dict()},
         "recommendation": _recommendation(runs, fits, max_flops_per_example, budget_flops),
+        "validation": validation_noise(runs),
     }
     summary = _jsonable(summary)
     largest = float(runs.history["flops_per_example"].max())
@@ -407,7 +539,9 @@ def build_report(runs: SearchRuns, out_dir: str | Path, max_flops_per_example: f
     files = png_figures(runs, out, fits.frontier, fits.by_family, fits.joint,
                         max_flops_per_example, budget_flops, reach)
     divs = html_figures(runs, fits.frontier, fits.by_family, max_flops_per_example)
-    files.append(_html(runs, summary, divs, out, [p for p in files if p.stem == "joint_fit"]))
+    files.append(write_plotly_js(out))
+    files.append(_html(runs, summary, divs, out, [p for p in files if p.stem == "joint_fit"],
+                       ui_url))
     summary["files"] = [p.name for p in files] + ["summary.json"]
     path = out / "summary.json"
     path.write_text(json.dumps(summary, indent=2, allow_nan=False), encoding="utf-8")

@@ -2,21 +2,23 @@
 
 A search is one MLflow experiment with one parent run (tag ``recscale.kind=search``) and
 one nested child run per trial (tags ``recscale.kind=trial``, ``mlflow.parentRunId``,
-``block``, ``trial_id``, ``status``; params = the flattened config with dotted keys;
-metrics per report with ``step = examples_seen``).
+``block``, ``trial_id``, ``trial_status``; params = the flattened config with dotted keys;
+the typed config as the ``config.json`` artifact; metrics per report with
+``step = train_flops``, the per-trial constants once at step 0).
 
 :class:`SearchRuns` holds
 
-* ``trials``: one row per trial: ``run_id``, ``trial_id``, ``block``, ``status``,
-  ``config`` (the trial's typed config, flat: ``{"model.block": "wukong",
-  "model.d_model": 32, "train.lr": 0.001, ...}``, read from the run's
-  ``recscale.config`` JSON; no pandas column turns its ints into floats), the same
-  values as columns (``model.block``, ``model.d_model``, ``train.lr``, ... for
-  filtering), the last value of every metric, and ``best_val_logloss`` (the lowest
-  validation loss the trial reported);
+* ``trials``: one row per trial: ``run_id``, ``trial_id``, ``block``, ``status`` (the
+  ``trial_status`` tag), ``config`` (the trial's typed config, flat: ``{"model.block":
+  "wukong", "model.d_model": 32, "train.lr": 0.001, ...}``, read from the run's
+  ``config.json``; no pandas column turns its ints into floats), the same values as
+  columns (``model.block``, ``model.d_model``, ``train.lr``, ... for filtering), the
+  per-trial constants, and the trial's *result*: every report metric from its last
+  report (``trainers.contracts.RESULT_REPORT``), ``result_step`` naming that report;
 * ``history``: one row per report: ``run_id``, ``trial_id``, ``block``, ``step`` and
   the metric series (``train_flops``, ``examples_seen``, ``val_logloss``, ``val_auc``,
-  ``flops_per_example``, ``params_dense``, ...), sorted by run then step.
+  ...) with the trial's constants (``flops_per_example``, ``params_dense``, ...),
+  sorted by run then step.
 """
 
 from __future__ import annotations
@@ -31,16 +33,19 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from trainers.contracts import (
+    CONFIG_ARTIFACT,
+    CONSTANT_METRICS,
     KIND_SEARCH,
     KIND_TRIAL,
     METRICS,
-    OBJECTIVE,
+    SEARCH_ARTIFACT,
     TAG_BLOCK,
     TAG_CONFIG,
     TAG_KIND,
     TAG_PARENT,
     TAG_STATUS,
     TAG_TRIAL_ID,
+    VAL_SE,
     UserError,
     default_tracking_uri,
 )
@@ -50,15 +55,17 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
-__all__ = ["BEST_OBJECTIVE", "CONFIG_COLUMN", "HISTORY_METRICS", "AnalysisError", "SearchRuns", "load_search",
-           "runs_from_frames"]
+__all__ = ["CONFIG_COLUMN", "HISTORY_METRICS", "RESULT_STEP", "AnalysisError", "SearchRuns",
+           "find_search", "load_search", "runs_from_frames"]
 
-#: The metric series read back per report: every metric of the contract.
-HISTORY_METRICS = METRICS
+#: The metric series read back per report: every metric of the contract but the
+#: per-trial constants (logged once).
+HISTORY_METRICS = (*(m for m in METRICS if m not in CONSTANT_METRICS), VAL_SE)
 #: The column of ``trials`` holding each trial's typed flat config.
 CONFIG_COLUMN = "config"
-#: The column of ``trials`` with the lowest objective value each trial reported.
-BEST_OBJECTIVE = f"best_{OBJECTIVE}"
+#: The column of ``trials`` with the step (training FLOPs) of the report that is the
+#: trial's result (its last report).
+RESULT_STEP = "result_step"
 CONFIG_SECTIONS = ("model.", "train.")  # what a trial's config holds (data is the search's)
 ID_COLUMNS = ("run_id", "trial_id", "block")
 
@@ -81,6 +88,7 @@ class SearchRuns:
     parent_run_id: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     tracking_uri: str | None = None
+    experiment_id: str | None = None
 
 
 def _config_from_columns(row: pd.Series) -> dict[str, Any]:
@@ -94,17 +102,19 @@ def _config_from_columns(row: pd.Series) -> dict[str, Any]:
 
 def runs_from_frames(trials: pd.DataFrame, history: pd.DataFrame, name: str = "search",
                      settings: dict[str, Any] | None = None, parent_run_id: str | None = None,
-                     tracking_uri: str | None = None) -> SearchRuns:
+                     tracking_uri: str | None = None, experiment_id: str | None = None
+                     ) -> SearchRuns:
     """A :class:`SearchRuns` from plain frames (tests, or runs read by other means).
 
     ``trials`` needs ``run_id`` and ``block``; ``history`` needs ``run_id`` (unless it is
-    empty). What the contract implies is filled in: ``trial_id``/``block``/
-    ``flops_per_example``/``params_dense`` of a report from its trial (and the trial's
-    ``flops_per_example``/``params_dense`` from its last report), a missing
-    ``train_flops = 3·flops_per_example·examples_seen``, ``step = examples_seen``, and
-    ``best_val_logloss`` = the lowest ``val_logloss`` the trial reported, and the
-    ``config`` column from the dotted config columns where it is absent. Every column
-    of :data:`HISTORY_METRICS` exists in ``history`` (NaN where never reported).
+    empty). What the contract implies is filled in: ``trial_id``/``block`` and the
+    per-trial constants (``flops_per_example``, ``params_dense``, ``params_embedding``)
+    of a report from its trial (and the trial's from its reports), a missing
+    ``train_flops = 3·flops_per_example·examples_seen``, ``step = train_flops``, the
+    ``config`` column from the dotted config columns where it is absent, and the
+    trial's result: every report metric of a trial with reports is taken from its last
+    report (``result_step`` is that report's step). Every column of
+    :data:`HISTORY_METRICS` exists in ``history`` (NaN where never reported).
     """
     if trials.empty:
         raise AnalysisError(f"search {name!r} has no trials")
@@ -122,25 +132,30 @@ def runs_from_frames(trials: pd.DataFrame, history: pd.DataFrame, name: str = "s
             trials[col] = trials["run_id"] if col == "trial_id" else None
     if CONFIG_COLUMN not in trials:
         trials[CONFIG_COLUMN] = [_config_from_columns(row) for _, row in trials.iterrows()]
-    for col in ("step", *HISTORY_METRICS):
+    for col in ("step", *METRICS, VAL_SE):
         history[col] = (pd.to_numeric(history[col], errors="coerce") if col in history
                         else pd.Series(math.nan, index=history.index, dtype=float))
     last = history.groupby("run_id").last()
-    for col in ("flops_per_example", "params_dense"):
+    for col in CONSTANT_METRICS:
         from_history = trials["run_id"].map(last[col])
         trials[col] = (trials[col].fillna(from_history) if col in trials else from_history)
     per_run = trials.set_index("run_id")
-    for col in ("trial_id", "block", "flops_per_example", "params_dense"):
+    for col in ("trial_id", "block", *CONSTANT_METRICS):
         from_trial = history["run_id"].map(per_run[col])
         history[col] = history[col].fillna(from_trial) if col in history else from_trial
     derived = 3.0 * history["flops_per_example"] * history["examples_seen"]
     history["train_flops"] = history["train_flops"].fillna(derived)
-    history["step"] = history["step"].fillna(history["examples_seen"])
+    history["step"] = history["step"].fillna(history["train_flops"])
     history = history.sort_values(["run_id", "step"], kind="mergesort").reset_index(drop=True)
-    if BEST_OBJECTIVE not in trials:
-        best = history.groupby("run_id")[OBJECTIVE].min()
-        trials[BEST_OBJECTIVE] = trials["run_id"].map(best)
-    return SearchRuns(name, trials, history, parent_run_id, dict(settings or {}), tracking_uri)
+    # the result: the last report, every metric of it (never mixed across reports)
+    final = history.groupby("run_id").tail(1).set_index("run_id")
+    has = trials["run_id"].isin(final.index)
+    for col in HISTORY_METRICS:
+        from_report = trials["run_id"].map(final[col])
+        trials[col] = from_report.where(has, trials.get(col, math.nan))
+    trials[RESULT_STEP] = trials["run_id"].map(final["step"])
+    return SearchRuns(name, trials, history, parent_run_id, dict(settings or {}), tracking_uri,
+                      experiment_id)
 
 
 def _check_store(uri: str) -> None:
@@ -176,31 +191,51 @@ def _history(client: MlflowClient, run: Run) -> dict[int, dict[str, float]]:
     return series
 
 
-def run_config(run: Run) -> dict[str, Any]:
+def run_config(run: Run, client: MlflowClient | None = None) -> dict[str, Any]:
     """The typed config a trial run was logged with, flat (``model.*``, ``train.*``).
 
-    It is read from the run's ``recscale.config`` JSON (``ExperimentConfig.to_dict()``,
-    written when the trial starts): JSON keeps ``32`` an int and ``0.001`` a float, so
-    nothing is parsed back from MLflow's string params.
+    It is read from the run's ``config.json`` artifact (``ExperimentConfig.to_dict()``,
+    written when the trial starts; runs of an older recscale hold it in the
+    ``recscale.config`` tag): JSON keeps ``32`` an int and ``0.001`` a float, so nothing
+    is parsed back from MLflow's string params.
 
     Raises:
         AnalysisError: the run has no such JSON, or it does not hold a config.
     """
     raw = run.data.tags.get(TAG_CONFIG)
+    where = f"tag {TAG_CONFIG}"
+    if not raw and client is not None:
+        raw = _artifact_text(client, run.info.run_id, CONFIG_ARTIFACT)
+        where = f"artifact {CONFIG_ARTIFACT}"
     try:
         tree = json.loads(raw) if raw else None
     except json.JSONDecodeError as err:
-        raise AnalysisError(f"trial run {run.info.run_id}: tag {TAG_CONFIG} is not JSON "
+        raise AnalysisError(f"trial run {run.info.run_id}: {where} is not JSON "
                             f"({err.msg})") from None
     if not isinstance(tree, dict) or not isinstance(tree.get("model"), dict):
-        raise AnalysisError(f"trial run {run.info.run_id} has no typed config (tag {TAG_CONFIG} "
+        raise AnalysisError(f"trial run {run.info.run_id} has no typed config ({where} "
                             "with a model section)")
     return {k: v for k, v in flatten(tree).items() if k.startswith(CONFIG_SECTIONS)}
 
 
-def _trial_row(run: Run) -> dict[str, Any]:
+def _artifact_text(client: MlflowClient, run_id: str, path: str) -> str | None:
+    """The text of a run's JSON artifact ``path``, or None when it has none."""
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, path, tmp)
+        except (MlflowException, OSError):
+            return None
+        with open(local) as fh:
+            return fh.read()
+
+
+def _trial_row(run: Run, client: MlflowClient) -> dict[str, Any]:
     tags = run.data.tags
-    config = run_config(run)
+    config = run_config(run, client)
     row: dict[str, Any] = {"run_id": run.info.run_id, "trial_id": tags.get(TAG_TRIAL_ID),
                            "block": tags.get(TAG_BLOCK, config.get("model.block")),
                            "status": tags.get(TAG_STATUS), "run_status": run.info.status,
@@ -223,7 +258,7 @@ def load_search(name: str, tracking_uri: str | None = None) -> SearchRuns:
     Example::
 
         runs = load_search("ml-unified", "sqlite:///mlflow.db")
-        runs.trials.sort_values("best_val_logloss").head()
+        runs.trials.sort_values("val_logloss").head()
     """
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -248,18 +283,43 @@ def load_search(name: str, tracking_uri: str | None = None) -> SearchRuns:
                                            f"and tags.`{TAG_KIND}` = '{KIND_TRIAL}'")
     if not children:
         raise AnalysisError(f"search {name!r} in {uri} has no trial runs yet")
-    rows = [_trial_row(run) for run in children]
     with ThreadPoolExecutor(max_workers=min(8, len(children))) as pool:
+        rows = list(pool.map(lambda r: _trial_row(r, client), children))
         series = list(pool.map(lambda r: _history(client, r), children))
     hist = [{"run_id": row["run_id"], "trial_id": row["trial_id"], "block": row["block"],
              "step": step, **values}
             for row, s in zip(rows, series) for step, values in sorted(s.items())]
     trials = pd.DataFrame(rows)
     history = pd.DataFrame(hist)
+    raw = (parent.data.tags.get(TAG_CONFIG)  # a search made before search.json
+           or _artifact_text(client, parent.info.run_id, SEARCH_ARTIFACT) or "{}")
     try:
-        settings = json.loads(parent.data.tags.get(TAG_CONFIG) or "{}")
+        settings = json.loads(raw)
     except json.JSONDecodeError:
         settings = {}
     if not isinstance(settings, dict):
         settings = {}
-    return runs_from_frames(trials, history, name, settings, parent.info.run_id, uri)
+    return runs_from_frames(trials, history, name, settings, parent.info.run_id, uri, exp_id)
+
+
+def find_search(name: str | None, tracking_uri: str | None = None) -> tuple[str, str] | None:
+    """``(experiment id, name)`` of the search ``name``, or, without a name, of the
+    search whose parent run started last; None when the store has no such search."""
+    from mlflow.tracking import MlflowClient
+
+    uri = default_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):].split("?")[0]):
+        return None
+    client = MlflowClient(uri)
+    if name is not None:
+        exp = client.get_experiment_by_name(name)
+        return None if exp is None else (str(exp.experiment_id), str(exp.name))
+    ids = [e.experiment_id for e in client.search_experiments()]
+    if not ids:
+        return None
+    runs = client.search_runs(ids, filter_string=f"tags.`{TAG_KIND}` = '{KIND_SEARCH}'",
+                              max_results=1, order_by=["attributes.start_time DESC"])
+    if not runs:
+        return None
+    exp_id = str(runs[0].info.experiment_id)
+    return exp_id, str(client.get_experiment(exp_id).name)

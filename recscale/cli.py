@@ -1,7 +1,7 @@
 """The ``recscale`` command line.
 
     recscale search  --space unified --data movielens-1m --budget-flops 3e13
-    recscale ui      [--tracking-uri URI] [--port 5000]
+    recscale ui      [NAME] [--tracking-uri URI] [--port 5000] [--no-browser]
     recscale analyze NAME [-o DIR]
     recscale export  NAME [--max-flops-per-example S] [--budget-flops C] -o best.yaml
     recscale train   best.yaml [-o DIR]
@@ -95,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tracking(t)
     t.set_defaults(func=commands.cmd_train)
 
-    u = sub.add_parser("ui", help="MLflow UI for the tracking store, on 127.0.0.1")
+    u = sub.add_parser("ui", help="MLflow UI on 127.0.0.1, opened on a search's runs "
+                                  "(machine-learning mode)")
+    u.add_argument("name", nargs="?", default=None,
+                   help="the search to open (default: the one that started last)")
+    u.add_argument("--no-browser", action="store_true", help="print the address only")
     _add_tracking(u)
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=5000)

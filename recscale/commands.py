@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 __all__ = ["cmd_analyze", "cmd_demo", "cmd_export", "cmd_search", "cmd_train", "cmd_ui",
-           "print_best"]
+           "print_best", "ui_url"]
 
 
 class CliError(Exception):
@@ -64,8 +64,15 @@ def print_best(outcome: Any, n: int = 10) -> None:
           f"({outcome.rejected_samples} samples rejected before training)")
     if len(best):
         print(best[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    winner = outcome.winner()
+    if winner is not None:  # a trial's result is its last report: every number from it
+        print(f"winner: {winner.get('model.block')} trial {winner['trial_id']} "
+              f"({OBJECTIVE} {float(winner[OBJECTIVE]):.4g}, val_auc "
+              f"{float(winner.get('val_auc', float('nan'))):.4g} at "
+              f"{float(winner[TIME_ATTR]):.3g} training FLOPs, its last report)")
     print(f"MLflow: {outcome.tracking_uri}  experiment {outcome.name!r} "
-          f"(parent run {outcome.parent_run_id}); `recscale ui` to compare trials")
+          f"(parent run {outcome.parent_run_id}); `recscale ui {outcome.name}` to compare "
+          "trials")
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -103,19 +110,85 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def ui_url(host: str, port: int, experiment_id: str | None) -> str:
+    """The page ``recscale ui`` opens: the search's runs in MLflow's machine-learning
+    mode (MLflow 3.17 otherwise opens its GenAI overview) with recscale's shared view
+    of the runs table (the result columns), or the experiment list."""
+    from trainers.contracts import VIEW_KEY
+
+    base = f"http://{host}:{port}/"
+    if experiment_id is None:
+        return base
+    return (f"{base}#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={VIEW_KEY}")
+
+
+def _wait_ready(proc: Any, url: str, timeout: float = 120.0) -> bool:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url + "health", timeout=2) as resp:
+                if resp.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
+def _open_browser(url: str) -> bool:
+    """Open ``url`` where a browser can show it (a desktop session); never blocks."""
+    import webbrowser
+
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY")
+                                                  or os.environ.get("WAYLAND_DISPLAY")):
+        return False
+    try:
+        return webbrowser.open(url, new=2)
+    except webbrowser.Error:
+        return False
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
+    import signal
     import subprocess
 
+    from analysis.runs import find_search
     from trainers.contracts import default_tracking_uri
 
     uri = default_tracking_uri(args.tracking_uri)
+    found = find_search(args.name, uri)
+    if args.name is not None and found is None:
+        raise CliError(f"no search named {args.name!r} in {uri}")
+    if found is not None:
+        from mlflow.tracking import MlflowClient
+
+        from trainers.tracking import experiment_id
+
+        experiment_id(MlflowClient(uri), found[1])  # tags an older search for the ML mode
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
            "--host", args.host, "--port", str(args.port), "--workers", "1"]
-    print(f"MLflow UI for {uri} on http://{args.host}:{args.port} (Ctrl-C to stop)")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    url = ui_url(args.host, args.port, found[0] if found else None)
+    proc = subprocess.Popen(cmd, env=env, stdout=sys.stderr)  # stdout: the address alone
+
+    def _stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)  # a service manager's stop ends the server too
     try:
-        return subprocess.call(cmd, env=env)
+        if not _wait_ready(proc, f"http://{args.host}:{args.port}/"):
+            return proc.wait()
+        what = f"search {found[1]!r}" if found else "no search yet"
+        print(f"MLflow UI for {uri} ({what}): {url}  (Ctrl-C to stop)", flush=True)
+        if not args.no_browser:
+            _open_browser(url)
+        return proc.wait()
     except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
         return 0
 
 

@@ -7,6 +7,8 @@ from typing import Any
 import psutil
 from ray import tune
 
+from trainers.contracts import SEARCH_PREFIX
+
 __all__ = ["DriverMemory"]
 
 
@@ -18,7 +20,7 @@ class DriverMemory(tune.Callback):
     the metric ``driver_rss_mb`` with ``step = finished_trials`` when the experiment ends.
     """
 
-    METRIC = "driver_rss_mb"
+    METRIC = f"{SEARCH_PREFIX}driver_rss_mb"
 
     def __init__(self, tracking_uri: str | None = None, parent_run_id: str | None = None) -> None:
         self.tracking_uri = tracking_uri

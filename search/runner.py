@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,21 +28,31 @@ from search.settings import SearchConfig
 from search.space import SearchSpace, bundled_space, load_space
 from search.tracking import TrialStatusCallback
 from trainers.contracts import (
+    CONSTANT_METRICS,
     METRICS,
     OBJECTIVE,
     OBJECTIVE_MODE,
+    SEARCH_ARTIFACT,
+    SEARCH_PREFIX,
     SECONDARY_OBJECTIVE,
-    STEP_AXIS,
-    TAG_CONFIG,
     TAG_DATA_FINGERPRINT,
     TAG_STORAGE,
     TIME_ATTR,
+    VAL_SE,
     UserError,
     default_tracking_uri,
 )
 from trainers.data import EncodedDataset, load_dataset
 from trainers.experiment import flatten
-from trainers.tracking import child_runs, end_run, find_or_create_parent, log_files
+from trainers.tracking import (
+    Winner,
+    child_runs,
+    describe_search,
+    end_run,
+    find_or_create_parent,
+    log_files,
+    set_winner,
+)
 
 __all__ = [
     "SearchError",
@@ -52,6 +63,7 @@ __all__ = [
     "build_tuner",
     "collect_outcome",
     "ensure_feasible",
+    "search_winner",
     "open_tracking",
     "plan_search",
     "resolve_space",
@@ -87,9 +99,36 @@ class SearchOutcome:
     wall_seconds: float
 
     def best(self, n: int = 10) -> pd.DataFrame:
+        """The ``n`` best trials by their result (their last report), best first."""
         if self.trials.empty or OBJECTIVE not in self.trials:
             return self.trials
         return self.trials.sort_values(OBJECTIVE, ascending=OBJECTIVE_MODE == "min").head(n)
+
+    def winner(self) -> pd.Series | None:
+        """The winning trial's row (:func:`search_winner`)."""
+        return search_winner(self.trials)
+
+
+def search_winner(trials: pd.DataFrame) -> pd.Series | None:
+    """The trial with the lowest objective in its result, among the trials that neither
+    failed nor diverged; ``None`` if there is none.
+
+    A trial's result is its last report (``trainers.contracts.RESULT_REPORT``): Tune's
+    ``last_result``, the latest value of each metric in MLflow. Every column of the row
+    (loss, AUC, ``train_flops``) is from that same report.
+    """
+    if trials.empty or OBJECTIVE not in trials:
+        return None
+    ok = trials
+    if "error" in ok:
+        ok = ok[ok["error"].fillna("").astype(str) == ""]
+    if "trial_status" in ok:
+        ok = ok[ok["trial_status"] != "diverged"]
+    values = pd.to_numeric(ok[OBJECTIVE], errors="coerce")
+    ok = ok[values.notna() & values.abs().ne(float("inf"))]
+    if ok.empty:
+        return None
+    return ok.loc[pd.to_numeric(ok[OBJECTIVE]).idxmin()]
 
 
 def resolve_space(space: str) -> Path:
@@ -174,7 +213,7 @@ def _trial_table(trials: list[Any], check: ConfigCheck, run_ids: dict[str, str])
             continue
         row = {k: v for k, v in (trial.config or {}).items()}
         row.update({"flops_per_example": check.try_flops(row), TIME_ATTR: 0.0,
-                    STEP_AXIS: 0.0, "trial_status": "running",
+                    "examples_seen": 0.0, "trial_status": "running",
                     "mlflow_run_id": run_ids.get(trial.trial_id, "")})
         row.update({k: metrics[k] for k in _RESULT_COLUMNS if k in metrics})
         row["trial_id"] = trial.trial_id
@@ -186,6 +225,30 @@ def _trial_table(trials: list[Any], check: ConfigCheck, run_ids: dict[str, str])
         log.info("%d trial(s) were still pending when the budget ran out; they never ran",
                  never_started)
     return pd.DataFrame(rows)
+
+
+def _with_reports_tune_dropped(trials: pd.DataFrame,
+                               logged: Mapping[str, Mapping[str, float]]) -> pd.DataFrame:
+    """Rows whose trial's MLflow run holds a later report than Tune's ``last_result``
+    take that report, every metric of it.
+
+    A trial logs each report to MLflow just before handing it to Tune; when the budget
+    stops the search while a report is in flight, Tune drops it, but the trial did train
+    that far. Taking it keeps one result per trial (its last report) in this table, in
+    MLflow and in the analysis, and counts the FLOPs it spent. ``logged``: run id -> the
+    run's latest metrics.
+    """
+    if trials.empty or "mlflow_run_id" not in trials:
+        return trials
+    trials = trials.copy()
+    keys = (*(m for m in METRICS if m not in CONSTANT_METRICS), VAL_SE)  # the report's
+    for i, run_id in trials["mlflow_run_id"].items():
+        latest = logged.get(str(run_id), {})
+        if latest.get(TIME_ATTR, 0.0) > float(trials.at[i, TIME_ATTR] or 0.0):
+            for key in keys:
+                if key in latest:
+                    trials.loc[i, key] = latest[key]
+    return trials
 
 
 def _error_message(error_file: str | None) -> str:
@@ -274,8 +337,8 @@ def open_tracking(plan: SearchPlan, tracking_uri: str | None) -> Tracking:
     params["data.fingerprint"] = ds.fingerprint
     exp_id, parent_id, _ = find_or_create_parent(
         client, cfg.name, params, tags={TAG_DATA_FINGERPRINT: ds.fingerprint,
-                                        TAG_STORAGE: str(plan.exp_path),
-                                        TAG_CONFIG: cfg.model_dump_json()})
+                                        TAG_STORAGE: str(plan.exp_path)})
+    client.log_dict(parent_id, _settings_record(cfg), SEARCH_ARTIFACT)  # typed, not a tag
     log_files(client, parent_id, [plan.space_path])
     return Tracking(uri, exp_id, parent_id)
 
@@ -367,22 +430,34 @@ def collect_outcome(plan: SearchPlan, tracking: Tracking, wall: float) -> Search
 
     client = MlflowClient(tracking.uri)
     analysis = ExperimentAnalysis(str(plan.exp_path))
-    trials = _trial_table(analysis.trials, plan.check,
-                          child_runs(client, tracking.experiment_id, tracking.parent_run_id))
+    run_ids = child_runs(client, tracking.experiment_id, tracking.parent_run_id)
+    trials = _trial_table(analysis.trials, plan.check, run_ids)
+    trials = _with_reports_tune_dropped(
+        trials, {r: client.get_run(r).data.metrics for r in run_ids.values()})
     spent = float(trials[TIME_ATTR].fillna(0).sum()) if TIME_ATTR in trials else 0.0
-    best = (float(trials[OBJECTIVE].min()) if OBJECTIVE in trials and len(trials)
-            else float("nan"))
+    winner = search_winner(trials)
     rejected = rejected_samples(plan)
     memory = [(int(m.step), float(m.value))
               for m in client.get_metric_history(tracking.parent_run_id, DriverMemory.METRIC)]
     # wall time of the whole search: this segment plus the segments before a resume
-    previous = client.get_run(tracking.parent_run_id).data.metrics.get("wall_seconds", 0.0)
+    previous = client.get_run(tracking.parent_run_id).data.metrics.get(
+        f"{SEARCH_PREFIX}wall_seconds", 0.0)
     total_wall = wall + (previous if plan.restoring else 0.0)
-    end_run(client, tracking.parent_run_id, "FINISHED", {
-        "spent_flops": spent, "budget_flops": plan.cfg.budget_flops,
-        "n_trials": float(len(trials)), "best_val_logloss": best,
-        "rejected_samples": float(rejected), "wall_seconds": total_wall,
-    })
+    numbers = {"spent_flops": spent, "budget_flops": plan.cfg.budget_flops,
+               "n_trials": float(len(trials)), "rejected_samples": float(rejected),
+               "wall_seconds": total_wall}
+    if winner is not None:
+        numbers.update({f"best_{k}": float(winner[k]) for k in (OBJECTIVE, "val_auc", TIME_ATTR)
+                        if k in winner and pd.notna(winner[k])})
+        best = Winner(run_id=str(winner.get("mlflow_run_id", "")),
+                      trial_id=str(winner["trial_id"]), block=str(winner.get("model.block", "")),
+                      objective=float(winner[OBJECTIVE]),
+                      val_auc=float(winner.get("val_auc", float("nan"))),
+                      train_flops=float(winner.get(TIME_ATTR, 0.0)))
+        set_winner(client, tracking.parent_run_id, best, describe_search(
+            plan.cfg.name, best, spent, plan.cfg.budget_flops, len(trials)))
+    end_run(client, tracking.parent_run_id, "FINISHED",
+            {f"{SEARCH_PREFIX}{k}": v for k, v in numbers.items()})
     return SearchOutcome(plan.cfg.name, trials, spent, plan.cfg.budget_flops, tracking.uri,
                          tracking.experiment_id, tracking.parent_run_id, str(plan.exp_path),
                          rejected, sorted(memory), total_wall)

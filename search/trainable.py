@@ -7,7 +7,6 @@ Everything heavy lives elsewhere: configs in ``spaces``/``trainers``, the loop i
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import resource
@@ -21,13 +20,13 @@ import numpy as np
 import torch
 from ray import tune
 
-from spaces import FeatureSpec, model_cost
-from trainers.contracts import OBJECTIVE, STEP_AXIS, TIME_ATTR
+from spaces import FeatureSpec, build_model, model_cost
+from trainers.contracts import CONSTANT_METRICS, OBJECTIVE, STEP_AXIS, TIME_ATTR, VAL_SE
 from trainers.data import DataConfig
 from trainers.experiment import experiment_from_flat
-from trainers.loop import train
+from trainers.loop import predict_logits, train
 
-__all__ = ["SharedData", "TrialContext", "run_trial", "share_dataset"]
+__all__ = ["SharedData", "TrialContext", "logloss_se", "run_trial", "share_dataset"]
 
 STATE_FILE = "state.pt"
 
@@ -75,6 +74,19 @@ def _view(arrays: dict[str, np.ndarray]) -> _SplitView:
         return _SplitView(*(torch.from_numpy(arrays[k]) for k in ("cat", "num", "label")))
 
 
+def logloss_se(model: torch.nn.Module, split: Any, limit: int | None) -> float:
+    """Standard error of the validation log loss of ``model`` over the examples
+    ``trainers.loop.evaluate(..., limit=limit)`` scores (the fixed set every report of
+    every trial is evaluated on; the mean of these losses is its ``val_logloss``): the
+    standard deviation of the per-example loss over sqrt(n)."""
+    logits = predict_logits(model, split, limit=limit)
+    labels = split.label[: len(logits)]
+    losses = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels,
+                                                                  reduction="none")
+    n = len(losses)
+    return float(losses.std() / math.sqrt(n)) if n > 1 else float("nan")
+
+
 def _trial_resources() -> dict[str, float]:
     """CPUs and GPU share Tune gave this trial (1 CPU outside Tune)."""
     try:
@@ -93,11 +105,15 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
     torch.set_num_threads(max(1, int(resources["CPU"])))
     spec: FeatureSpec = data["spec"]
     exp = experiment_from_flat(config, ctx.data)
-    fpe = model_cost(exp.model, spec).flops_per_example
-    per_example = 3 * fpe
-    max_examples = max(1, int(ctx.trial_flops // per_example))
-    interval = max(1, int(ctx.report_every_flops // per_example))
-    eval_at = [min(max_examples, math.ceil(m / per_example)) for m in ctx.milestones]
+    cost = model_cost(exp.model, spec)
+    # every point in whole batches (the loop never steps on part of one): the trial's
+    # budget rounded down, report points to the nearest, ASHA's milestones up (so the
+    # report at a milestone has reached it; FLOPs count the examples actually seen)
+    bs = exp.train.batch_size
+    per_batch = 3 * cost.flops_per_example * bs
+    max_examples = bs * max(1, int(ctx.trial_flops // per_batch))
+    interval = bs * max(1, round(ctx.report_every_flops / per_batch))
+    eval_at = [min(max_examples, bs * math.ceil(m / per_batch)) for m in ctx.milestones]
     train_cfg = exp.train.model_copy(update={
         "max_examples": max_examples, "eval_every": interval,
         "eval_max_examples": ctx.eval_max_examples,
@@ -109,9 +125,11 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
     if ctx.tracking_uri and ctx.experiment_id and ctx.parent_run_id:
         from trainers.tracking import TrialTracker
 
+        params = {k: v for k, v in exp.flat().items() if not k.startswith("data.")}
+        constants = {k: float(getattr(cost, k)) for k in CONSTANT_METRICS}
         tracker = TrialTracker(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id,
-                               trial_id, exp.model.block, exp.flat(), ctx.search,
-                               config_json=json.dumps(exp.to_dict()),
+                               trial_id, exp.model.block, params, ctx.search,
+                               config=exp.to_dict(), constants=constants,
                                node_id=ray.get_runtime_context().get_node_id())
 
     resume = None
@@ -126,19 +144,25 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
         "node_id": ray.get_runtime_context().get_node_id(),
     }
 
+    val = _view(data["val"])
+    probe = build_model(exp.model, spec)  # the reported weights, for the loss's standard error
+
     def report(metrics: dict[str, float], state: Any) -> bool:
-        done = metrics[STEP_AXIS] >= max_examples
-        metrics = {**metrics, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        done = metrics["examples_seen"] >= max_examples
+        snapshot = state()
+        probe.load_state_dict(snapshot["model"])
+        metrics = {**metrics, VAL_SE: logloss_se(probe, val, ctx.eval_max_examples),
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    "trial_seconds": time.perf_counter() - started}
         if tracker is not None:
             tracker.log(metrics)
         with tempfile.TemporaryDirectory() as d:
-            torch.save(state(), os.path.join(d, STATE_FILE))
+            torch.save(snapshot, os.path.join(d, STATE_FILE))
             tune.report({**metrics, **extra, "trial_status": "completed" if done else "running"},
                         checkpoint=tune.Checkpoint.from_directory(d))
         return False
 
-    result = train(exp.model, train_cfg, spec, _view(data["train"]), _view(data["val"]),
+    result = train(exp.model, train_cfg, spec, _view(data["train"]), val,
                    report=report, resume=resume, eval_at=eval_at, device=device)
     if result.status == "diverged":
         last = result.history[-1] if result.history else {

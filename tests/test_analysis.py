@@ -41,7 +41,16 @@ from analysis.report import (
     recommend_size,
     select_best,
 )
-from trainers.contracts import KIND_SEARCH, KIND_TRIAL, TAG_CONFIG, TAG_KIND, TAG_PARENT
+from trainers.contracts import (
+    CONFIG_ARTIFACT,
+    KIND_SEARCH,
+    KIND_TRIAL,
+    SEARCH_ARTIFACT,
+    TAG_CONFIG,
+    TAG_KIND,
+    TAG_PARENT,
+    TAG_STATUS,
+)
 from trainers.experiment import experiment_from_flat, load_experiment
 
 FAMILIES = ["attention", "tokenmixer", "wukong", "unimixing", "unimixing_lite"]
@@ -293,7 +302,8 @@ def _fake_search(seed: int = 0, n_trials: int = 20) -> tuple[pd.DataFrame, pd.Da
             ll = 0.42 + 0.004 * (i % 5) + 2 * fpe**-0.15 + 3 * ex**-0.3
             ll += 0.001 * rng.standard_normal()
             best = min(best, ll)
-            hist.append({"run_id": run, "trial_id": f"t{i}", "block": fam, "step": int(ex),
+            hist.append({"run_id": run, "trial_id": f"t{i}", "block": fam,
+                         "step": int(3 * fpe * ex),
                          "examples_seen": ex, "train_flops": 3 * fpe * ex, "val_logloss": ll,
                          "val_auc": 0.75, "flops_per_example": fpe, "params_dense": fpe / 2})
         trials.append({"run_id": run, "trial_id": f"t{i}", "block": fam,
@@ -310,14 +320,27 @@ def test_runs_from_frames_derives_what_the_contract_implies() -> None:
     assert runs.history["train_flops"].tolist() == pytest.approx(
         (3 * hist["flops_per_example"] * hist["examples_seen"]).tolist())
     assert runs.history["block"].tolist() == hist["block"].tolist()
-    best = hist.groupby("run_id")["val_logloss"].min()
-    assert runs.trials.set_index("run_id")["best_val_logloss"].to_dict() == best.to_dict()
+    assert runs.history["step"].tolist() == hist["step"].tolist()  # step = train_flops
+    # a trial's result is its last report, every metric of it: plant a last report that
+    # is worse than an earlier one, with its own AUC, and a stale value in the trial row
+    planted = hist.copy()
+    last_r0 = planted.index[planted.run_id == "r0"][-1]
+    planted.loc[last_r0, ["val_logloss", "val_auc"]] = [0.9, 0.61]
+    stale = trials.copy()
+    stale.loc[0, ["val_logloss", "val_auc"]] = [0.1, 0.99]
+    t = runs_from_frames(stale, planted).trials.set_index("run_id")
+    assert (t.loc["r0", "val_logloss"], t.loc["r0", "val_auc"]) == (0.9, 0.61)
+    assert t.loc["r0", "result_step"] == planted.loc[last_r0, "step"]
+    assert t.loc["r0", "train_flops"] == planted.loc[last_r0, "train_flops"]
+    last = hist.groupby("run_id").tail(1).set_index("run_id")
+    assert runs.trials.set_index("run_id")["val_logloss"].to_dict() == last["val_logloss"].to_dict()
     bare = runs_from_frames(trials.drop(columns=["flops_per_example", "status"]),
                             hist.drop(columns=["val_auc"]))
     assert bare.trials["flops_per_example"].tolist() == trials["flops_per_example"].tolist()
     assert bare.history["val_auc"].isna().all() and bare.trials["status"].isna().all()
     empty = runs_from_frames(trials, pd.DataFrame())
-    assert empty.history.empty and empty.trials["best_val_logloss"].isna().all()
+    assert empty.history.empty and empty.trials["result_step"].isna().all()
+    assert empty.trials["val_logloss"].tolist() == trials["val_logloss"].tolist()
     with pytest.raises(AnalysisError, match="no trials"):
         runs_from_frames(trials.iloc[:0], hist)
     with pytest.raises(AnalysisError, match="lacks"):
@@ -329,13 +352,13 @@ def test_select_best_under_a_cap_skips_failed_trials_and_explains_none() -> None
     runs = runs_from_frames(trials, hist)
     t = runs.trials
     ok = t[t.status != "DIVERGED"]
-    assert select_best(t).run_id == ok.loc[ok.best_val_logloss.idxmin(), "run_id"]
+    assert select_best(t).run_id == ok.loc[ok.val_logloss.idxmin(), "run_id"]
     best = select_best(t, 1e5)
     assert best.flops_per_example <= 1e5 and best.status != "DIVERGED"
     under = ok[ok.flops_per_example <= 1e5]
-    assert best.best_val_logloss == under.best_val_logloss.min()
+    assert best.val_logloss == under.val_logloss.min()
     t2 = t.copy()
-    t2.loc[t2.run_id == "r7", "best_val_logloss"] = 0.0  # diverged trials are never chosen
+    t2.loc[t2.run_id == "r7", "val_logloss"] = 0.0  # diverged trials are never chosen
     assert select_best(t2).run_id != "r7"
     with pytest.raises(AnalysisError, match=r"no trial .* under max_flops_per_example=1"):
         select_best(t, 1.0)
@@ -344,7 +367,9 @@ def test_select_best_under_a_cap_skips_failed_trials_and_explains_none() -> None
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> ReportResult:
     trials, hist = _fake_search()
-    runs = runs_from_frames(trials, hist, "fake")
+    runs = runs_from_frames(trials, hist, "fake", settings={"budget_flops": 2e12,
+                                                            "trial_flops": 4e11},
+                            experiment_id="7")
     return build_report(runs, tmp_path_factory.mktemp("report"), max_flops_per_example=1e5,
                         budget_flops=1e13, n_boot=40)
 
@@ -352,15 +377,29 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> ReportResult:
 def test_report_writes_figures_html_and_json(report: ReportResult) -> None:
     names = {p.name for p in report.files}
     assert names == {"loss_vs_flops_per_example.png", "loss_vs_params.png",
-                     "loss_vs_train_flops.png", "joint_fit.png", "report.html", "summary.json"}
+                     "loss_vs_train_flops.png", "joint_fit.png", "report.html", "summary.json",
+                     "plotly.min.js"}
     for p in report.files:
         assert p.exists() and p.stat().st_size > 1000
         if p.suffix == ".png":
             assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (report.out_dir / "report.html").read_text()
-    assert "Plotly.newPlot" in page and len(page) > 1_000_000  # plotly.js inlined
+    # plotly.js once, beside the page, from the Python package (offline); PNGs by name
+    assert "Plotly.newPlot" in page and len(page.encode()) < 300_000
+    assert page.count("<script src='plotly.min.js'></script>") == 1 and "base64" not in page
+    assert (report.out_dir / "plotly.min.js").stat().st_size > 1_000_000
     assert '<script src="http' not in page and "<script src='http" not in page  # offline
+    assert "src='joint_fit.png'" in page
     assert "fake" in page and "Compute-optimal" in page
+    # every trial links to its MLflow run; the winner's config and budgets are stated
+    for run_id in report.summary["frontier"]["flops_per_example"][0:1]:
+        assert f"#/experiments/7/runs/{run_id['run_id']}'" in page
+    assert all(f"/#/experiments/7/runs/r{i}'" in page for i in range(20))
+    best = report.summary["recommendation"]["best_under_cap"]
+    assert f"Winning config: {best['block']} trial {best['trial_id']}" in page
+    assert f"&quot;model.d_model&quot;: {best['config']['model.d_model']}" in page
+    assert "search budget 2e+12 training FLOPs" in page and "per trial at most 4e+11" in page
+    assert "training budget of 1e+13 FLOPs = 5× the search's budget" in page
 
 
 def test_report_summary_has_the_frontiers_fits_and_recommendation(report: ReportResult) -> None:
@@ -395,9 +434,29 @@ def test_report_summary_has_the_frontiers_fits_and_recommendation(report: Report
             >= rec["compute_optimal"]["predicted_val_logloss"] - 1e-12)
 
 
+def test_validation_noise_states_the_se_beside_the_gaps_asha_cuts_at() -> None:
+    from analysis.report import validation_noise
+
+    trials, hist = _fake_search(n_trials=9)
+    hist["val_logloss_se"] = 0.004
+    settings = {"name": "x", "space": "unified", "budget_flops": 1e12, "trial_flops": 4e10,
+                "grace_flops": 4e10 / 9, "reduction_factor": 3, "eval_max_examples": 500}
+    noise = validation_noise(runs_from_frames(trials, hist, settings=settings))
+    assert noise["se_median"] == noise["se_max"] == 0.004 and noise["eval_examples"] == 500
+    assert [r["milestone_flops"] for r in noise["rungs"]] == pytest.approx([4e10 / 9, 4e10 / 3])
+    assert all(r["trials"] >= 4 for r in noise["rungs"])
+    for rung in noise["rungs"]:
+        reached = hist[hist.train_flops >= rung["milestone_flops"]]
+        first = reached.sort_values("train_flops").groupby("run_id").head(1)
+        losses = sorted(first["val_logloss"])
+        assert rung["trials"] == len(losses) and rung["kept"] == max(1, len(losses) // 3)
+        assert rung["cut_gap"] == pytest.approx(losses[rung["kept"]] - losses[rung["kept"] - 1])
+    assert validation_noise(runs_from_frames(trials, hist))["rungs"] == []  # no settings
+
+
 def test_report_on_a_thin_search_records_statuses_instead_of_failing(tmp_path: Path) -> None:
     trials, hist = _fake_search(n_trials=2)
-    hist = hist[hist.step <= 8000]  # two reports per trial
+    hist = hist[hist.examples_seen <= 8000]  # two reports per trial
     res = build_report(runs_from_frames(trials, hist, "thin"), tmp_path, budget_flops=1e12,
                        max_flops_per_example=1.0, n_boot=10)
     rec, fits = res.summary["recommendation"], res.summary["fits"]
@@ -416,24 +475,26 @@ def test_load_search_reads_a_sqlite_store_and_logs_the_report(tmp_path: Path) ->
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("fake-search", artifact_location=str(tmp_path / "art"))
-    parent = client.create_run(exp, tags={"recscale.kind": "search", "recscale.config":
-                                          json.dumps({"budget_flops": 1e12})})
+    parent = client.create_run(exp, tags={"recscale.kind": "search"})
     pid = parent.info.run_id
+    client.log_dict(pid, {"budget_flops": 1e12}, SEARCH_ARTIFACT)  # as the search does
     client.create_run(exp, tags={"note": "an unrelated run"})
     for i, status in enumerate(["TERMINATED", "STOPPED", "DIVERGED"]):
         run = client.create_run(exp, tags={"recscale.kind": "trial", "trial_id": f"t{i}",
                                            "mlflow.parentRunId": pid, "block": "wukong",
-                                           "status": status})
+                                           TAG_STATUS: status})
         cfg = experiment_from_flat({"model.block": "wukong", "model.d_model": 16 * (i + 1),
                                     "model.wukong.k": 4, "train.lr": 1e-3})
-        client.set_tag(run.info.run_id, TAG_CONFIG, json.dumps(cfg.to_dict()))  # as tracking does
+        client.log_dict(run.info.run_id, cfg.to_dict(), CONFIG_ARTIFACT)  # as tracking does
         steps = (100, 200, 300)
-        # params are MLflow's strings, for its UI; analysis never parses them back
+        # params are MLflow's strings, for its UI; analysis never parses them back;
+        # metrics at step = train_flops, the per-trial constants once at step 0
         client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in cfg.flat().items()],
-                         metrics=[Metric(name, v, 0, s) for s in steps for name, v in (
+                         metrics=[Metric(name, v, 0, int(3e3 * s)) for s in steps for name, v in (
                              ("val_logloss", 0.7 - s / 1e4 - i / 100), ("examples_seen", s),
-                             ("train_flops", 3e3 * s), ("flops_per_example", 1e3),
-                             ("params_dense", 500.0))])
+                             ("train_flops", 3e3 * s))]
+                         + [Metric("flops_per_example", 1e3, 0, 0),
+                            Metric("params_dense", 500.0, 0, 0)])
     runs = load_search("fake-search", uri)
     assert runs.parent_run_id == pid and runs.settings == {"budget_flops": 1e12}
     t = runs.trials.set_index("trial_id")
@@ -445,14 +506,15 @@ def test_load_search_reads_a_sqlite_store_and_logs_the_report(tmp_path: Path) ->
     config = t.loc["t1", "config"]
     assert config["model.wukong.k"] == 4 and type(config["model.d_model"]) is int
     assert not any(k.startswith("data.") for k in config)  # the data is the search's
-    assert t.loc["t2", "best_val_logloss"] == pytest.approx(0.7 - 0.03 - 0.02)
-    assert t.loc["t2", "val_logloss"] == pytest.approx(0.7 - 0.03 - 0.02)  # the last value
+    assert t.loc["t2", "val_logloss"] == pytest.approx(0.7 - 0.03 - 0.02)  # the last report
+    assert t.loc["t2", "result_step"] == 9e5 and t.loc["t2", "flops_per_example"] == 1e3
     h = runs.history
     assert len(h) == 9
-    assert all(tuple(s) == steps for s in h.groupby("run_id")["step"].apply(list))
+    assert all(tuple(s) == tuple(3e3 * x for x in steps)
+               for s in h.groupby("run_id")["step"].apply(list))
     assert {"train_flops", "examples_seen", "val_logloss", "flops_per_example",
             "params_dense", "block", "trial_id"} <= set(h.columns)
-    assert (h["train_flops"] == 3e3 * h["step"]).all()
+    assert (h["train_flops"] == h["step"]).all() and (h["flops_per_example"] == 1e3).all()
 
     (tmp_path / "rep").mkdir()
     files = [tmp_path / "rep" / "summary.json", tmp_path / "rep" / "report.html"]
@@ -483,7 +545,7 @@ def test_summary_configs_keep_their_types(tmp_path: Path) -> None:
             experiment_from_flat({"model.block": "tokenmixer", "model.d_model": 32})]
     trials = pd.DataFrame([
         {"run_id": f"r{i}", "trial_id": f"t{i}", "block": e.model.block, "status": "TERMINATED",
-         "best_val_logloss": 0.4 + i / 10, "val_logloss": 0.4 + i / 10, "flops_per_example": 1e3,
+         "val_logloss": 0.4 + i / 10, "flops_per_example": 1e3,
          "train_flops": 3e6, "config": {k: v for k, v in e.flat().items()
                                         if k.startswith(("model.", "train."))},
          **e.flat()} for i, e in enumerate(exps)])
@@ -512,3 +574,23 @@ def test_load_search_refuses_a_trial_without_its_typed_config(tmp_path: Path) ->
     client.create_run(exp, tags={TAG_KIND: KIND_TRIAL, TAG_PARENT: pid, TAG_CONFIG: "{not json"})
     with pytest.raises(AnalysisError, match=f"tag {TAG_CONFIG} is not JSON"):
         load_search("untyped", uri)
+
+
+def test_load_search_reads_a_search_made_before_the_json_artifacts(tmp_path: Path) -> None:
+    """Older searches kept the settings and each trial's config in tags."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("older", artifact_location=str(tmp_path / "art"))
+    pid = client.create_run(exp, tags={TAG_KIND: KIND_SEARCH,
+                                       TAG_CONFIG: json.dumps({"budget_flops": 5e11})}).info.run_id
+    cfg = experiment_from_flat({"model.block": "wukong", "model.d_model": 16})
+    run = client.create_run(exp, tags={TAG_KIND: KIND_TRIAL, TAG_PARENT: pid, "trial_id": "t0",
+                                       "block": "wukong",
+                                       TAG_CONFIG: json.dumps(cfg.to_dict())}).info.run_id
+    client.log_batch(run, metrics=[Metric("val_logloss", 0.6, 0, 300), Metric("train_flops", 300, 0, 300)])
+    runs = load_search("older", uri)
+    assert runs.settings == {"budget_flops": 5e11}
+    assert runs.trials.loc[0, "model.d_model"] == 16 and runs.trials.loc[0, "val_logloss"] == 0.6

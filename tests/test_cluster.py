@@ -395,11 +395,11 @@ def test_job_submit_runs_trials_on_both_nodes(cluster) -> None:
     assert len(runs) >= 4
     # every run carries the node it trained on: both of this cluster's nodes, nothing else
     assert {r.data.tags.get("ray.node_id") for r in runs} == set(cluster.node_ids.values())
-    assert all(r.data.tags.get("status") in {"COMPLETED", "STOPPED"} for r in runs)
+    assert all(r.data.tags.get("trial_status") in {"COMPLETED", "STOPPED"} for r in runs)
     assert all(r.info.status == "FINISHED" and "val_logloss" in r.data.metrics for r in runs)
     parent = _parent_run(cluster.uri, name)
     assert parent.info.status == "FINISHED"
-    assert parent.data.metrics["n_trials"] == len(runs)
+    assert parent.data.metrics["search.n_trials"] == len(runs)
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
     tune_trials = _tune_trials(storage, name)
     assert {r.data.tags["trial_id"] for r in runs} == {
@@ -416,17 +416,17 @@ def test_search_survives_losing_the_worker_node(cluster) -> None:
 
     def worker_mid_trial() -> bool:  # a trial finished, and one trains on the worker now
         runs = _trial_runs(cluster.uri, name)
-        done = any(r.data.tags.get("status") in {"COMPLETED", "STOPPED"} for r in runs)
+        done = any(r.data.tags.get("trial_status") in {"COMPLETED", "STOPPED"} for r in runs)
         return done and any(r.data.tags.get("ray.node_id") == worker and r.info.status == "RUNNING"
-                            and r.data.tags.get("status") == "RUNNING" and r.data.metrics
+                            and r.data.tags.get("trial_status") == "RUNNING" and r.data.metrics
                             for r in runs)
 
     _wait(worker_mid_trial, 300, "a trial reporting on the worker", every=0.5)
     cluster.kill_node("worker")  # the worker node's raylet, workers and agents die
     before = {r.data.tags["trial_id"]: r for r in _trial_runs(cluster.uri, name)}
-    finished = {t: r for t, r in before.items() if r.data.tags.get("status") in {"COMPLETED", "STOPPED"}}
+    finished = {t: r for t, r in before.items() if r.data.tags.get("trial_status") in {"COMPLETED", "STOPPED"}}
     on_worker = {t for t, r in before.items()
-                 if r.data.tags.get("ray.node_id") == worker and r.data.tags.get("status") == "RUNNING"}
+                 if r.data.tags.get("ray.node_id") == worker and r.data.tags.get("trial_status") == "RUNNING"}
     assert finished and on_worker
 
     _wait(lambda: any(s in cluster.job_status(job_id) for s in ("succeeded", "failed", "stopped")),
@@ -446,17 +446,17 @@ def test_search_survives_losing_the_worker_node(cluster) -> None:
     assert retried and retried <= on_worker, (retried, on_worker)
     for t in on_worker:
         assert tune_trials[t]["status"] == "TERMINATED", tune_trials[t]
-        assert after_by_id[t].data.tags["status"] in {"COMPLETED", "STOPPED"}
+        assert after_by_id[t].data.tags["trial_status"] in {"COMPLETED", "STOPPED"}
     for t in retried:
         assert after_by_id[t].data.tags["ray.node_id"] == head
     for t, run in finished.items():  # nothing finished was lost or rerun
         now = after_by_id[t]
-        assert now.data.tags["status"] == run.data.tags["status"]
+        assert now.data.tags["trial_status"] == run.data.tags["trial_status"]
         assert now.data.metrics["val_logloss"] == run.data.metrics["val_logloss"]
         assert tune_trials[t]["failures"] == 0
-    assert all(r.info.status == "FINISHED" and r.data.tags.get("status") != "RUNNING" for r in after)
+    assert all(r.info.status == "FINISHED" and r.data.tags.get("trial_status") != "RUNNING" for r in after)
     assert set(after_by_id) == {t for t, v in tune_trials.items() if v["last_result"]}
-    assert _parent_run(cluster.uri, name).data.metrics["n_trials"] == len(after)
+    assert _parent_run(cluster.uri, name).data.metrics["search.n_trials"] == len(after)
 
 
 # ------------------------------------------------------------------- `ray up` via ssh

@@ -30,7 +30,8 @@ def test_reports_every_contract_metric(data) -> None:
     seen: list[dict] = []
     tc = TrainConfig(batch_size=100, max_examples=1000, eval_every=250)
     res = train(CFG, tc, spec, tr, va, report=lambda m, s: seen.append(m) or False)
-    assert [m["examples_seen"] for m in seen] == [250, 500, 750, 1000]
+    # each evaluation at the first whole-batch boundary at or after its point
+    assert [m["examples_seen"] for m in seen] == [300, 500, 800, 1000]
     for m in seen:
         assert set(m) == METRICS
         assert m["train_flops"] == 3 * m["flops_per_example"] * m["examples_seen"]
@@ -39,13 +40,26 @@ def test_reports_every_contract_metric(data) -> None:
         normalized_entropy(seen[-1]["val_logloss"], float(tr.label.mean())))
 
 
-def test_extra_evaluation_points_are_hit_exactly(data) -> None:
+def test_evaluations_land_on_batch_boundaries_and_every_step_is_a_whole_batch(data) -> None:
+    """Issue 12: no optimiser step on a sliver of a batch (not at an evaluation point,
+    not at an epoch's end), and one evaluation per point, at the next batch boundary."""
+    spec, tr, va = data  # 3000 training examples: 23 batches of 128 per epoch, 56 left over
+    seen: list[float] = []
+    steps: list[int] = []
+    tc = TrainConfig(batch_size=128, max_examples=7 * 1024, eval_every=10_000)
+    train(CFG, tc, spec, tr, va, report=lambda m, s: seen.append(m["examples_seen"]) or False,
+          eval_at=[333, 777, 3 * 1024], on_step=lambda n, loss: steps.append(n))
+    assert seen == [384, 896, 3 * 1024, 7 * 1024]
+    assert all(b - a == 128 for a, b in zip([0, *steps], steps)), "a step on a partial batch"
+
+
+def test_evaluations_at_whole_batches_are_hit_exactly(data) -> None:
     spec, tr, va = data
     seen: list[float] = []
-    tc = TrainConfig(batch_size=128, max_examples=1000, eval_every=10_000)
+    tc = TrainConfig(batch_size=128, max_examples=1024, eval_every=10_000)
     train(CFG, tc, spec, tr, va, report=lambda m, s: seen.append(m["examples_seen"]) or False,
-          eval_at=[333, 777])
-    assert seen == [333, 777, 1000]
+          eval_at=[256, 768, 768])
+    assert seen == [256, 768, 1024]
 
 
 def test_callback_can_stop_the_run(data) -> None:
@@ -115,3 +129,21 @@ def test_normalized_entropy_of_the_base_rate_is_one() -> None:
     p = 0.3
     ll = -(p * math.log(p) + (1 - p) * math.log(1 - p))
     assert normalized_entropy(ll, p) == pytest.approx(1.0)
+
+
+def test_logloss_standard_error_is_over_the_fixed_validation_examples(data) -> None:
+    """The SE the trainable logs with each report: sd of the per-example loss / sqrt(n),
+    over exactly the examples the loop's evaluation scores (its mean is val_logloss)."""
+    from search.trainable import logloss_se
+    from trainers.loop import evaluate, predict_logits
+
+    spec, tr, va = data
+    res = train(CFG, TrainConfig(batch_size=100, max_examples=500), spec, tr, va)
+    logits = predict_logits(res.model, va, limit=400)
+    losses = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, va.label[: len(logits)], reduction="none")
+    se = logloss_se(res.model, va, 400)
+    assert se == pytest.approx(float(losses.std()) / math.sqrt(len(losses)), rel=1e-5)
+    assert float(losses.mean()) == pytest.approx(
+        evaluate(res.model, va, 0.5, limit=400)["val_logloss"], rel=1e-5)
+    assert 0 < se < 0.05

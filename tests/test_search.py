@@ -82,10 +82,12 @@ def test_asha_stops_trials_at_flops_milestones(unified) -> None:
     assert len(stopped) >= 1, out.trials[["trial_status", "train_flops"]]
     at_a_rung = 0
     for _, row in stopped.iterrows():
-        per_example = 3 * row["flops_per_example"]
+        # every point in whole batches: milestones rounded up, report points to the nearest
+        batch = int(row["train.batch_size"])
+        per_batch = 3 * row["flops_per_example"] * batch
         seen = int(row["examples_seen"])
-        rung_points = {math.ceil(m / per_example) for m in rungs}
-        every = int((cfg.grace / cfg.reports_per_grace) // per_example)
+        rung_points = {batch * math.ceil(m / per_batch) for m in rungs}
+        every = batch * max(1, round(cfg.grace / cfg.reports_per_grace / per_batch))
         # ASHA stops a trial at a rung; the global budget stops it at a report point
         assert seen in rung_points or seen % every == 0, row
         at_a_rung += seen in rung_points
@@ -99,29 +101,65 @@ def test_every_family_is_sampled(unified) -> None:
 
 
 def test_mlflow_layout(unified) -> None:
+    """Issue 12's layout: trials read like trials, the parent carries the search and its
+    winner, the experiment opens in MLflow's machine-learning mode."""
+    import json
+
     cfg, out = unified
     client = MlflowClient(out.tracking_uri)
+    exp = client.get_experiment(out.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(exp.tags["mlflow.sharedViewState.recscale"])
+    assert "metrics.`val_logloss`" in view["selectedColumns"]
     runs = client.search_runs([out.experiment_id], max_results=1000)
     parents = [r for r in runs if r.data.tags.get("recscale.kind") == "search"]
     children = [r for r in runs if r.data.tags.get("recscale.kind") == "trial"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert parents[0].data.params["search.budget_flops"] == str(cfg.budget_flops)
+    parent = parents[0]
+    assert parent.data.params["search.budget_flops"] == str(cfg.budget_flops)
+    # the search's numbers carry the search. prefix: no trial metric shares a name
+    assert parent.data.metrics and all(k.startswith("search.") for k in parent.data.metrics)
+    assert parent.data.metrics["search.spent_flops"] == pytest.approx(out.spent_flops)
+    winner = out.winner()
+    assert parent.data.tags["recscale.best_run_id"] == winner["mlflow_run_id"]
+    assert parent.data.tags["recscale.best_trial_id"] == winner["trial_id"]
+    assert parent.data.tags["recscale.best_block"] == winner["model.block"]
+    note = parent.data.tags["mlflow.note.content"]
+    assert winner["trial_id"] in note and f"{out.spent_flops:.3g} of {cfg.budget_flops:.3g}" in note
     assert len(children) == len(out.trials)
     assert {r.data.tags["trial_id"] for r in children} == set(out.trials["trial_id"])
     assert set(out.trials["mlflow_run_id"]) == {r.info.run_id for r in children}
     trained = dict(zip(out.trials["trial_id"], out.trials["train_flops"], strict=True))
     for r in children:
-        assert r.data.tags["mlflow.parentRunId"] == out.parent_run_id
-        assert r.data.tags["status"] in {"COMPLETED", "STOPPED", "DIVERGED"}
-        assert r.data.tags["block"] == r.data.params["model.block"]
+        tags, params = r.data.tags, r.data.params
+        assert tags["mlflow.parentRunId"] == out.parent_run_id
+        assert tags["trial_status"] in {"COMPLETED", "STOPPED", "DIVERGED"}
+        assert "status" not in tags and "recscale.config" not in tags  # one status; no 1 kB tag
+        assert tags["block"] == params["model.block"]
+        assert not any(k.startswith("search.") for k in r.data.metrics)
+        # params: this trial's model and training knobs only (its family's section)
+        assert not any(k.startswith("data.") for k in params)
+        sections = {k.split(".")[1] for k in params if k.count(".") >= 2 and k.startswith("model.")}
+        assert sections <= {tags["block"]}, sections
+        config = json.loads(Path(client.download_artifacts(r.info.run_id, "config.json",
+                                                           tempfile.mkdtemp())).read_text())
+        assert config["model"]["block"] == tags["block"] and "data" in config
         hist = client.get_metric_history(r.info.run_id, "val_logloss")
         steps = [m.step for m in hist]
         assert steps == sorted(steps) and len(set(steps)) == len(steps)
         # only a trial the budget stopped before its first report has no metrics
-        reported = trained.get(r.data.tags["trial_id"], 0) > 0
-        assert bool(steps) == reported, r.data.tags["trial_id"]
+        reported = trained.get(tags["trial_id"], 0) > 0
+        assert bool(steps) == reported, tags["trial_id"]
+        # step = train_flops; every report after whole batches; constants logged once
+        flops = client.get_metric_history(r.info.run_id, "train_flops")
+        assert [m.step for m in flops] == [int(m.value) for m in flops] == steps
+        batch = int(params["train.batch_size"])
         seen = client.get_metric_history(r.info.run_id, "examples_seen")
-        assert [m.step for m in seen] == [int(m.value) for m in seen]
+        assert all(int(m.value) % batch == 0 for m in seen), [m.value for m in seen]
+        if reported:
+            for key in ("flops_per_example", "params_dense", "params_embedding"):
+                points = client.get_metric_history(r.info.run_id, key)
+                assert [m.step for m in points] == [0], key
 
 
 def test_rerun_of_a_finished_search_reports_the_whole_search(unified, dataset) -> None:
@@ -139,8 +177,8 @@ def test_rerun_of_a_finished_search_reports_the_whole_search(unified, dataset) -
     assert set(again.trials["trial_id"]) == set(out.trials["trial_id"])
     assert again.spent_flops == pytest.approx(out.spent_flops)
     parent = MlflowClient(out.tracking_uri).get_run(out.parent_run_id)
-    assert parent.data.metrics["rejected_samples"] == out.rejected_samples
-    assert parent.data.metrics["wall_seconds"] >= out.wall_seconds
+    assert parent.data.metrics["search.rejected_samples"] == out.rejected_samples
+    assert parent.data.metrics["search.wall_seconds"] >= out.wall_seconds
 
 
 def test_gpu_share_grows_with_flops(unified) -> None:
@@ -188,7 +226,7 @@ def _finished_trials(client: MlflowClient, name: str) -> dict[str, str]:
         return {}
     runs = client.search_runs([exp.experiment_id], "tags.`recscale.kind` = 'trial'")
     return {r.data.tags["trial_id"]: r.info.run_id for r in runs
-            if r.data.tags.get("status") in {"COMPLETED", "STOPPED"}}
+            if r.data.tags.get("trial_status") in {"COMPLETED", "STOPPED"}}
 
 
 def test_resume_after_sigkill(tmp_path) -> None:
@@ -227,12 +265,13 @@ def test_resume_after_sigkill(tmp_path) -> None:
         assert len(client.get_metric_history(run_id, "val_logloss")) == history_before[t]
     parent = next(r for r in runs if r.data.tags.get("recscale.kind") == "search")
     assert parent.info.status == "FINISHED"
-    spent = parent.data.metrics["spent_flops"]
+    spent = parent.data.metrics["search.spent_flops"]
     assert spent <= 5e10 * 1.2 and not math.isnan(spent)
     # the restored searcher's rejections and the memory series of both segments
-    assert parent.data.metrics["rejected_samples"] > 0
-    memory = [int(m.step) for m in client.get_metric_history(parent.info.run_id, "driver_rss_mb")]
-    finished = sum(r.data.tags.get("status") in {"COMPLETED", "STOPPED", "DIVERGED", "ERROR"}
+    assert parent.data.metrics["search.rejected_samples"] > 0
+    memory = [int(m.step) for m in client.get_metric_history(parent.info.run_id,
+                                                             "search.driver_rss_mb")]
+    finished = sum(r.data.tags.get("trial_status") in {"COMPLETED", "STOPPED", "DIVERGED", "ERROR"}
                    for r in runs if r.data.tags.get("recscale.kind") == "trial")
     assert memory == sorted(set(memory))
     # one sample per finished trial; trials the budget ends with the experiment have none

@@ -44,3 +44,25 @@ def test_rows_come_from_trials_not_from_results(tmp_path) -> None:
     assert list(table["mlflow_run_id"]) == ["run-a", "run-b", "run-c"]
     assert list(table["error"]) == ["", "", "ValueError: boom"]
     assert table.loc[0, "val_logloss"] == pytest.approx(0.6)
+
+
+def test_a_report_tune_dropped_is_taken_from_mlflow_whole() -> None:
+    """The budget stopped trial "a" while its last report was in flight: MLflow has it,
+    Tune does not. The row takes that report, every metric of it; "b" is up to date."""
+    from search.runner import _with_reports_tune_dropped
+
+    a = {"trial_id": "a", "train_flops": 5e8, "examples_seen": 1000.0, "val_logloss": 0.6,
+         "val_auc": 0.7, "mlflow_run_id": "run-a"}
+    b = {"trial_id": "b", "train_flops": 4e8, "examples_seen": 800.0, "val_logloss": 0.65,
+         "val_auc": 0.69, "mlflow_run_id": "run-b"}
+    table = _trial_table([_trial("a", "TERMINATED", a), _trial("b", "TERMINATED", b)], CHECK,
+                         run_ids={"a": "run-a", "b": "run-b"})
+    logged = {"run-a": {"train_flops": 1e9, "examples_seen": 2000.0, "val_logloss": 0.58,
+                        "val_auc": 0.72, "val_logloss_se": 0.01, "flops_per_example": 1.0},
+              "run-b": {"train_flops": 4e8, "val_logloss": 0.65, "val_auc": 0.69}}
+    out = _with_reports_tune_dropped(table, logged).set_index("trial_id")
+    assert out.loc["a", ["train_flops", "examples_seen", "val_logloss", "val_auc",
+                         "val_logloss_se"]].tolist() == [1e9, 2000.0, 0.58, 0.72, 0.01]
+    assert out.loc["b", ["train_flops", "val_logloss", "val_auc"]].tolist() == [4e8, 0.65, 0.69]
+    assert table.loc[0, "train_flops"] == 5e8  # the input is not changed
+    assert out.loc["a", "flops_per_example"] == table.loc[0, "flops_per_example"] != 1.0

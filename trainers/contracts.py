@@ -9,7 +9,16 @@ MLflow), so the command line can import it for free.
   :data:`OBJECTIVE` (minimised) is what the searcher optimises and ASHA prunes on.
 * **MLflow layout**: one experiment per search, a parent run tagged
   ``recscale.kind=search``, one nested child run per trial tagged ``recscale.kind=trial``;
-  metric steps are :data:`STEP_AXIS` (examples seen).
+  metric steps are :data:`STEP_AXIS` (training FLOPs spent, so MLflow's default charts
+  draw loss against compute); per-trial constants (:data:`CONSTANT_METRICS`) are logged
+  once, at step 0; the search's own numbers on the parent carry the :data:`SEARCH_PREFIX`;
+  the parent names the winner (:data:`TAG_BEST_RUN`, ...) and the experiment opens in
+  MLflow's machine-learning mode (:data:`TAG_EXPERIMENT_KIND`).
+* **A trial's result** is its *last* report (:data:`RESULT_REPORT`): every metric of the
+  row (loss, AUC, FLOPs) comes from that one report, in Ray's table, MLflow, the report
+  and export alike. The last report is the model the trial ended with (its checkpoint)
+  and what ASHA judged it on; the lowest loss over a trial's history would pick one
+  evaluation's noise.
 * **Tracking URI rule**: the flag, else ``MLFLOW_TRACKING_URI``, else SQLite in the
   working directory (:func:`default_tracking_uri`).
 """
@@ -23,6 +32,17 @@ from spaces.errors import UserError
 
 __all__ = [
     "BUDGET_ATTR",
+    "CONFIG_ARTIFACT",
+    "CONSTANT_METRICS",
+    "EXPERIMENT_KIND_ML",
+    "RESULT_REPORT",
+    "SEARCH_ARTIFACT",
+    "SEARCH_PREFIX",
+    "TAG_BEST_BLOCK",
+    "TAG_BEST_RUN",
+    "TAG_BEST_TRIAL",
+    "TAG_DESCRIPTION",
+    "TAG_EXPERIMENT_KIND",
     "UserError",
     "KIND_SEARCH",
     "KIND_STUDY",
@@ -44,8 +64,12 @@ __all__ = [
     "TAG_STATUS",
     "TAG_STORAGE",
     "TAG_TRIAL_ID",
+    "TAG_VIEW",
+    "VIEW_COLUMNS",
+    "VIEW_KEY",
     "TIME_ATTR",
     "TRIAL_STATUSES",
+    "VAL_SE",
     "default_tracking_uri",
     "missing_store",
 ]
@@ -59,14 +83,24 @@ SECONDARY_OBJECTIVE: Final = "flops_per_example"
 # ASHA's time axis and the budget's unit: cumulative training FLOPs of a trial
 TIME_ATTR: Final = "train_flops"
 BUDGET_ATTR: Final = TIME_ATTR
-# the step of every metric series in MLflow
-STEP_AXIS: Final = "examples_seen"
+# the step of every metric series in MLflow: training FLOPs spent (an int64 holds 9e18)
+STEP_AXIS: Final = TIME_ATTR
+#: Which report of a trial is its result (module docstring): the last one.
+RESULT_REPORT: Final[Literal["last"]] = "last"
 
 #: Every metric a trial reports, in the order reports show them.
 METRICS: Final[tuple[str, ...]] = (
     "val_logloss", "val_auc", "val_ne", "train_loss", "examples_seen", "train_flops",
     "flops_per_example", "params_dense", "params_embedding", "examples_per_s",
 )
+
+#: The standard error of ``val_logloss`` over the fixed validation examples (standard
+#: deviation of the per-example loss over sqrt(n)), logged with every search report, so
+#: the noise of the number ASHA compares is stated beside it.
+VAL_SE: Final = "val_logloss_se"
+
+#: Metrics constant over a trial: logged once (step 0), not at every report.
+CONSTANT_METRICS: Final[tuple[str, ...]] = ("flops_per_example", "params_dense", "params_embedding")
 
 #: A trial's final status (the ``status`` tag of its child run).
 TRIAL_STATUSES: Final[tuple[str, ...]] = ("COMPLETED", "STOPPED", "DIVERGED", "ERROR")
@@ -75,13 +109,38 @@ TRIAL_STATUSES: Final[tuple[str, ...]] = ("COMPLETED", "STOPPED", "DIVERGED", "E
 
 TAG_KIND: Final = "recscale.kind"          # search | trial | train | study | verify
 TAG_SEARCH: Final = "recscale.search"      # the search (experiment) name
-TAG_CONFIG: Final = "recscale.config"      # the run's full config as JSON (typed values)
+TAG_CONFIG: Final = "recscale.config"      # settings/config JSON of runs made before search.json
 TAG_STORAGE: Final = "recscale.storage"    # where Ray Tune keeps the search's state
 TAG_DATA_FINGERPRINT: Final = "recscale.data_fingerprint"
 TAG_PARENT: Final = "mlflow.parentRunId"   # MLflow's own nesting tag
 TAG_TRIAL_ID: Final = "trial_id"
 TAG_BLOCK: Final = "block"
-TAG_STATUS: Final = "status"
+TAG_STATUS: Final = "trial_status"      # a trial's outcome; MLflow's run status is another
+TAG_BEST_RUN: Final = "recscale.best_run_id"      # on the parent: the winning trial's run
+TAG_BEST_TRIAL: Final = "recscale.best_trial_id"
+TAG_BEST_BLOCK: Final = "recscale.best_block"
+TAG_DESCRIPTION: Final = "mlflow.note.content"    # MLflow's run description
+# MLflow 3.17's UI reads this experiment tag: "custom_model_development" opens the
+# machine-learning mode (runs, charts) instead of the GenAI one (traces, evaluations)
+TAG_EXPERIMENT_KIND: Final = "mlflow.experimentKind"
+EXPERIMENT_KIND_ML: Final = "custom_model_development"
+#: MLflow 3.17's shared views: an experiment tag ``mlflow.sharedViewState.<key>`` holds
+#: a runs-table state that ``?viewStateShareKey=<key>`` opens. recscale's view shows the
+#: trial's result and identity instead of MLflow's Dataset / Source / Models columns.
+VIEW_KEY: Final = "recscale"
+TAG_VIEW: Final = f"mlflow.sharedViewState.{VIEW_KEY}"
+VIEW_COLUMNS: Final[tuple[str, ...]] = (
+    *(f"metrics.`{m}`" for m in (OBJECTIVE, "val_auc", TIME_ATTR, "flops_per_example")),
+    f"tags.`{TAG_BLOCK}`", f"tags.`{TAG_STATUS}`",
+)
+
+#: The search's own numbers on the parent run (``search.spent_flops``, ...), so they
+#: form their own group in MLflow and never read as trial metrics.
+SEARCH_PREFIX: Final = "search."
+#: A trial's full typed config, as a JSON artifact of its run.
+CONFIG_ARTIFACT: Final = "config.json"
+#: A search's settings (``SearchConfig``), as a JSON artifact of its parent run.
+SEARCH_ARTIFACT: Final = "search.json"
 TAG_NODE: Final = "ray.node_id"
 
 KIND_SEARCH: Final = "search"

@@ -118,7 +118,7 @@ def train_full(
     bar = tqdm(total=total, unit="ex", unit_scale=True, disable=not progress,
                desc=f"train {block}", dynamic_ncols=True)
     if resume_state is not None:
-        bar.update(int(resume_state[STEP_AXIS]))
+        bar.update(int(resume_state["examples_seen"]))  # the loop's state key
     last = {"seen": bar.n}
 
     def on_step(seen: int, loss: float) -> None:

@@ -304,13 +304,16 @@ def train(
     status: Literal["completed", "stopped", "diverged"] = "completed"
     message = ""
     while seen < total:
-        if pos >= n_train:
+        # every optimiser step takes a whole batch (an epoch's last partial batch is
+        # dropped; the last step may pass ``total`` by less than a batch): a step on a
+        # sliver of a batch would move the loss between two evaluations. An evaluation
+        # runs at the first batch boundary at or after its scheduled point; callers that
+        # want it exactly there (the trainable's ASHA milestones) schedule whole batches.
+        if n_train - pos < min(bs, n_train):
             epoch, pos = epoch + 1, 0
             order = _epoch_order(n_train, train_cfg.seed, epoch)
-        # a batch never crosses a scheduled evaluation: evaluations land exactly on it
-        upcoming = [e for e in extra_evals if e > seen]
-        take = min(bs, n_train - pos, total - seen, next_eval - seen,
-                   *([upcoming[0] - seen] if upcoming else []))
+        take = min(bs, n_train - pos)
+        before = seen
         idx = order[pos : pos + take]
         t0 = time.perf_counter()
         model.set_progress(seen / total)
@@ -332,7 +335,7 @@ def train(
         loss_sum, loss_n = loss_sum + loss_value * take, loss_n + take
         if on_step is not None:
             on_step(seen, loss_value)
-        if seen >= next_eval or seen >= total or seen in extra_evals:
+        if seen >= next_eval or seen >= total or any(before < e <= seen for e in extra_evals):
             m = metrics_now()
             history.append(m)
             loss_sum, loss_n = 0.0, 0

@@ -3,8 +3,11 @@
 Layout (ARCHITECTURE.md; the names are in :mod:`trainers.contracts`): one experiment per
 search name, one parent run per search (``recscale.kind=search``), one nested child run
 per trial (``recscale.kind=trial``, ``mlflow.parentRunId``, ``trial_id``, ``block``,
-``status``; params = the flattened config; metrics per report with
-``step = examples_seen``), and one run per full training (``recscale.kind=train``).
+``trial_status``; params = the flattened model and training config (the data config is
+the search's, on the parent); the full typed config as the ``config.json`` artifact;
+metrics per report with ``step = train_flops``, the per-trial constants once at step 0),
+and one run per full training (``recscale.kind=train``). Experiments are created tagged
+for MLflow's machine-learning mode.
 ``analysis.runs`` is the one reader.
 
 Runs are found again by tags, never remembered in memory, so a resumed search (or a
@@ -15,8 +18,10 @@ and asynchronously, so a slow remote tracking server never stalls the driver.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,22 +29,35 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from trainers.contracts import (
+    CONFIG_ARTIFACT,
+    CONSTANT_METRICS,
+    EXPERIMENT_KIND_ML,
     KIND_SEARCH,
     KIND_TRIAL,
+    OBJECTIVE,
     STEP_AXIS,
+    TAG_BEST_BLOCK,
+    TAG_BEST_RUN,
+    TAG_BEST_TRIAL,
     TAG_BLOCK,
-    TAG_CONFIG,
+    TAG_DESCRIPTION,
+    TAG_EXPERIMENT_KIND,
     TAG_KIND,
     TAG_NODE,
     TAG_PARENT,
     TAG_SEARCH,
     TAG_STATUS,
     TAG_TRIAL_ID,
+    TAG_VIEW,
+    VIEW_COLUMNS,
 )
 
 __all__ = [
     "RunWriter",
     "TrialTracker",
+    "Winner",
+    "describe_search",
+    "set_winner",
     "child_runs",
     "create_run",
     "end_run",
@@ -51,6 +69,7 @@ __all__ = [
     "log_metric_series",
     "log_metrics",
     "log_params",
+    "set_tags",
     "set_trial_status",
 ]
 
@@ -58,14 +77,26 @@ _PARAM_BATCH = 100
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The id of experiment ``name``, created (or restored from deleted) if need be."""
+    """The id of experiment ``name``, created (or restored from deleted) if need be.
+
+    A new experiment is tagged with the settings MLflow 3.17's UI offers for it:
+    ``mlflow.experimentKind=custom_model_development``, which opens it in the
+    machine-learning mode (runs and charts) rather than the GenAI one (traces,
+    evaluations), and recscale's shared runs view (:data:`~trainers.contracts.TAG_VIEW`:
+    the result columns instead of Dataset / Source / Models).
+    """
+    tags = {TAG_EXPERIMENT_KIND: EXPERIMENT_KIND_ML,
+            TAG_VIEW: json.dumps({"selectedColumns": list(VIEW_COLUMNS)})}
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        for key, value in tags.items():  # an experiment an older recscale made
+            if key not in exp.tags:
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return str(exp.experiment_id)
     try:
-        return str(client.create_experiment(name))
+        return str(client.create_experiment(name, tags=tags))
     except Exception:  # created concurrently by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -177,11 +208,18 @@ def set_trial_status(client: MlflowClient, exp_id: str, parent_run_id: str, tria
 
 
 class TrialTracker:
-    """A trial's own child run, written from the trial's worker process."""
+    """A trial's own child run, written from the trial's worker process.
+
+    ``params``: the trial's flat config (``model.*``, ``train.*``); ``config``: its full
+    typed config, saved as the ``config.json`` artifact; ``constants``: the per-trial
+    constants (:data:`~trainers.contracts.CONSTANT_METRICS`), logged once at step 0 and
+    left out of every report.
+    """
 
     def __init__(self, tracking_uri: str, exp_id: str, parent_run_id: str,
                  trial_id: str, block: str, params: dict[str, Any], search: str,
-                 config_json: str = "", node_id: str = "") -> None:
+                 config: Mapping[str, Any] | None = None, node_id: str = "",
+                 constants: Mapping[str, float] | None = None) -> None:
         self.client = MlflowClient(tracking_uri)
         run_id = find_trial_run(self.client, exp_id, parent_run_id, trial_id)
         if run_id is None:
@@ -189,9 +227,13 @@ class TrialTracker:
                 self.client, exp_id, f"{block}-{trial_id}",
                 {TAG_KIND: KIND_TRIAL, TAG_PARENT: parent_run_id, TAG_TRIAL_ID: trial_id,
                  TAG_BLOCK: block, TAG_STATUS: "RUNNING", TAG_SEARCH: search,
-                 TAG_CONFIG: config_json, TAG_NODE: node_id},
+                 TAG_NODE: node_id},
                 params,
             )
+            if config is not None:
+                self.client.log_dict(run_id, dict(config), CONFIG_ARTIFACT)
+            if constants:
+                log_metrics(self.client, run_id, constants, step=0)
         else:  # a restored or retried trial, maybe on another node
             self.client.update_run(run_id, status="RUNNING")
             if node_id:
@@ -200,8 +242,9 @@ class TrialTracker:
         self._pending: list[Any] = []
 
     def log(self, metrics: dict[str, float]) -> None:
-        """One batched, asynchronous write per report, at ``step = examples_seen``."""
-        self._pending.append(log_metrics(self.client, self.run_id, metrics,
+        """One batched, asynchronous write per report, at ``step = train_flops``."""
+        varying = {k: v for k, v in metrics.items() if k not in CONSTANT_METRICS}
+        self._pending.append(log_metrics(self.client, self.run_id, varying,
                                          step=int(metrics[STEP_AXIS]), synchronous=False))
 
     def flush(self) -> None:
@@ -230,3 +273,43 @@ class RunWriter:
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
+    """Several tags of one run (the parent's winner and description) in one batch."""
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+@dataclass(frozen=True)
+class Winner:
+    """A search's winning trial and its result (its last report: every number from it)."""
+
+    run_id: str
+    trial_id: str
+    block: str
+    objective: float
+    val_auc: float
+    train_flops: float
+
+
+def describe_search(name: str, winner: Winner, spent: float, budget: float, n_trials: int,
+                    report: str | None = None) -> str:
+    """The parent run's description (Markdown): the winner, the budget spent, the report."""
+    where = (f"{report} (attached to this run: `report/`, `best.yaml`)" if report else
+             f"`recscale analyze {name}` writes it and attaches it here with `best.yaml`")
+    return "\n\n".join([
+        f"**Winner:** {winner.block} trial `{winner.trial_id}` (run `{winner.run_id}`): "
+        f"{OBJECTIVE} {winner.objective:.4f}, val_auc {winner.val_auc:.4f} at "
+        f"{winner.train_flops:.3g} training FLOPs (the trial's last report).",
+        f"**Budget:** spent {spent:.3g} of {budget:.3g} training FLOPs over {n_trials} trials.",
+        f"**Report:** {where}.",
+    ])
+
+
+def set_winner(client: MlflowClient, parent_run_id: str, winner: Winner,
+               description: str) -> None:
+    """Name the winner on the search's parent run: tags and the run's description."""
+    set_tags(client, parent_run_id, {TAG_BEST_RUN: winner.run_id, TAG_BEST_TRIAL: winner.trial_id,
+                                     TAG_BEST_BLOCK: winner.block, TAG_DESCRIPTION: description})
