@@ -65,6 +65,7 @@ from trainers.contracts import (
     TAG_STATUS,
     TAG_STORAGE,
     TAG_TRIAL_ID,
+    TIME_ATTR,
     UserError,
     default_tracking_uri,
     missing_store,
@@ -357,7 +358,7 @@ def _run_point(config: dict[str, Any], ctx: PointContext, data: SharedData) -> N
     params = {**point.flat, **point.params()}
     tracker = TrialTracker(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, point.key,
                            point.family, params, ctx.study,
-                           config_json=json.dumps(point.flat))
+                           config=point.flat)
     client = MlflowClient(ctx.tracking_uri)
     client.set_tag(tracker.run_id, TAG_KIND, ctx.kind)
     started = time.perf_counter()
@@ -367,7 +368,8 @@ def _run_point(config: dict[str, Any], ctx: PointContext, data: SharedData) -> N
         finish_run(client, tracker.run_id, "ERROR")
         raise
     metrics = {**metrics, "trial_seconds": time.perf_counter() - started}
-    tracker.log({STEP_AXIS: float(point.D), **metrics})
+    # a point's one report sits at the compute it was trained for (step = train_flops)
+    tracker.log({TIME_ATTR: 3.0 * point.N * point.D, "examples_seen": float(point.D), **metrics})
     tracker.flush()
     diverged = metrics.get("diverged", 0.0) > 0 or not math.isfinite(metrics[OBJECTIVE])
     finish_run(client, tracker.run_id, "DIVERGED" if diverged else "COMPLETED")

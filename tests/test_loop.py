@@ -147,3 +147,24 @@ def test_logloss_standard_error_is_over_the_fixed_validation_examples(data) -> N
     assert float(losses.mean()) == pytest.approx(
         evaluate(res.model, va, 0.5, limit=400)["val_logloss"], rel=1e-5)
     assert 0 < se < 0.05
+
+
+def test_evaluation_scores_exactly_the_first_limit_examples() -> None:
+    """``eval_max_examples`` below the scoring batch must not score the whole split."""
+    from trainers.loop import predict_logits
+
+    class _Split:
+        def __init__(self, n: int) -> None:
+            self.cat = torch.zeros(n, 2, dtype=torch.long)
+            self.num = torch.zeros(n, 1)
+            self.label = torch.zeros(n)
+
+        def __len__(self) -> int:
+            return len(self.label)
+
+    model = torch.nn.Sequential()
+    model.register_parameter("w", torch.nn.Parameter(torch.zeros(1)))
+    model.forward = lambda cat, num: cat[:, 0].float()  # type: ignore[method-assign]
+    assert len(predict_logits(model, _Split(1000), limit=300)) == 300
+    assert len(predict_logits(model, _Split(1000), batch_size=128, limit=300)) == 300
+    assert len(predict_logits(model, _Split(100), limit=300)) == 100

@@ -141,7 +141,8 @@ def predict_logits(model: nn.Module, split: SplitLike, batch_size: int = 8192,
     model.eval()
     device = next(model.parameters()).device
     n = len(split) if limit is None else min(limit, len(split))
-    out = [model(split.cat[i : i + batch_size].to(device), split.num[i : i + batch_size].to(device)).cpu()
+    out = [model(split.cat[i : min(i + batch_size, n)].to(device),
+                 split.num[i : min(i + batch_size, n)].to(device)).cpu()
            for i in range(0, n, batch_size)]
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
