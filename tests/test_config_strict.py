@@ -4,6 +4,7 @@ files, and through the command line before anything heavy starts."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -189,10 +190,13 @@ def test_every_value_of_an_exported_config_round_trips(tmp_path: Path) -> None:
     assert load_experiment(tmp_path / "e.yaml") == exp
 
 
-def test_light_precheck_knows_the_experiment_sections(tmp_path: Path) -> None:
+def test_light_precheck_knows_the_experiment_sections(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """trainers.config_io checks sections without model code; they must be the config's."""
     from trainers.config_io import EXPERIMENT_SECTIONS, precheck_experiment
     from trainers.experiment import ExperimentConfig
+
+    monkeypatch.setenv("RECSCALE_CACHE", str(tmp_path / "empty-cache"))  # no schema cached
 
     assert set(EXPERIMENT_SECTIONS) == set(ExperimentConfig.model_fields)
     bad = tmp_path / "bad.yaml"
@@ -201,4 +205,32 @@ def test_light_precheck_knows_the_experiment_sections(tmp_path: Path) -> None:
         precheck_experiment(bad)
     good = tmp_path / "good.yaml"
     good.write_text("model: {block: wukong, d_modle: 3}\n")
-    precheck_experiment(good)  # nested keys are left to load_experiment
+    precheck_experiment(good)  # without a cached schema, nested keys are left to load_experiment
+
+
+def test_a_nested_typo_is_refused_without_torch_once_the_schema_is_cached(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first load of an experiment caches the key schema; the next command checks
+    nested keys with it before any model code (torch) is imported."""
+    import subprocess
+    import sys
+
+    from trainers.config_io import cached_key_schema
+    from trainers.experiment import ExperimentConfig, key_schema, load_experiment
+
+    monkeypatch.setenv("RECSCALE_CACHE", str(tmp_path / "cache"))
+    good = tmp_path / "good.yaml"
+    good.write_text("model: {block: wukong}\n")
+    assert cached_key_schema() is None
+    load_experiment(good)
+    assert cached_key_schema() == key_schema(ExperimentConfig)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {block: tokenmixer, d_modle: 16}\n")
+    probe = ("import sys\nfrom trainers.config_io import precheck_experiment\n"
+             "try:\n    precheck_experiment(sys.argv[1])\nexcept Exception as e:\n    print(e)\n"
+             "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", probe, str(bad)], capture_output=True, text=True,
+                         env={**os.environ, "RECSCALE_CACHE": str(tmp_path / "cache")}, check=True)
+    message, torch_loaded = out.stdout.strip().splitlines()
+    assert "unknown key 'model.d_modle' (did you mean 'model.d_model'?)" in message
+    assert torch_loaded == "False"

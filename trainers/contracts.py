@@ -26,6 +26,7 @@ MLflow), so the command line can import it for free.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Final, Literal
 
 from spaces.errors import UserError
@@ -70,6 +71,7 @@ __all__ = [
     "TIME_ATTR",
     "TRIAL_STATUSES",
     "VAL_SE",
+    "cache_dir",
     "default_tracking_uri",
     "missing_store",
 ]
@@ -164,3 +166,10 @@ def missing_store(uri: str) -> str | None:
         if path and not os.path.exists(path):
             return path
     return None
+
+
+def cache_dir() -> Path:
+    """Where recscale caches what it can rebuild (encoded datasets, the config-key
+    schema): ``$RECSCALE_CACHE`` if set, else ``~/.cache/recscale``."""
+    env = os.environ.get("RECSCALE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "recscale"

@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -42,6 +41,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from spaces.features import FeatureSpec
+from trainers.contracts import cache_dir
 from trainers.data_sources import (
     DataError,
     FileSchema,
@@ -426,9 +426,8 @@ def dataset_fingerprint(cfg: DataConfig) -> str:
 
 
 def default_cache_dir() -> Path:
-    """``$RECSCALE_CACHE`` if set, else ``~/.cache/recscale``."""
-    env = os.environ.get("RECSCALE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "recscale"
+    """``$RECSCALE_CACHE`` if set, else ``~/.cache/recscale`` (``contracts.cache_dir``)."""
+    return cache_dir()
 
 
 def _entry_dir(cache_dir: str | Path | None, cfg: DataConfig, fingerprint: str) -> Path:

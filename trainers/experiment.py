@@ -9,7 +9,6 @@ here and in :func:`experiment_from_flat` (the flat dotted form Ray and MLflow se
 
 from __future__ import annotations
 
-import difflib
 import os
 import typing
 from collections.abc import Mapping
@@ -20,12 +19,19 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from spaces import ModelConfig, block_names, get_block
-from trainers.config_io import ConfigError, read_yaml_mapping
+from trainers.config_io import (
+    ConfigError,
+    KeySchema,
+    cached_key_schema,
+    check_tree,
+    read_yaml_mapping,
+    save_key_schema,
+)
 from trainers.data import DataConfig
 from trainers.loop import TrainConfig
 
 __all__ = ["ConfigError", "ExperimentConfig", "check_keys", "experiment_from_flat", "flatten",
-           "load_experiment", "validation_message"]
+           "key_schema", "load_experiment", "validation_message"]
 
 
 class ExperimentConfig(BaseModel):
@@ -93,6 +99,13 @@ def _section_schemas(schema: type[BaseModel]) -> dict[str, type[BaseModel] | Non
     return out
 
 
+def key_schema(schema: type[BaseModel]) -> KeySchema:
+    """Every key a mapping for ``schema`` may hold, nested (the plain form
+    :func:`trainers.config_io.check_tree` checks and the command line caches)."""
+    return {key: (key_schema(sub) if sub is not None else None)
+            for key, sub in _section_schemas(schema).items()}
+
+
 def check_keys(tree: Mapping[str, Any], schema: type[BaseModel], source: str,
                prefix: str = "") -> None:
     """Raise a one-line :class:`ConfigError` at the first key of ``tree`` (nested, as in
@@ -102,20 +115,9 @@ def check_keys(tree: Mapping[str, Any], schema: type[BaseModel], source: str,
 
         >>> check_keys({"trian": {"lr": 0.1}}, ExperimentConfig, "best.yaml")
         Traceback (most recent call last):
-        trainers.experiment.ConfigError: best.yaml: unknown key 'trian.lr' (did you mean 'train.lr'?)
+        trainers.config_io.ConfigError: best.yaml: unknown key 'trian.lr' (did you mean 'train.lr'?)
     """
-    valid = _section_schemas(schema)
-    for key, value in tree.items():
-        if key not in valid:
-            rest = next(iter(flatten(value)), "") if isinstance(value, Mapping) else ""
-            tail = f".{rest}" if rest else ""
-            near = difflib.get_close_matches(str(key), list(valid), n=1)
-            hint = (f" (did you mean {prefix + near[0] + tail!r}?)" if near
-                    else f" (valid here: {', '.join(valid)})")
-            raise ConfigError(f"{source}: unknown key {prefix + str(key) + tail!r}{hint}")
-        sub = valid[key]
-        if sub is not None and isinstance(value, Mapping):
-            check_keys(value, sub, source, f"{prefix}{key}.")
+    check_tree(tree, key_schema(schema), source, prefix)
 
 
 def validation_message(err: BaseException, source: str = "config") -> str:
@@ -133,7 +135,10 @@ def load_experiment(path: str | os.PathLike[str]) -> ExperimentConfig:
     """Read and validate an experiment YAML; any problem is one ``ConfigError`` line."""
     path = Path(path)
     raw = read_yaml_mapping(path, ConfigError, "file", "model/train/data sections")
-    check_keys(raw, ExperimentConfig, str(path))
+    schema = key_schema(ExperimentConfig)
+    if cached_key_schema() != schema:  # lets the next command check keys without torch
+        save_key_schema(schema)
+    check_tree(raw, schema, str(path))
     try:
         return ExperimentConfig(**raw)
     except (ValidationError, ValueError) as err:
