@@ -32,6 +32,8 @@ def _env_defaults() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # reading each trial's config.json would print one download bar per trial
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # trials checkpoint at every report (exact resume); Tune would warn on each snapshot
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
