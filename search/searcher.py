@@ -110,17 +110,30 @@ class BudgetedOptunaSearch(OptunaSearch):
         log.error("no feasible config in %d samples; last reason: %s", MAX_RESAMPLES, reason)
         return Searcher.FINISHED
 
+    # Tune (ray 2.60 ``TuneController.save_to_dir``) writes the experiment state, then the
+    # searcher state: a driver killed between the two resumes trials that the restored
+    # searcher never suggested. Their spend still counts; Optuna is simply not told about
+    # them (OptunaSearch would raise KeyError and end the search).
+    def _knows(self, trial_id: str) -> bool:
+        if trial_id in self._ot_trials:
+            return True
+        log.warning("trial %s is not in the restored searcher state (saved before it was "
+                    "suggested); its result is not told to Optuna", trial_id)
+        return False
+
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if TIME_ATTR in result:
             self._spent[trial_id] = float(result[TIME_ATTR])
-        super().on_trial_result(trial_id, result)
+        if self._knows(trial_id):
+            super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
                           error: bool = False) -> None:
         if result and TIME_ATTR in result:
             self._spent[trial_id] = float(result[TIME_ATTR])
         self._live.discard(trial_id)
-        super().on_trial_complete(trial_id, result=result, error=error)
+        if self._knows(trial_id):
+            super().on_trial_complete(trial_id, result=result, error=error)
 
     @property
     def spent(self) -> float:

@@ -310,7 +310,7 @@ def test_ctrl_c_marks_the_parent_killed_and_the_same_command_resumes(tmp_path) -
     subprocess.run(["pkill", "-9", "-f", raytmp], check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     parent = client.get_run(parent.info.run_id)
-    assert parent.info.status == "FINISHED" and parent.data.metrics["spent_flops"] > 0
+    assert parent.info.status == "FINISHED" and parent.data.metrics["search.spent_flops"] > 0
 
 
 def test_analyze_export_then_train_round_trips(unified, tmp_path) -> None:
