@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -48,6 +47,7 @@ from trainers.contracts import (
     VAL_SE,
     UserError,
     default_tracking_uri,
+    missing_store,
 )
 from trainers.experiment import flatten
 
@@ -160,10 +160,8 @@ def runs_from_frames(trials: pd.DataFrame, history: pd.DataFrame, name: str = "s
 
 def _check_store(uri: str) -> None:
     """Refuse a SQLite URI whose file does not exist (MLflow would create an empty one)."""
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):].split("?", 1)[0]
-        if path and not os.path.exists(path):
-            raise AnalysisError(f"no MLflow store at {path} (tracking URI {uri})")
+    if (path := missing_store(uri)) is not None:
+        raise AnalysisError(f"no MLflow store at {path} (tracking URI {uri})")
 
 
 def _search_all(client: MlflowClient, exp_id: str, filt: str) -> list[Run]:
@@ -308,7 +306,7 @@ def find_search(name: str | None, tracking_uri: str | None = None) -> tuple[str,
     from mlflow.tracking import MlflowClient
 
     uri = default_tracking_uri(tracking_uri)
-    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):].split("?")[0]):
+    if missing_store(uri) is not None:
         return None
     client = MlflowClient(uri)
     if name is not None:

@@ -13,17 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Any
 
 __all__ = ["add_parsers", "cmd_scale", "cmd_verify"]
-
-
-def _env() -> None:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -102,7 +94,6 @@ def _config(args: argparse.Namespace) -> Any:
 
 def cmd_scale(args: argparse.Namespace) -> int:
     """Run the study, fit it, write the report, print the table."""
-    _env()
     cfg = _config(args)
     from analysis.isoflop import analyze_study
     from analysis.study_report import build_study_report, table_rows
@@ -120,7 +111,6 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Verify a study at a target budget and add the points to its report."""
-    _env()
     from analysis.isoflop import analyze_study
     from analysis.study_report import build_study_report, table_rows
     from analysis.verify import run_verify

@@ -37,6 +37,7 @@ from trainers.contracts import (
     SECONDARY_OBJECTIVE,
     TAG_DATA_FINGERPRINT,
     TAG_STORAGE,
+    TAG_TRIAL_ID,
     TIME_ATTR,
     VAL_SE,
     UserError,
@@ -46,12 +47,12 @@ from trainers.data import EncodedDataset, load_dataset
 from trainers.experiment import flatten
 from trainers.tracking import (
     Winner,
-    child_runs,
     describe_search,
     end_run,
     find_or_create_parent,
     log_files,
     set_winner,
+    trial_runs,
 )
 
 __all__ = [
@@ -430,10 +431,10 @@ def collect_outcome(plan: SearchPlan, tracking: Tracking, wall: float) -> Search
 
     client = MlflowClient(tracking.uri)
     analysis = ExperimentAnalysis(str(plan.exp_path))
-    run_ids = child_runs(client, tracking.experiment_id, tracking.parent_run_id)
+    runs = trial_runs(client, tracking.experiment_id, tracking.parent_run_id)  # one query
+    run_ids = {run.data.tags[TAG_TRIAL_ID]: run.info.run_id for run in runs}
     trials = _trial_table(analysis.trials, plan.check, run_ids)
-    trials = _with_reports_tune_dropped(
-        trials, {r: client.get_run(r).data.metrics for r in run_ids.values()})
+    trials = _with_reports_tune_dropped(trials, {run.info.run_id: run.data.metrics for run in runs})
     spent = float(trials[TIME_ATTR].fillna(0).sum()) if TIME_ATTR in trials else 0.0
     winner = search_winner(trials)
     rejected = rejected_samples(plan)
@@ -517,18 +518,15 @@ def run_search(
     try:
         with interrupt:
             tuner.fit()
-    except BaseException:
+        if interrupt.seen:
+            raise SearchInterrupted(
+                f"search {cfg.name!r} interrupted; its state is saved in {plan.exp_path}: "
+                "run the same command again to resume it")
+    except BaseException:  # SearchInterrupted too: the parent is KILLED, never FINISHED
         from mlflow.tracking import MlflowClient
 
         end_run(MlflowClient(tracking.uri), tracking.parent_run_id, "KILLED")
         raise
-    if interrupt.seen:
-        from mlflow.tracking import MlflowClient
-
-        end_run(MlflowClient(tracking.uri), tracking.parent_run_id, "KILLED")
-        raise SearchInterrupted(
-            f"search {cfg.name!r} interrupted; its state is saved in {plan.exp_path}: "
-            "run the same command again to resume it")
     return collect_outcome(plan, tracking, time.perf_counter() - t0)
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, Run
 from mlflow.tracking import MlflowClient
 
 from trainers.contracts import (
@@ -59,6 +59,7 @@ __all__ = [
     "describe_search",
     "set_winner",
     "child_runs",
+    "trial_runs",
     "create_run",
     "end_run",
     "experiment_id",
@@ -178,19 +179,23 @@ def find_trial_run(client: MlflowClient, exp_id: str, parent_run_id: str,
     return str(runs[0].info.run_id) if runs else None
 
 
-def child_runs(client: MlflowClient, exp_id: str, parent_run_id: str) -> dict[str, str]:
-    """Trial id -> run id of every trial run under one search's parent run."""
-    out: dict[str, str] = {}
+def trial_runs(client: MlflowClient, exp_id: str, parent_run_id: str) -> list[Run]:
+    """Every trial run under one search's parent run (with its tags and latest metrics)."""
+    out: list[Run] = []
     token = None
     while True:
         page = client.search_runs([exp_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'",
                                   max_results=1000, page_token=token)
-        for run in page:
-            if TAG_TRIAL_ID in run.data.tags:
-                out[run.data.tags[TAG_TRIAL_ID]] = run.info.run_id
+        out.extend(run for run in page if TAG_TRIAL_ID in run.data.tags)
         token = page.token
         if not token:
             return out
+
+
+def child_runs(client: MlflowClient, exp_id: str, parent_run_id: str) -> dict[str, str]:
+    """Trial id -> run id of every trial run under one search's parent run."""
+    return {run.data.tags[TAG_TRIAL_ID]: run.info.run_id
+            for run in trial_runs(client, exp_id, parent_run_id)}
 
 
 def finish_run(client: MlflowClient, run_id: str, status: str) -> None:
