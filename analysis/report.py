@@ -271,7 +271,11 @@ def validation_noise(runs: SearchRuns) -> dict[str, Any]:
     difference is the *paired* standard error (``paired_se``, from the per-example
     losses each trial logs at its milestone reports), much smaller than either trial's
     own ``se`` when the two models err on the same examples; ``paired_se_median`` is the
-    median over every pair of neighbours in the milestone's ranking.
+    median over every pair of neighbours in the milestone's ranking. With many trials the
+    gap between two neighbours is small by construction, so the count that matters is
+    ``within_noise``: how many of the ``cut`` trials ASHA stopped there lie within two
+    paired standard errors of the last trial it kept (their stop is a coin toss; the
+    rest are measurably worse).
     """
     h = runs.history
     se = pd.to_numeric(h[VAL_SE], errors="coerce").dropna() if VAL_SE in h else pd.Series()
@@ -310,12 +314,21 @@ def validation_noise(runs: SearchRuns) -> dict[str, Any]:
         cut_se = paired(first.iloc[keep - 1], first.iloc[keep]) if gap is not None else None
         neighbours = [p for i in range(len(first) - 1)
                       if (p := paired(first.iloc[i], first.iloc[i + 1])) is not None]
+        within = None
+        if gap is not None and cut_se is not None:
+            last_kept = first.iloc[keep - 1]
+            within = 0
+            for i in range(keep, len(first)):
+                se_i = paired(last_kept, first.iloc[i])
+                if se_i is not None and losses[i] - losses[keep - 1] < 2 * se_i:
+                    within += 1
         out["rungs"].append({"milestone_flops": m, "trials": len(losses), "kept": keep,
                              "cut_gap": gap,
                              "se": None if pd.isna(rung_se) else float(rung_se),
                              "paired_se": cut_se,
                              "paired_se_median": float(np.median(neighbours))
-                             if neighbours else None})
+                             if neighbours else None,
+                             "cut": len(losses) - keep, "within_noise": within})
     return out
 
 
@@ -494,8 +507,10 @@ def _html(runs: SearchRuns, summary: dict[str, Any], divs: list[str], out: Path,
             rung_rows.append([r["milestone_flops"], r["trials"], r["kept"], r["cut_gap"],
                               r["se"], r.get("paired_se"), r.get("paired_se_median"),
                               None if r["cut_gap"] is None or gap_se is None
-                              else ("yes" if gap_se < r["cut_gap"] else "NO")])
-        noisy = [r for r in rung_rows if r[-1] == "NO"]
+                              else ("yes" if gap_se < r["cut_gap"] else "NO"),
+                              None if r.get("within_noise") is None
+                              else f"{r['within_noise']} of {r['cut']}"])
+        noisy = [r for r in rung_rows if r[-2] == "NO"]
         parts += ["<h2>Validation noise</h2>",
                   f"<p>For the search's budget ({html.escape(budgets)}).</p>",
                   f"<p>Every report evaluates the same {_fmt(noise.get('eval_examples'))} "
@@ -509,7 +524,8 @@ def _html(runs: SearchRuns, summary: dict[str, Any], divs: list[str], out: Path,
                   _table(["milestone (training FLOPs)", "trials reaching it", "kept",
                           "loss gap at the cut", "SE of one trial's loss",
                           "paired SE of the gap", "paired SE, median over neighbours",
-                          "SE below the gap"], rung_rows)]
+                          "SE below the gap", "stopped within 2 paired SE of the last kept"],
+                         rung_rows)]
         if noisy:
             parts.append(f"<p><b>Warning:</b> at {len(noisy)} milestone(s) the standard error "
                          "of the gap exceeds the gap ASHA cut at: those decisions are within "

@@ -124,6 +124,8 @@ def test_one_best_everywhere(searched: tuple[SearchConfig, SearchOutcome, Path])
     # from the per-example losses every trial logs at its milestone reports
     cut = [r for r in noise["rungs"] if r["cut_gap"] is not None]
     assert cut and all(r["paired_se"] is not None and r["paired_se"] > 0 for r in cut)
+    assert all(0 <= r["within_noise"] <= r["cut"] for r in cut)
+    assert "stopped within 2 paired SE of the last kept" in page
     runs = load_search(NAME, out.tracking_uri)
     logged = milestone_losses(runs, run_id)
     assert logged, "the winner logged no per-example validation losses"
