@@ -34,6 +34,14 @@ def _data_config(args: argparse.Namespace) -> Any:
         fields["label"] = args.label
     if args.split:
         fields["split"] = args.split
+    for flag, key in (("min_count", "min_count"), ("hash_buckets", "hash_buckets")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            if value < (1 if key == "min_count" else 0):
+                raise CliError(f"--{flag.replace('_', '-')} must be "
+                               f"{'>= 1' if key == 'min_count' else '>= 0 (0: never hash)'}, "
+                               f"got {value}")
+            fields[key] = value
     return DataConfig(**fields)
 
 
