@@ -86,11 +86,17 @@ def print_best(outcome: Any, n: int = 10) -> None:
 def cmd_search(args: argparse.Namespace) -> int:
     from search.runner import run_search
 
+    from trainers.data import load_dataset
+
     cfg = _search_config(args)
     resume: Literal["auto", "always", "never"] = (
         "always" if args.resume else "never" if args.no_resume else "auto")
+    dataset = load_dataset(cfg.data)  # checked (one class, empty splits) before any run exists
+    if args.verbose:
+        print(dataset.describe(), flush=True)  # rows and positives per split
     outcome = run_search(cfg, tracking_uri=args.tracking_uri, storage=args.storage,
-                         address=args.address, resume=resume, verbose=args.verbose)
+                         address=args.address, resume=resume, verbose=args.verbose,
+                         dataset=dataset)
     print_best(outcome)
     return 0
 
