@@ -85,7 +85,6 @@ def print_best(outcome: Any, n: int = 10) -> None:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from search.runner import run_search
-
     from trainers.data import load_dataset
 
     cfg = _search_config(args)
