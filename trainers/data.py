@@ -6,8 +6,8 @@ splits train / val / test (seeded random, stratified by label, or temporal), che
 every split can be trained and scored on (both classes present, enough rows), builds
 vocabularies on the train split (rare values -> the OOV id; a very large vocabulary is
 hashed into a fixed number of buckets) and normalises numeric fields with train
-statistics. The user-facing description of all this is ``docs/data.md``. The result is cached on disk,
-keyed by :func:`dataset_fingerprint`, so a search encodes once and every later call (a
+statistics (the user's description of all this: ``docs/data.md``). The result is cached
+on disk, keyed by :func:`dataset_fingerprint`, so a search encodes once and every later call (a
 trial, a resumed search, ``recscale train``) loads the cache instead. Cache entries are
 ``.npz`` arrays (read with ``allow_pickle=False``) plus a JSON sidecar: no pickle.
 
@@ -71,6 +71,7 @@ __all__ = [
     "RawTable",
     "Split",
     "SyntheticConfig",
+    "check_splits",
     "dataset_fingerprint",
     "default_cache_dir",
     "encode_table",
@@ -78,7 +79,6 @@ __all__ = [
     "load_schema",
     "read_file",
     "read_movielens",
-    "check_splits",
     "split_indices",
     "stable_buckets",
 ]
@@ -253,7 +253,7 @@ class EncodedDataset:
         out: dict[str, dict[str, float]] = {}
         for name in SPLIT_NAMES:
             y = self.split(name).label
-            pos = int(y.sum().item())
+            pos = int((y > 0.5).sum())
             out[name] = {"rows": len(y), "positives": pos, "base_rate": pos / max(len(y), 1)}
         return out
 
@@ -263,7 +263,7 @@ class EncodedDataset:
         Example:
             >>> ds = load_dataset(DataConfig(name="synthetic"))  # doctest: +SKIP
             >>> ds.describe()  # doctest: +SKIP
-            'data synthetic: train 160000 rows (80120 positives, 50.08%), val ...'
+            'data synthetic [3f2a...]: train 160000 rows (80120 positives, 50.08%), val ...'
         """
         parts = [
             f"{name} {int(st['rows'])} rows ({int(st['positives'])} positives, "
