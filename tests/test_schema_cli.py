@@ -211,3 +211,28 @@ def test_the_documented_example_loads_and_encodes(tmp_path: Path) -> None:
     ds = load_dataset(DataConfig(name="file", path=str(tmp_path / "big.csv"),
                                  schema_path=str(tmp_path / "clicks.yaml")), tmp_path / "cache")
     assert ds.spec.n_categorical == len(s.categorical)
+
+
+def test_awkward_column_names_are_quoted_and_read_back(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    n = 400
+    pd.DataFrame({"2019": np.char.add("v", rng.integers(0, 30, n).astype(str)),
+                  "on": list("abcd") * 100,
+                  "my col": rng.integers(0, 9, n), "it's": rng.normal(size=n),
+                  "label": rng.integers(0, 2, n)}).to_csv(tmp_path / "f.csv", index=False)
+    proposal = propose_schema(tmp_path / "f.csv")
+    (tmp_path / "s.yaml").write_text(proposal.to_yaml())
+    schema = load_schema(tmp_path / "s.yaml")
+    assert schema == proposal.schema()
+    assert set(schema.categorical) == {"2019", "on", "my col"} and schema.numeric == ("it's",)
+    ds = load_dataset(DataConfig(name="file", path=str(tmp_path / "f.csv"),
+                                 schema_path=str(tmp_path / "s.yaml")), tmp_path / "cache")
+    assert ds.spec.n_categorical == 3 and ds.spec.n_numeric == 1
+
+
+def test_stable_buckets_of_mixed_objects_hash_their_text() -> None:
+    from trainers.data import stable_buckets
+
+    mixed = np.array(["7", 7, 7.5, "x"], dtype=object)
+    as_text = np.array(["7", "7", "7.5", "x"], dtype=object)
+    assert stable_buckets(mixed, 97).tolist() == stable_buckets(as_text, 97).tolist()

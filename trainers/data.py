@@ -413,10 +413,14 @@ def stable_buckets(values: np.ndarray, buckets: int) -> np.ndarray:
         [279, 761, 279]
     """
     text = np.asarray(values)
-    if text.dtype != object or not all(isinstance(v, str) for v in text[:1000]):
+    if text.dtype != object:  # numbers (the synthetic codes, parquet integers): as text
         text = text.astype(str)
-    h = pd.util.hash_array(text.astype(object), encoding="utf8", hash_key=_HASH_KEY,
-                           categorize=False)
+    try:
+        h = pd.util.hash_array(text.astype(object), encoding="utf8", hash_key=_HASH_KEY,
+                               categorize=False)
+    except TypeError:  # an object array holding something other than text
+        h = pd.util.hash_array(text.astype(str).astype(object), encoding="utf8",
+                               hash_key=_HASH_KEY, categorize=False)
     out: np.ndarray = (h % np.uint64(buckets)).astype(np.int64)
     return out
 
