@@ -5,8 +5,9 @@ Before Tune starts, the driver trains the reference families of
 search's split with the same loop (``trainers.loop.train``) and logs each as a child run
 of the search's parent, like a trial of its own family (tag ``block = logreg | fm``), plus
 :data:`~trainers.contracts.TAG_REFERENCE` and a trial id ``reference-<family>``. They are
-cheap: at most :data:`REFERENCE_EPOCHS` passes over the training split with a
-warmup-stable-decay schedule that ends at the run's end, capped by the search's
+cheap: :data:`REFERENCE_EPOCHS` passes over the training split (up to
+:data:`REFERENCE_MAX_EPOCHS` on a small split) with a warmup-stable-decay schedule that
+ends at the run's end, capped by the search's
 ``trial_flops`` and together by :data:`REFERENCE_SHARE` of its budget; they are evaluated
 on the same fixed validation examples as every trial (``eval_max_examples``), with the
 standard error of the log loss. Their FLOPs are part of the search's spend.
@@ -32,9 +33,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -73,13 +74,18 @@ __all__ = ["REFERENCE_EPOCHS", "REFERENCE_SHARE", "SIGNIFICANCE", "Comparison", 
 
 log = logging.getLogger(__name__)
 
-#: Passes over the training split each reference gets (fewer when its FLOPs cap binds).
+#: Passes over the training split each reference gets at least (fewer only when its FLOPs
+#: cap binds) and at most: a small split gets more passes, until the run has
+#: :data:`REFERENCE_MIN_STEPS` optimiser steps, since a linear model needs steps more
+#: than data to converge.
 REFERENCE_EPOCHS = 3
+REFERENCE_MAX_EPOCHS = 10
+REFERENCE_MIN_STEPS = 600
 #: Most of the search budget the references may spend, together.
 REFERENCE_SHARE = 0.1
 #: A lift counts when it exceeds this many standard errors.
 SIGNIFICANCE = 2.0
-_BATCH = 512
+_BATCH = 512  # the batch size, smaller on a small split (at least 64 steps an epoch)
 _STATE_DIR = "references"
 # learning rates (dense, embedding) per family: Adam on a linear model takes large steps
 _LR = {"logreg": (1e-2, 3e-2), "fm": (3e-3, 1e-2)}
@@ -285,13 +291,22 @@ class Lift:
 def reference_train_config(family: str, n_train: int, flops_per_example: float,
                            cap_flops: float, eval_max_examples: int | None,
                            seed: int = 0) -> TrainConfig | None:
-    """How a reference trains: up to :data:`REFERENCE_EPOCHS` epochs in whole batches,
-    at most ``cap_flops`` training FLOPs, a ``wsd`` schedule ending at the run's end, one
-    evaluation per epoch; None when not one batch fits in ``cap_flops``."""
-    bs = max(1, min(_BATCH, n_train))
+    """How a reference trains: :data:`REFERENCE_EPOCHS` epochs in whole batches (more on
+    a small split, see the module docstring), at most ``cap_flops`` training FLOPs, a
+    ``wsd`` schedule ending at the run's end, one evaluation per epoch; None when not one
+    batch fits in ``cap_flops``.
+
+    Example:
+        >>> tc = reference_train_config("logreg", 4800, 26, 1e12, 2000)
+        >>> tc.batch_size, tc.max_examples // tc.batch_size, tc.schedule
+        (75, 640, 'wsd')
+    """
+    bs = max(1, min(_BATCH, max(32, n_train // 64), n_train))
     per_batch = 3 * flops_per_example * bs
     per_epoch = max(1, n_train // bs)  # the loop drops an epoch's last partial batch
-    batches = min(REFERENCE_EPOCHS * per_epoch, int(cap_flops // per_batch))
+    epochs = min(REFERENCE_MAX_EPOCHS,
+                 max(REFERENCE_EPOCHS, math.ceil(REFERENCE_MIN_STEPS / per_epoch)))
+    batches = min(epochs * per_epoch, int(cap_flops // per_batch))
     if batches < 1:
         return None
     lr, emb_lr = _LR[family]
@@ -405,27 +420,37 @@ def _logits(model_cfg: ModelConfig, spec: FeatureSpec, weights: Mapping[str, Any
     return predict_logits(model, split, limit=limit).numpy().astype(float)
 
 
-def _winner_logits(plan: SearchPlan, tune_trials: list[Any], winner: pd.Series,
-                   split: Any) -> np.ndarray | None:
-    """The winner's validation logits from its last Tune checkpoint, when that checkpoint
-    holds the report that is its result; else None."""
+def _checkpoint_states(trial: Any) -> Iterable[Path]:
+    """The state files of a Tune trial's checkpoints, newest first: the one Tune
+    registered, then any on disk in the trial's folder (the experiment state may have been
+    saved before the trial's last checkpoint)."""
     from search.trainable import STATE_FILE
 
+    registered = getattr(trial, "checkpoint", None)
+    if registered is not None:
+        yield Path(registered.path) / STATE_FILE
+    folder = getattr(trial, "path", None)  # the trial's folder in the search's storage
+    if folder:
+        yield from sorted(Path(folder).glob(f"checkpoint_*/{STATE_FILE}"), reverse=True)
+
+
+def _winner_logits(plan: SearchPlan, tune_trials: list[Any], winner: pd.Series,
+                   split: Any) -> np.ndarray | None:
+    """The winner's validation logits from the Tune checkpoint of the report that is its
+    result; None when no checkpoint on this machine holds that report."""
     trial = next((t for t in tune_trials if t.trial_id == winner["trial_id"]), None)
-    checkpoint = getattr(trial, "checkpoint", None)
-    if trial is None or checkpoint is None:
+    if trial is None:
         return None
-    try:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), weights_only=True,
-                               map_location="cpu")
-    except (OSError, RuntimeError, KeyError):
-        return None
-    if float(state.get("examples_seen", -1)) != float(winner.get("examples_seen", -2)):
-        return None  # the result is a report Tune dropped (runner): no checkpoint of it
-    exp = plan.check.experiment(dict(trial.config))
-    return _logits(exp.model, plan.dataset.spec, state["model"], split,
-                   plan.cfg.eval_max_examples)
+    for path in _checkpoint_states(trial):
+        try:
+            state = torch.load(path, weights_only=True, map_location="cpu")
+        except (OSError, RuntimeError):
+            continue  # not on this machine (remote storage), or unreadable
+        if float(state.get("examples_seen", -1)) == float(winner.get("examples_seen", -2)):
+            exp = plan.check.experiment(dict(trial.config))
+            return _logits(exp.model, plan.dataset.spec, state["model"], split,
+                           plan.cfg.eval_max_examples)
+    return None
 
 
 def _reference_logits(plan: SearchPlan, family: str, row: pd.Series,

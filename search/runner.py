@@ -200,7 +200,7 @@ def _check_resume(path: Path, cfg: SearchConfig) -> None:
 
 
 _RESULT_COLUMNS = (
-        "trial_id", *METRICS, "peak_rss_mb", "trial_seconds", "trial_status", "mlflow_run_id", "device", "gpu_share", "gpu_ids",
+        "trial_id", *METRICS, VAL_SE, "peak_rss_mb", "trial_seconds", "trial_status", "mlflow_run_id", "device", "gpu_share", "gpu_ids",
         "node_id", "message")
 
 
