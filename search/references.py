@@ -85,6 +85,7 @@ REFERENCE_MIN_STEPS = 600
 REFERENCE_SHARE = 0.1
 #: A lift counts when it exceeds this many standard errors.
 SIGNIFICANCE = 2.0
+_FLOAT_NOISE = 1e-9  # nats: a log-loss difference below it is rounding, never a lift
 _BATCH = 512  # the batch size, smaller on a small split (at least 64 steps an epoch)
 _STATE_DIR = "references"
 # learning rates (dense, embedding) per family: Adam on a linear model takes large steps
@@ -179,9 +180,10 @@ class Comparison:
         d, se = self.logloss_lift, self.logloss_se
         if not (math.isfinite(d) and math.isfinite(se)):
             return "unknown"
-        if d > SIGNIFICANCE * se:
+        band = SIGNIFICANCE * se + _FLOAT_NOISE
+        if d > band:
             return "better"
-        return "worse" if d < -SIGNIFICANCE * se else "tie"
+        return "worse" if d < -band else "tie"
 
     def sentence(self) -> str:
         """One plain sentence: the lift, its SE, and whether it is significant."""
