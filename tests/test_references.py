@@ -241,14 +241,17 @@ def linear_search(tmp_path_factory):
         n_rows=6_000, n_cat_fields=6, cardinality=20, order=1, seed=1))
     cfg = SearchConfig(name="linear-refs", space=str(space), data=data, budget_flops=1e10,
                        trial_flops=2e9, eval_max_examples=2_000, max_concurrent=2, seed=0)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="rr", dir="/tmp"))
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="rr", dir="/tmp"))
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     try:
         out = run_search(cfg, tracking_uri=uri, storage=tmp / "ray", verbose=0)
         yield cfg, out, tmp
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
 
 
 @pytest.mark.slow
