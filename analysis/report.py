@@ -295,9 +295,7 @@ def validation_noise(runs: SearchRuns) -> dict[str, Any]:
 def _references(runs: SearchRuns, cap: float | None) -> dict[str, Any]:
     """The ``references`` entry of the summary (module docstring)."""
     refs = references_of(runs.trials)
-    cols = ["run_id", "trial_id", "block", "status", OBJECTIVE, VAL_SE, "val_auc",
-            "train_flops", "examples_seen", "flops_per_example", "params_dense",
-            "params_embedding"]
+    cols = ["run_id", "trial_id", "block", "status", *METRICS, VAL_SE]
     out: dict[str, Any] = {"trials": _records(refs, cols),
                            "spent_flops": float(pd.to_numeric(refs.get("train_flops"),
                                                               errors="coerce").fillna(0).sum())

@@ -4,7 +4,6 @@ on small searches written to SQLite by hand (no Ray, no training)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
