@@ -22,6 +22,15 @@
     config), ``compute_optimal`` and ``compute_optimal_under_cap`` (``N*``, ``D*`` and
     the predicted loss for ``budget_flops`` from the joint fit); an entry that cannot
     be made holds ``{"error": ...}``, one not asked for (no cap, no budget) is null.
+  - ``references``: the reference models the search trained first (``trials``: their
+    results) and ``lift``: the best searched trial (under the cap, if one is given)
+    against the base rate and the best reference (:func:`analysis.lift.model_lift`:
+    log-loss and AUC lifts, their standard errors, whether paired, a verdict and one
+    sentence each).
+
+The reference models (``reference-<family>`` trials) are kept out of everything else:
+the frontiers, fits and recommendation are about the searched trials; the trial table
+lists them, marked.
 
 Recommendations never extrapolate the model size beyond ``EXTRAPOLATION`` (10×) the
 largest model trained.
@@ -42,6 +51,7 @@ import pandas as pd
 
 from analysis.fits import JointFit, PowerLawFit, fit_joint, fit_power_law
 from analysis.frontier import compute_frontier, pareto_front
+from analysis.lift import model_lift, references_of, without_references
 from analysis.plots import PLOTLY_JS, html_figures, png_figures, write_plotly_js
 from analysis.runs import (
     CONFIG_COLUMN,
@@ -120,7 +130,8 @@ class ComputeOptimal:
 def select_best(trials: pd.DataFrame, max_flops_per_example: float | None = None) -> pd.Series:
     """The trial with the lowest ``val_logloss`` in its result (its last report) among
     those with ``flops_per_example <= max_flops_per_example``; trials whose status is
-    ERROR or DIVERGED are never chosen; ties go to the cheaper model.
+    ERROR or DIVERGED, and the reference models, are never chosen; ties go to the
+    cheaper model.
 
     Raises:
         AnalysisError: no trial qualifies.
@@ -129,6 +140,7 @@ def select_best(trials: pd.DataFrame, max_flops_per_example: float | None = None
     if col not in trials:
         raise AnalysisError("no trial with a validation loss: trials lack 'val_logloss'")
     ok = trials[np.isfinite(pd.to_numeric(trials[col], errors="coerce"))]
+    ok = ok[~ok.index.isin(references_of(ok).index)]
     if "status" in ok:
         ok = ok[~ok["status"].isin(EXCLUDED_STATUS)]
     cap = ""
@@ -332,6 +344,63 @@ def validation_noise(runs: SearchRuns) -> dict[str, Any]:
     return out
 
 
+def _references(runs: SearchRuns, cap: float | None) -> dict[str, Any]:
+    """The ``references`` entry of the summary (module docstring)."""
+    refs = references_of(runs.trials)
+    cols = ["run_id", "trial_id", "block", "status", *METRICS, VAL_SE]
+    out: dict[str, Any] = {"trials": _records(refs, cols),
+                           "spent_flops": float(pd.to_numeric(refs.get("train_flops"),
+                                                              errors="coerce").fillna(0).sum())
+                           if "train_flops" in refs else 0.0,
+                           "lift": None}
+    try:
+        best = select_best(runs.trials, cap)
+    except AnalysisError:
+        return out
+    lift = model_lift(runs, best).as_dict()
+    lift.update({"model_trial": best.get("trial_id"), "model_block": best.get("block"),
+                 "model_run_id": best.get("run_id"), "under_cap": cap})
+    out["lift"] = lift
+    return out
+
+
+def _references_html(summary: Mapping[str, Any], budgets: str) -> list[str]:
+    """The report's References section: the base rate, each reference and the best
+    searched trial on the same validation examples, then the lift sentences."""
+    refs = summary.get("references") or {}
+    lift = refs.get("lift")
+    if not refs.get("trials") and not lift:
+        return ["<h2>References</h2><p>This search trained no reference models (it predates "
+                "them): no lift can be stated.</p>"]
+    rows: list[list[Any]] = []
+    base = (lift or {}).get("base_rate")
+    if base:
+        rows.append(["base rate (training click rate)", base["baseline_logloss"], None,
+                     base["baseline_auc"], 0.0, "–"])
+    for r in refs.get("trials", []):
+        rows.append([f"{r.get('block')} ({r.get('trial_id')})", r.get(OBJECTIVE), r.get(VAL_SE),
+                     r.get("val_auc"), r.get("train_flops"), r.get("status")])
+    parts = ["<h2>References</h2>",
+             f"<p>For the search's budget ({html.escape(budgets)}): before its trials, the "
+             "search trained a logistic regression (<code>logreg</code>) and a factorization "
+             "machine (<code>fm</code>) on the same split, by the same loop, for at most a "
+             "few epochs; their FLOPs are part of the spend. Every number is on the same "
+             "fixed validation examples as the trials.</p>",
+             _table(["model", "val log loss", "SE", "val AUC", "training FLOPs", "status"],
+                    rows)]
+    if lift:
+        cap = lift.get("under_cap")
+        which = f" under the serving cap {_fmt(cap)}" if cap is not None else ""
+        parts += [f"<h3>Lift of the best searched trial{which}: {_fmt(lift.get('model_block'))}"
+                  f" trial {_fmt(lift.get('model_trial'))}</h3>",
+                  "<p>Lift in val log loss is the baseline's minus the model's (positive: "
+                  "the model is better); in AUC the model's minus the baseline's. It counts "
+                  f"beyond {_fmt(lift.get('significance_se'))} standard errors.</p>",
+                  "<ul>" + "".join(f"<li>{html.escape(t)}</li>" for t in lift["sentences"])
+                  + "</ul>"]
+    return parts
+
+
 def _try(fn: Any, *args: Any) -> dict[str, Any]:
     try:
         result = fn(*args)
@@ -411,7 +480,7 @@ def _budget_line(summary: Mapping[str, Any]) -> str:
 
 
 def _html(runs: SearchRuns, summary: dict[str, Any], divs: list[str], out: Path,
-          images: list[Path], ui_url: str) -> Path:
+          images: list[Path], ui_url: str, references: pd.DataFrame | None = None) -> Path:
     rec = summary["recommendation"]
     settings = summary["settings"]
 
@@ -488,14 +557,19 @@ def _html(runs: SearchRuns, summary: dict[str, Any], divs: list[str], out: Path,
                   _table(["", "budget (FLOPs)", "N* FLOPs/example [95% CI]",
                           "D* examples [95% CI]", "predicted loss", "limited by", "warning"],
                          size_rows)]
-    ordered = runs.trials.sort_values(OBJECTIVE, na_position="last", kind="mergesort")
-    trial_table = [[_link(r.get("trial_id"), url(r.get("run_id"))), _fmt(r.get("block")),
+    parts += _references_html(summary, budgets)
+    refs = references if references is not None else runs.trials.iloc[0:0]
+    ordered = pd.concat([runs.trials, refs]).sort_values(OBJECTIVE, na_position="last",
+                                                         kind="mergesort")
+    ref_ids = set(refs["run_id"]) if "run_id" in refs else set()
+    trial_table = [[_link(r.get("trial_id"), url(r.get("run_id"))),
+                    _fmt(r.get("block")) + (" (reference)" if r.get("run_id") in ref_ids else ""),
                     _fmt(r.get("status")), _fmt(r.get(OBJECTIVE)), _fmt(r.get("val_auc")),
                     _fmt(r.get("train_flops")), _fmt(r.get("flops_per_example"))]
                    for _, r in ordered.iterrows()]
     parts += ["<h2>Trials</h2>",
               f"<p>Each linked to its MLflow run; for the search's budget ({html.escape(budgets)})."
-              "</p>",
+              " The reference models are listed too, marked.</p>",
               _raw_table(["trial", "family", "status", "val log loss", "val AUC",
                           "training FLOPs", "FLOPs/example"], trial_table)]
     noise = summary.get("validation") or {}
@@ -574,6 +648,8 @@ def build_report(runs: SearchRuns, out_dir: str | Path, max_flops_per_example: f
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    everything, runs = runs, without_references(runs)
+    refs = references_of(everything.trials)
     select_best(runs.trials)  # fail early, in one line, when nothing can be reported
     fits = fit_search(runs, n_boot, n_boot // 2, seed)
     status = runs.trials["status"].fillna("unknown") if "status" in runs.trials else None
@@ -586,8 +662,8 @@ def build_report(runs: SearchRuns, out_dir: str | Path, max_flops_per_example: f
                      "budget_flops": budget_flops, "extrapolation_limit": EXTRAPOLATION,
                      "search_budget_flops": runs.settings.get("budget_flops"),
                      "trial_flops": runs.settings.get("trial_flops"),
-                     "spent_flops": float(runs.trials["train_flops"].fillna(0).sum())
-                     if "train_flops" in runs.trials else None,
+                     "spent_flops": float(everything.trials["train_flops"].fillna(0).sum())
+                     if "train_flops" in everything.trials else None,
                      "result_report": RESULT_REPORT},
         "frontier": _frontiers(runs),
         "fits": {"power_law": {"frontier": fits.frontier.as_dict(),
@@ -595,6 +671,7 @@ def build_report(runs: SearchRuns, out_dir: str | Path, max_flops_per_example: f
                  "joint": fits.joint.as_dict()},
         "recommendation": _recommendation(runs, fits, max_flops_per_example, budget_flops),
         "validation": validation_noise(runs),
+        "references": _references(everything, max_flops_per_example),
     }
     summary = _jsonable(summary)
     largest = float(runs.history["flops_per_example"].max())
@@ -604,7 +681,7 @@ def build_report(runs: SearchRuns, out_dir: str | Path, max_flops_per_example: f
     divs = html_figures(runs, fits.frontier, fits.by_family, max_flops_per_example)
     files.append(write_plotly_js(out))
     files.append(_html(runs, summary, divs, out, [p for p in files if p.stem == "joint_fit"],
-                       ui_url))
+                       ui_url, refs))
     summary["files"] = [p.name for p in files] + ["summary.json"]
     path = out / "summary.json"
     path.write_text(json.dumps(summary, indent=2, allow_nan=False), encoding="utf-8")

@@ -3,7 +3,7 @@
     recscale search  --space unified --data movielens-1m --budget-flops 3e13
     recscale ui      [NAME] [--tracking-uri URI] [--port 5000] [--no-browser]
     recscale analyze NAME [-o DIR]
-    recscale export  NAME [--max-flops-per-example S] [--budget-flops C] -o best.yaml
+    recscale export  NAME [--max-flops-per-example S] [--budget-flops C] [--force] -o best.yaml
     recscale train   best.yaml [-o DIR]
     recscale demo    (a real search on the embedded defaults, then analysis and export)
     recscale scale   --name S --families tokenmixer --min-budget 1e11   (an isoFLOP study)
@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--budget-flops", type=float, default=None,
                    help="size the config compute-optimally for this training budget")
     e.add_argument("-o", "--output", required=True)
+    e.add_argument("--force", action="store_true",
+                   help="export even a model that does not beat the base rate by 2 SE")
     e.set_defaults(func=commands.cmd_export)
 
     d = sub.add_parser("demo", help="a real search on the embedded defaults, then report and export")

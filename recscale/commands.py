@@ -72,12 +72,22 @@ def print_best(outcome: Any, n: int = 10) -> None:
           f"({outcome.rejected_samples} samples rejected before training)")
     if len(best):
         print(best[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    refs = getattr(outcome, "references", None)
+    if refs is not None and len(refs):
+        ref_cols = [c for c in ("trial_id", "model.block", "flops_per_example", TIME_ATTR,
+                                OBJECTIVE, "val_auc", "trial_status") if c in refs.columns]
+        print("reference models (trained first, same split and loop; part of the spend):")
+        print(refs[ref_cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     winner = outcome.winner()
     if winner is not None:  # a trial's result is its last report: every number from it
         print(f"winner: {winner.get('model.block')} trial {winner['trial_id']} "
               f"({OBJECTIVE} {float(winner[OBJECTIVE]):.4g}, val_auc "
               f"{float(winner.get('val_auc', float('nan'))):.4g} at "
               f"{float(winner[TIME_ATTR]):.3g} training FLOPs, its last report)")
+    lift = getattr(outcome, "lift", None)
+    if lift is not None:
+        for sentence in lift.sentences():
+            print(f"lift: {sentence}")
     print(f"MLflow: {outcome.tracking_uri}  experiment {outcome.name!r} "
           f"(parent run {outcome.parent_run_id}); `recscale ui {outcome.name}` to compare "
           "trials")
@@ -220,7 +230,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from analysis.pipeline import export_best
 
     path = export_best(args.name, args.tracking_uri, args.output, args.max_flops_per_example,
-                       args.budget_flops)
+                       args.budget_flops, force=args.force)
     print(f"exported {path}; train it with: recscale train {path}")
     return 0
 

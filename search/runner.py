@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +22,7 @@ import pandas as pd
 from search.budget import BudgetPolicy, BudgetStopper
 from search.checks import ConfigCheck
 from search.monitor import DriverMemory
+from search.references import Lift, is_reference, reference_rows, search_lift, train_references
 from search.resources import TrialResources
 from search.schedulers import make_scheduler, scheduler_milestones
 from search.settings import SearchConfig
@@ -85,7 +86,12 @@ class SearchError(UserError):
 
 @dataclass
 class SearchOutcome:
-    """What a finished search leaves: its trials, budget spent and MLflow ids."""
+    """What a finished search leaves: its trials, budget spent and MLflow ids.
+
+    ``trials`` are the searched trials; ``references`` the reference models trained
+    first (``search.references``; their FLOPs are part of ``spent_flops``) and ``lift``
+    the winner's lift over them and over the base rate.
+    """
 
     name: str
     trials: pd.DataFrame
@@ -98,6 +104,8 @@ class SearchOutcome:
     rejected_samples: int
     driver_rss_mb: list[tuple[int, float]]
     wall_seconds: float
+    references: pd.DataFrame = field(default_factory=pd.DataFrame)
+    lift: Lift | None = None
 
     def best(self, n: int = 10) -> pd.DataFrame:
         """The ``n`` best trials by their result (their last report), best first."""
@@ -111,8 +119,8 @@ class SearchOutcome:
 
 
 def search_winner(trials: pd.DataFrame) -> pd.Series | None:
-    """The trial with the lowest objective in its result, among the trials that neither
-    failed nor diverged; ``None`` if there is none.
+    """The trial with the lowest objective in its result, among the searched trials (not
+    the reference models) that neither failed nor diverged; ``None`` if there is none.
 
     A trial's result is its last report (``trainers.contracts.RESULT_REPORT``): Tune's
     ``last_result``, the latest value of each metric in MLflow. Every column of the row
@@ -121,6 +129,8 @@ def search_winner(trials: pd.DataFrame) -> pd.Series | None:
     if trials.empty or OBJECTIVE not in trials:
         return None
     ok = trials
+    if "trial_id" in ok:
+        ok = ok[~is_reference(ok["trial_id"])]
     if "error" in ok:
         ok = ok[ok["error"].fillna("").astype(str) == ""]
     if "trial_status" in ok:
@@ -190,7 +200,7 @@ def _check_resume(path: Path, cfg: SearchConfig) -> None:
 
 
 _RESULT_COLUMNS = (
-        "trial_id", *METRICS, "peak_rss_mb", "trial_seconds", "trial_status", "mlflow_run_id", "device", "gpu_share", "gpu_ids",
+        "trial_id", *METRICS, VAL_SE, "peak_rss_mb", "trial_seconds", "trial_status", "mlflow_run_id", "device", "gpu_share", "gpu_ids",
         "node_id", "message")
 
 
@@ -371,7 +381,7 @@ def build_tuner(plan: SearchPlan, tracking: Tracking, verbose: int = 1) -> Any:
     if plan.restoring:
         return tune.Tuner.restore(str(plan.exp_path), trainable=trainable,
                                   resume_unfinished=True, resume_errored=True)
-    stopper = BudgetStopper(cfg.budget_flops)
+    stopper = BudgetStopper(plan.policy.budget_flops)  # what the references left
     callbacks = [stopper, TrialStatusCallback(tracking.uri, tracking.experiment_id,
                                               tracking.parent_run_id),
                  DriverMemory(tracking.uri, tracking.parent_run_id)]
@@ -437,8 +447,11 @@ def collect_outcome(plan: SearchPlan, tracking: Tracking, wall: float) -> Search
     run_ids = {run.data.tags[TAG_TRIAL_ID]: run.info.run_id for run in runs}
     trials = _trial_table(analysis.trials, plan.check, run_ids)
     trials = _with_reports_tune_dropped(trials, {run.info.run_id: run.data.metrics for run in runs})
-    spent = float(trials[TIME_ATTR].fillna(0).sum()) if TIME_ATTR in trials else 0.0
+    references = reference_rows(runs)
+    spent = sum(float(t[TIME_ATTR].fillna(0).sum()) for t in (trials, references)
+                if TIME_ATTR in t)
     winner = search_winner(trials)
+    lift = search_lift(plan, analysis.trials, winner, references)
     rejected = rejected_samples(plan)
     memory = [(int(m.step), float(m.value))
               for m in client.get_metric_history(tracking.parent_run_id, DriverMemory.METRIC)]
@@ -448,7 +461,7 @@ def collect_outcome(plan: SearchPlan, tracking: Tracking, wall: float) -> Search
     total_wall = wall + (previous if plan.restoring else 0.0)
     numbers = {"spent_flops": spent, "budget_flops": plan.cfg.budget_flops,
                "n_trials": float(len(trials)), "rejected_samples": float(rejected),
-               "wall_seconds": total_wall}
+               "wall_seconds": total_wall, "n_references": float(len(references))}
     if winner is not None:
         numbers.update({f"best_{k}": float(winner[k]) for k in (OBJECTIVE, "val_auc", TIME_ATTR)
                         if k in winner and pd.notna(winner[k])})
@@ -458,12 +471,14 @@ def collect_outcome(plan: SearchPlan, tracking: Tracking, wall: float) -> Search
                       val_auc=float(winner.get("val_auc", float("nan"))),
                       train_flops=float(winner.get(TIME_ATTR, 0.0)))
         set_winner(client, tracking.parent_run_id, best, describe_search(
-            plan.cfg.name, best, spent, plan.cfg.budget_flops, len(trials)))
+            plan.cfg.name, best, spent, plan.cfg.budget_flops, len(trials),
+            lift=lift.sentences() if lift else None))
     end_run(client, tracking.parent_run_id, "FINISHED",
-            {f"{SEARCH_PREFIX}{k}": v for k, v in numbers.items()})
+            {**{f"{SEARCH_PREFIX}{k}": v for k, v in numbers.items()},
+             **(lift.metrics() if lift else {})})
     return SearchOutcome(plan.cfg.name, trials, spent, plan.cfg.budget_flops, tracking.uri,
                          tracking.experiment_id, tracking.parent_run_id, str(plan.exp_path),
-                         rejected, sorted(memory), total_wall)
+                         rejected, sorted(memory), total_wall, references, lift)
 
 
 def rejected_samples(plan: SearchPlan) -> int:
@@ -489,7 +504,8 @@ def run_search(
     """Run (or resume) the search ``cfg`` describes and return its outcome.
 
     The steps: :func:`plan_search` (no Ray, no MLflow), :func:`open_tracking`, start Ray,
-    :func:`build_tuner`, ``fit``, :func:`collect_outcome`.
+    the reference models (:func:`search.references.train_references`, charged to the
+    budget), :func:`build_tuner`, ``fit``, :func:`collect_outcome`.
 
     Args:
         cfg: the search settings.
@@ -512,18 +528,24 @@ def run_search(
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local",
                  include_dashboard=False, log_to_driver=verbose > 1,
                  logging_level=logging.WARNING if verbose < 2 else logging.INFO)
-    tuner = build_tuner(plan, tracking, verbose)
     plan.exp_path.mkdir(parents=True, exist_ok=True)
     (plan.exp_path / SETTINGS_FILE).write_text(json.dumps(_settings_record(cfg), indent=2))
     t0 = time.perf_counter()
     interrupt = _CtrlC()
+    stopped = (f"search {cfg.name!r} interrupted; its state is saved in {plan.exp_path}: "
+               "run the same command again to resume it")
     try:
+        try:
+            spent = train_references(plan, tracking)  # found in MLflow on resume
+        except KeyboardInterrupt:
+            raise SearchInterrupted(stopped) from None
+        plan = replace(plan, policy=replace(plan.policy,
+                                            budget_flops=plan.policy.budget_flops - spent))
+        tuner = build_tuner(plan, tracking, verbose)
         with interrupt:
             tuner.fit()
         if interrupt.seen:
-            raise SearchInterrupted(
-                f"search {cfg.name!r} interrupted; its state is saved in {plan.exp_path}: "
-                "run the same command again to resume it")
+            raise SearchInterrupted(stopped)
     except BaseException:  # SearchInterrupted too: the parent is KILLED, never FINISHED
         from mlflow.tracking import MlflowClient
 

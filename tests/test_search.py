@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -63,7 +64,9 @@ def test_budget_is_held(unified) -> None:
     cfg, out = unified
     interval = cfg.grace / cfg.reports_per_grace
     assert 0 < out.spent_flops <= cfg.budget_flops + cfg.max_concurrent * interval
-    assert out.spent_flops == pytest.approx(out.trials["train_flops"].sum())
+    # the reference models (search.references) are trained first and charged too
+    assert out.spent_flops == pytest.approx(out.trials["train_flops"].sum()
+                                            + out.references["train_flops"].sum())
     # the search ended by itself with less than a grace period left to spend
     assert cfg.budget_flops - out.spent_flops < cfg.grace + cfg.max_concurrent * interval
 
@@ -126,10 +129,11 @@ def test_mlflow_layout(unified) -> None:
     assert parent.data.tags["recscale.best_block"] == winner["model.block"]
     note = parent.data.tags["mlflow.note.content"]
     assert winner["trial_id"] in note and f"{out.spent_flops:.3g} of {cfg.budget_flops:.3g}" in note
-    assert len(children) == len(out.trials)
-    assert {r.data.tags["trial_id"] for r in children} == set(out.trials["trial_id"])
-    assert set(out.trials["mlflow_run_id"]) == {r.info.run_id for r in children}
-    trained = dict(zip(out.trials["trial_id"], out.trials["train_flops"], strict=True))
+    every = pd.concat([out.trials, out.references])  # the references are trial runs too
+    assert len(children) == len(every) == len(out.trials) + 2
+    assert {r.data.tags["trial_id"] for r in children} == set(every["trial_id"])
+    assert set(every["mlflow_run_id"]) == {r.info.run_id for r in children}
+    trained = dict(zip(every["trial_id"], every["train_flops"], strict=True))
     for r in children:
         tags, params = r.data.tags, r.data.params
         assert tags["mlflow.parentRunId"] == out.parent_run_id
@@ -225,8 +229,9 @@ def _finished_trials(client: MlflowClient, name: str) -> dict[str, str]:
     if exp is None:
         return {}
     runs = client.search_runs([exp.experiment_id], "tags.`recscale.kind` = 'trial'")
-    return {r.data.tags["trial_id"]: r.info.run_id for r in runs
-            if r.data.tags.get("trial_status") in {"COMPLETED", "STOPPED"}}
+    return {r.data.tags["trial_id"]: r.info.run_id for r in runs  # searched trials only
+            if r.data.tags.get("trial_status") in {"COMPLETED", "STOPPED"}
+            and "recscale.reference" not in r.data.tags}
 
 
 def test_resume_after_sigkill(tmp_path) -> None:
@@ -272,7 +277,8 @@ def test_resume_after_sigkill(tmp_path) -> None:
     memory = [int(m.step) for m in client.get_metric_history(parent.info.run_id,
                                                              "search.driver_rss_mb")]
     finished = sum(r.data.tags.get("trial_status") in {"COMPLETED", "STOPPED", "DIVERGED", "ERROR"}
-                   for r in runs if r.data.tags.get("recscale.kind") == "trial")
+                   for r in runs if r.data.tags.get("recscale.kind") == "trial"
+                   and "recscale.reference" not in r.data.tags)
     assert memory == sorted(set(memory))
     # one sample per finished trial; trials the budget ends with the experiment have none
     assert finished - 2 <= memory[-1] <= finished, (memory, finished)

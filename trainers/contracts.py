@@ -61,6 +61,11 @@ __all__ = [
     "TAG_KIND",
     "TAG_NODE",
     "TAG_PARENT",
+    "TAG_REFERENCE",
+    "REFERENCE_TRIAL_PREFIX",
+    "LIFT_AGAINST",
+    "LIFT_QUANTITIES",
+    "VAL_SET_METRICS",
     "TAG_SEARCH",
     "TAG_STATUS",
     "TAG_STORAGE",
@@ -149,6 +154,29 @@ CONFIG_ARTIFACT: Final = "config.json"
 #: A search's settings (``SearchConfig``), as a JSON artifact of its parent run.
 SEARCH_ARTIFACT: Final = "search.json"
 TAG_NODE: Final = "ray.node_id"
+
+#: A reference model's child run (logistic regression, factorization machine: trained
+#: first by every search, never searched) carries this tag set to ``"true"``; its trial
+#: id is :data:`REFERENCE_TRIAL_PREFIX` + its family (``reference-logreg``), so a reader
+#: that sees only trial ids tells references from searched trials too.
+TAG_REFERENCE: Final = "recscale.reference"
+REFERENCE_TRIAL_PREFIX: Final = "reference-"
+#: The parent run's lift numbers: ``search.lift.<against>.<quantity>``, ``against`` one of
+#: :data:`LIFT_AGAINST` (the base rate: predicting the training click rate; the best
+#: reference), ``quantity`` one of :data:`LIFT_QUANTITIES` (``logloss``: the baseline's
+#: val log loss minus the best searched model's, positive when the model is better;
+#: ``auc``: the model's val AUC minus the baseline's; ``*_se`` their standard errors;
+#: ``paired``: 1 when the SEs are paired over the same validation examples).
+LIFT_AGAINST: Final[tuple[str, ...]] = ("base_rate", "reference")
+LIFT_QUANTITIES: Final[tuple[str, ...]] = (
+    "logloss", "logloss_se", "auc", "auc_se", "baseline_logloss", "baseline_auc", "paired")
+#: The parent run's description of the fixed validation set and the base rate:
+#: ``search.val_examples``, ``search.val_positives``, ``search.base_rate`` (training
+#: click rate), ``search.base_rate_val_logloss`` (its log loss on that set) and
+#: ``search.base_rate_val_logloss_se`` (that loss's standard error).
+VAL_SET_METRICS: Final[tuple[str, ...]] = (
+    "val_examples", "val_positives", "base_rate", "base_rate_val_logloss",
+    "base_rate_val_logloss_se")
 
 KIND_SEARCH: Final = "search"
 KIND_TRIAL: Final = "trial"

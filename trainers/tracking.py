@@ -219,13 +219,15 @@ class TrialTracker:
     ``params``: the trial's flat config (``model.*``, ``train.*``); ``config``: its full
     typed config, saved as the ``config.json`` artifact; ``constants``: the per-trial
     constants (:data:`~trainers.contracts.CONSTANT_METRICS`), logged once at step 0 and
-    left out of every report.
+    left out of every report; ``tags``: extra tags of a new run (a reference model's
+    :data:`~trainers.contracts.TAG_REFERENCE`).
     """
 
     def __init__(self, tracking_uri: str, exp_id: str, parent_run_id: str,
                  trial_id: str, block: str, params: dict[str, Any], search: str,
                  config: Mapping[str, Any] | None = None, node_id: str = "",
-                 constants: Mapping[str, float] | None = None) -> None:
+                 constants: Mapping[str, float] | None = None,
+                 tags: Mapping[str, str] | None = None) -> None:
         self.client = MlflowClient(tracking_uri)
         run_id = find_trial_run(self.client, exp_id, parent_run_id, trial_id)
         if run_id is None:
@@ -233,7 +235,7 @@ class TrialTracker:
                 self.client, exp_id, f"{block}-{trial_id}",
                 {TAG_KIND: KIND_TRIAL, TAG_PARENT: parent_run_id, TAG_TRIAL_ID: trial_id,
                  TAG_BLOCK: block, TAG_STATUS: "RUNNING", TAG_SEARCH: search,
-                 TAG_NODE: node_id},
+                 TAG_NODE: node_id, **(tags or {})},
                 params,
             )
             if config is not None:
@@ -313,17 +315,23 @@ class Winner:
 
 
 def describe_search(name: str, winner: Winner, spent: float, budget: float, n_trials: int,
-                    report: str | None = None) -> str:
-    """The parent run's description (Markdown): the winner, the budget spent, the report."""
+                    report: str | None = None, lift: list[str] | None = None) -> str:
+    """The parent run's description (Markdown): the winner, its lift over the base rate
+    and the reference models (``lift``: one sentence each), the budget spent, the report."""
     where = (f"{report} (attached to this run: `report/`, `best.yaml`)" if report else
              f"`recscale analyze {name}` writes it and attaches it here with `best.yaml`")
-    return "\n\n".join([
+    parts = [
         f"**Winner:** {winner.block} trial `{winner.trial_id}` (run `{winner.run_id}`): "
         f"{OBJECTIVE} {winner.objective:.4f}, val_auc {winner.val_auc:.4f} at "
         f"{winner.train_flops:.3g} training FLOPs (the trial's last report).",
+    ]
+    if lift:
+        parts.append("**Lift:** " + " ".join(lift))
+    parts += [
         f"**Budget:** spent {spent:.3g} of {budget:.3g} training FLOPs over {n_trials} trials.",
         f"**Report:** {where}.",
-    ])
+    ]
+    return "\n\n".join(parts)
 
 
 def set_winner(client: MlflowClient, parent_run_id: str, winner: Winner,

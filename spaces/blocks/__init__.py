@@ -5,7 +5,7 @@ import importlib
 from spaces.blocks.base import Block, BlockConfig, BlockCost, BlockDimensionError
 from spaces.blocks.registry import UnknownBlockError, block_names, get_block, register_block
 
-for _family in ("attention", "tokenmixer", "unimixing", "wukong"):
+for _family in ("attention", "reference", "tokenmixer", "unimixing", "wukong"):
     importlib.import_module(f"spaces.blocks.{_family}")
 
 __all__ = [
