@@ -19,8 +19,9 @@ from typing import Any, Literal
 import optuna
 import pandas as pd
 
-from search.budget import BudgetPolicy, BudgetStopper
+from search.budget import BudgetPolicy, BudgetStopper, set_untracked_spend
 from search.checks import ConfigCheck
+from search.lock import SearchLock
 from search.monitor import DriverMemory
 from search.resources import TrialResources
 from search.schedulers import make_scheduler, scheduler_milestones
@@ -29,6 +30,7 @@ from search.space import SearchSpace, bundled_space, load_space
 from search.tracking import TrialStatusCallback
 from trainers.contracts import (
     CONSTANT_METRICS,
+    LOST_FLOPS,
     METRICS,
     OBJECTIVE,
     OBJECTIVE_MODE,
@@ -50,7 +52,10 @@ from trainers.tracking import (
     describe_search,
     end_run,
     find_or_create_parent,
+    finish_run,
+    last_step,
     log_files,
+    log_metrics,
     set_winner,
     trial_runs,
 )
@@ -422,29 +427,110 @@ def _reporter() -> Any:
     )
 
 
+def close_lost_runs(client: Any, tracking: Tracking, known: set[str]) -> float:
+    """Close the child runs still RUNNING whose trial Tune does not know (the driver
+    started them after its last saved experiment state, then died) as ``LOST``; returns
+    the training FLOPs they had spent (their last logged step)."""
+    lost = 0.0
+    for run in trial_runs(client, tracking.experiment_id, tracking.parent_run_id):
+        if run.info.status == "RUNNING" and run.data.tags.get(TAG_TRIAL_ID) not in known:
+            lost += max(0, last_step(client, run.info.run_id))
+            finish_run(client, run.info.run_id, "LOST")
+    return lost
+
+
+def reconcile_resumed(plan: SearchPlan, tracking: Tracking) -> float:
+    """Before a resumed search runs: account for the work the interruption wasted and
+    return the search's untracked spend so far (:mod:`search.budget`).
+
+    Wasted this time: every trial LOST (see :func:`close_lost_runs`), plus, for each
+    unfinished trial Tune restores, the segment from its checkpoint to the last report
+    MLflow holds, which it will now train again. The running total is kept on the parent
+    run (``search.lost_flops``), so a later interruption adds to it.
+    """
+    from mlflow.tracking import MlflowClient
+    from ray.tune import ExperimentAnalysis
+
+    client = MlflowClient(tracking.uri)
+    restored = {t.trial_id: t for t in ExperimentAnalysis(str(plan.exp_path)).trials}
+    wasted = close_lost_runs(client, tracking, set(restored))
+    runs = {r.data.tags.get(TAG_TRIAL_ID): r
+            for r in trial_runs(client, tracking.experiment_id, tracking.parent_run_id)}
+    for trial_id, trial in restored.items():
+        run = runs.get(trial_id)
+        if run is None or trial.status == "TERMINATED":
+            continue
+        at_checkpoint = float((trial.last_result or {}).get(TIME_ATTR, 0.0))
+        wasted += max(0.0, last_step(client, run.info.run_id) - at_checkpoint)
+    key = f"{SEARCH_PREFIX}{LOST_FLOPS}"
+    before = client.get_run(tracking.parent_run_id).data.metrics.get(key, 0.0)
+    total = float(before) + wasted
+    log_metrics(client, tracking.parent_run_id, {key: total}, step=0)
+    if wasted:
+        log.warning("the interruption wasted %.3g training FLOPs (lost trials and segments "
+                    "to train again); they count against the budget", wasted)
+    return total
+
+
+class _WallClock:
+    """Keeps ``search.wall_seconds`` on the parent run current while the search runs
+    (every ``every`` seconds), counting the time of the segments before a resume, so a
+    search killed at any point still records how long it has run."""
+
+    def __init__(self, tracking: Tracking, before: float, every: float = 15.0) -> None:
+        self.tracking, self.before, self.every = tracking, before, every
+        self.t0 = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="wall-clock", daemon=True)
+
+    @property
+    def total(self) -> float:
+        return self.before + time.perf_counter() - self.t0
+
+    def _loop(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.tracking.uri)
+        while not self._stop.wait(self.every):
+            try:
+                log_metrics(client, self.tracking.parent_run_id,
+                            {f"{SEARCH_PREFIX}wall_seconds": self.total}, step=0)
+            except Exception as err:  # the store being down must not end the search
+                log.debug("wall clock not logged: %s", err)
+
+    def __enter__(self) -> _WallClock:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 def collect_outcome(plan: SearchPlan, tracking: Tracking, wall: float) -> SearchOutcome:
     """Step 5: the outcome, read from what the search stored (Tune's experiment state,
     the searcher's saved state, MLflow), never from objects built in this process, so a
-    resumed search reports the whole search."""
+    resumed search reports the whole search. ``wall``: seconds over every segment.
+    Spent FLOPs include the untracked spend (``search.lost_flops``)."""
     from mlflow.tracking import MlflowClient
     from ray.tune import ExperimentAnalysis
 
     client = MlflowClient(tracking.uri)
     analysis = ExperimentAnalysis(str(plan.exp_path))
+    lost_now = close_lost_runs(client, tracking, {t.trial_id for t in analysis.trials})
     runs = trial_runs(client, tracking.experiment_id, tracking.parent_run_id)  # one query
     run_ids = {run.data.tags[TAG_TRIAL_ID]: run.info.run_id for run in runs}
     trials = _trial_table(analysis.trials, plan.check, run_ids)
     trials = _with_reports_tune_dropped(trials, {run.info.run_id: run.data.metrics for run in runs})
-    spent = float(trials[TIME_ATTR].fillna(0).sum()) if TIME_ATTR in trials else 0.0
+    parent_metrics = client.get_run(tracking.parent_run_id).data.metrics
+    lost = float(parent_metrics.get(f"{SEARCH_PREFIX}{LOST_FLOPS}", 0.0)) + lost_now
+    spent = (float(trials[TIME_ATTR].fillna(0).sum()) if TIME_ATTR in trials else 0.0) + lost
     winner = search_winner(trials)
     rejected = rejected_samples(plan)
     memory = [(int(m.step), float(m.value))
               for m in client.get_metric_history(tracking.parent_run_id, DriverMemory.METRIC)]
-    # wall time of the whole search: this segment plus the segments before a resume
-    previous = client.get_run(tracking.parent_run_id).data.metrics.get(
-        f"{SEARCH_PREFIX}wall_seconds", 0.0)
-    total_wall = wall + (previous if plan.restoring else 0.0)
-    numbers = {"spent_flops": spent, "budget_flops": plan.cfg.budget_flops,
+    total_wall = wall
+    numbers = {"spent_flops": spent, "budget_flops": plan.cfg.budget_flops, LOST_FLOPS: lost,
                "n_trials": float(len(trials)), "rejected_samples": float(rejected),
                "wall_seconds": total_wall}
     if winner is not None:
@@ -502,10 +588,28 @@ def run_search(
         dataset: an already-encoded dataset (tests); by default ``cfg.data`` is loaded.
     """
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # one driver per search: a second command with this name and storage stops here
+    with SearchLock(Path(storage or "recscale_runs").absolute() / cfg.name):
+        return _run_search(cfg, tracking_uri, storage, address, resume, verbose, dataset)
+
+
+def _run_search(cfg: SearchConfig, tracking_uri: str | None,
+                storage: str | os.PathLike[str] | None, address: str | None,
+                resume: Literal["auto", "always", "never"], verbose: int,
+                dataset: EncodedDataset | None) -> SearchOutcome:
     import ray
+    from mlflow.tracking import MlflowClient
 
     plan = plan_search(cfg, storage, resume, dataset)
     tracking = open_tracking(plan, tracking_uri)
+    client = MlflowClient(tracking.uri)
+    before = 0.0  # wall seconds of the segments before this one
+    if plan.restoring:
+        set_untracked_spend(reconcile_resumed(plan, tracking))
+        before = client.get_run(tracking.parent_run_id).data.metrics.get(
+            f"{SEARCH_PREFIX}wall_seconds", 0.0)
+    else:
+        set_untracked_spend(0.0)
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local",
                  include_dashboard=False, log_to_driver=verbose > 1,
@@ -513,21 +617,20 @@ def run_search(
     tuner = build_tuner(plan, tracking, verbose)
     plan.exp_path.mkdir(parents=True, exist_ok=True)
     (plan.exp_path / SETTINGS_FILE).write_text(json.dumps(_settings_record(cfg), indent=2))
-    t0 = time.perf_counter()
     interrupt = _CtrlC()
+    clock = _WallClock(tracking, before)
     try:
-        with interrupt:
+        with interrupt, clock:
             tuner.fit()
         if interrupt.seen:
             raise SearchInterrupted(
                 f"search {cfg.name!r} interrupted; its state is saved in {plan.exp_path}: "
                 "run the same command again to resume it")
     except BaseException:  # SearchInterrupted too: the parent is KILLED, never FINISHED
-        from mlflow.tracking import MlflowClient
-
-        end_run(MlflowClient(tracking.uri), tracking.parent_run_id, "KILLED")
+        end_run(client, tracking.parent_run_id, "KILLED",
+                {f"{SEARCH_PREFIX}wall_seconds": clock.total})
         raise
-    return collect_outcome(plan, tracking, time.perf_counter() - t0)
+    return collect_outcome(plan, tracking, clock.total)
 
 
 class SearchInterrupted(KeyboardInterrupt):
