@@ -38,6 +38,7 @@ from trainers.contracts import (
     SEARCH_PREFIX,
     SECONDARY_OBJECTIVE,
     TAG_DATA_FINGERPRINT,
+    TAG_STATUS,
     TAG_STORAGE,
     TAG_TRIAL_ID,
     TIME_ATTR,
@@ -281,6 +282,9 @@ class SearchPlan:
     check: ConfigCheck
     milestones: tuple[float, ...]
     policy: BudgetPolicy
+    #: Tune's saved state was unreadable (a kill while it was being written) and nothing
+    #: older was: the search starts afresh in its old MLflow runs (see repair_tune_state)
+    state_lost: bool = False
 
     @property
     def storage_path(self) -> Path:
@@ -294,6 +298,49 @@ class Tracking:
     uri: str
     experiment_id: str
     parent_run_id: str
+
+
+def _readable(path: Path) -> bool:
+    """A saved state file that is whole: JSON that parses, or a non-empty pickle (Tune
+    unpickles its own callback states; recscale never unpickles them itself)."""
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+            return True
+        return path.stat().st_size > 0
+    except (OSError, ValueError):
+        return False
+
+
+def repair_tune_state(exp_path: Path) -> bool:
+    """Make a search killed while Tune was saving its state restorable.
+
+    Tune 2.60 saves ``experiment_state-<session>.json``, ``search_gen_state-<session>.json``
+    and ``callback-states-<session>.pkl`` by truncating and rewriting them (and copying
+    them to the storage path), so a SIGKILL at that moment leaves one empty or cut short,
+    and restoring it raises. Here a session whose files are not all whole is moved to
+    ``<exp_path>/.unreadable/`` so Tune restores the newest whole session instead (the
+    trials of the session lost are closed as LOST and their work counted as spent, see
+    :func:`reconcile_resumed`). Returns True when state existed but none was whole (the
+    search then starts afresh, in the same MLflow parent run).
+    """
+    sessions = sorted(exp_path.glob("experiment_state-*.json"), reverse=True)
+    moved = 0
+    for state in sessions:
+        stamp = state.name[len("experiment_state-"):-len(".json")]
+        group = [state, exp_path / f"search_gen_state-{stamp}.json",
+                 exp_path / f"callback-states-{stamp}.pkl"]
+        if all(_readable(p) for p in group if p.exists() or p == state):
+            break
+        aside = exp_path / ".unreadable"
+        aside.mkdir(exist_ok=True)
+        for p in group:
+            if p.exists():
+                p.replace(aside / p.name)
+        moved += 1
+        log.warning("Tune's saved state %s is unreadable (the driver was killed while "
+                    "writing it): moved to %s", state.name, aside)
+    return moved > 0 and moved == len(sessions)
 
 
 def plan_search(cfg: SearchConfig, storage: str | os.PathLike[str] | None = None,
@@ -310,6 +357,7 @@ def plan_search(cfg: SearchConfig, storage: str | os.PathLike[str] | None = None
     space = load_space(space_path)
     storage_path = Path(storage or "recscale_runs").absolute()
     exp_path = storage_path / cfg.name
+    state_lost = repair_tune_state(exp_path)
     restoring = tune.Tuner.can_restore(str(exp_path))
     if restoring and resume == "never":
         raise SearchError(f"search {cfg.name!r} already exists in {storage_path}; "
@@ -328,7 +376,7 @@ def plan_search(cfg: SearchConfig, storage: str | os.PathLike[str] | None = None
                           f"first {admission:.3g} FLOPs")
     policy = BudgetPolicy(cfg.budget_flops, admission, tuple(milestones))
     return SearchPlan(cfg, space_path, space, exp_path, restoring, ds, check,
-                      tuple(milestones), policy)
+                      tuple(milestones), policy, state_lost)
 
 
 def open_tracking(plan: SearchPlan, tracking_uri: str | None) -> Tracking:
@@ -428,12 +476,13 @@ def _reporter() -> Any:
 
 
 def close_lost_runs(client: Any, tracking: Tracking, known: set[str]) -> float:
-    """Close the child runs still RUNNING whose trial Tune does not know (the driver
-    started them after its last saved experiment state, then died) as ``LOST``; returns
-    the training FLOPs they had spent (their last logged step)."""
+    """Close the child runs whose trial Tune does not know as ``LOST`` (the driver
+    started them after its last whole saved state, then died; they may even have
+    finished); returns the training FLOPs they had spent (their last logged step)."""
     lost = 0.0
     for run in trial_runs(client, tracking.experiment_id, tracking.parent_run_id):
-        if run.info.status == "RUNNING" and run.data.tags.get(TAG_TRIAL_ID) not in known:
+        if run.data.tags.get(TAG_STATUS) != "LOST" and \
+                run.data.tags.get(TAG_TRIAL_ID) not in known:
             lost += max(0, last_step(client, run.info.run_id))
             finish_run(client, run.info.run_id, "LOST")
     return lost
@@ -452,7 +501,8 @@ def reconcile_resumed(plan: SearchPlan, tracking: Tracking) -> float:
     from ray.tune import ExperimentAnalysis
 
     client = MlflowClient(tracking.uri)
-    restored = {t.trial_id: t for t in ExperimentAnalysis(str(plan.exp_path)).trials}
+    restored = ({t.trial_id: t for t in ExperimentAnalysis(str(plan.exp_path)).trials}
+                if plan.restoring else {})
     wasted = close_lost_runs(client, tracking, set(restored))
     runs = {r.data.tags.get(TAG_TRIAL_ID): r
             for r in trial_runs(client, tracking.experiment_id, tracking.parent_run_id)}
@@ -604,7 +654,7 @@ def _run_search(cfg: SearchConfig, tracking_uri: str | None,
     tracking = open_tracking(plan, tracking_uri)
     client = MlflowClient(tracking.uri)
     before = 0.0  # wall seconds of the segments before this one
-    if plan.restoring:
+    if plan.restoring or plan.state_lost:
         set_untracked_spend(reconcile_resumed(plan, tracking))
         before = client.get_run(tracking.parent_run_id).data.metrics.get(
             f"{SEARCH_PREFIX}wall_seconds", 0.0)

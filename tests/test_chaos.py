@@ -147,3 +147,25 @@ def test_a_search_survives_kills_ctrl_c_a_killed_trial_and_a_truncated_checkpoin
     n = report.numbers
     assert n["trained_flops"] <= n["spent_flops"] <= n["overshoot_bound"]
     assert time.time() - start < 1200
+
+
+def test_a_state_cut_short_by_a_kill_is_set_aside(tmp_path: Path) -> None:
+    """Tune rewrites its state files in place; a kill mid-write leaves one empty. The
+    newest whole session is restored instead; with none whole the search starts afresh."""
+    from search.runner import repair_tune_state
+
+    def session(stamp: str, state: str) -> None:
+        (tmp_path / f"experiment_state-{stamp}.json").write_text(state)
+        (tmp_path / f"search_gen_state-{stamp}.json").write_text("{}")
+        (tmp_path / f"callback-states-{stamp}.pkl").write_bytes(b"\x80\x04N.")
+
+    session("2026-11-30_10-00-00", '{"trial_data": []}')
+    session("2026-11-30_11-00-00", "")  # killed while writing
+    assert repair_tune_state(tmp_path) is False
+    assert [p.name for p in tmp_path.glob("experiment_state-*")] == [
+        "experiment_state-2026-11-30_10-00-00.json"]
+    assert (tmp_path / ".unreadable" / "experiment_state-2026-11-30_11-00-00.json").exists()
+    assert not (tmp_path / "search_gen_state-2026-11-30_11-00-00.json").exists()
+    (tmp_path / "experiment_state-2026-11-30_10-00-00.json").write_text('{"trial_da')
+    assert repair_tune_state(tmp_path) is True  # nothing whole is left
+    assert repair_tune_state(tmp_path / "absent") is False
