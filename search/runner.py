@@ -301,10 +301,11 @@ class Tracking:
 
 
 def _readable(path: Path) -> bool:
-    """A saved state file that is whole: JSON that parses, or a non-empty pickle (Tune
-    unpickles its own callback states; recscale never unpickles them itself)."""
+    """A saved state file that is whole: the experiment state is JSON that parses; the
+    searcher and callback states are pickles (Tune unpickles its own; recscale never
+    unpickles them itself), so a non-empty file is all that is checked of them."""
     try:
-        if path.suffix == ".json":
+        if path.name.startswith("experiment_state-"):
             json.loads(path.read_text())
             return True
         return path.stat().st_size > 0

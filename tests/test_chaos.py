@@ -156,7 +156,7 @@ def test_a_state_cut_short_by_a_kill_is_set_aside(tmp_path: Path) -> None:
 
     def session(stamp: str, state: str) -> None:
         (tmp_path / f"experiment_state-{stamp}.json").write_text(state)
-        (tmp_path / f"search_gen_state-{stamp}.json").write_text("{}")
+        (tmp_path / f"search_gen_state-{stamp}.json").write_bytes(b"\x80\x04N.")
         (tmp_path / f"callback-states-{stamp}.pkl").write_bytes(b"\x80\x04N.")
 
     session("2026-11-30_10-00-00", '{"trial_data": []}')
