@@ -13,6 +13,11 @@ read it:
 
 So the total can overshoot ``budget_flops`` by at most one report interval of each trial
 running at the moment the budget is reached.
+
+Work Tune's trials do not account for (trials lost to a driver kill, segments a
+restored trial runs again) is *untracked spend*: the runner measures it from MLflow when
+it resumes a search and sets it here (:func:`set_untracked_spend`), and both parties add
+it, so faults spend the budget instead of silently adding to it.
 """
 
 from __future__ import annotations
@@ -26,7 +31,18 @@ from ray import tune
 
 from trainers.contracts import TIME_ATTR
 
-__all__ = ["BudgetPolicy", "BudgetStopper"]
+__all__ = ["BudgetPolicy", "BudgetStopper", "set_untracked_spend", "untracked_spend"]
+
+_UNTRACKED = {"flops": 0.0}  # this driver process's; set once per (re)start by the runner
+
+
+def set_untracked_spend(flops: float) -> None:
+    """FLOPs spent outside the trials Tune knows (see the module docstring)."""
+    _UNTRACKED["flops"] = float(flops)
+
+
+def untracked_spend() -> float:
+    return _UNTRACKED["flops"]
 
 Decision = Literal["start", "wait", "done"]
 
@@ -54,7 +70,7 @@ class BudgetPolicy:
         return max(0.0, self.next_milestone(spent) - spent)
 
     def decide(self, spent: Mapping[str, float], running: Iterable[str]) -> Decision:
-        total = sum(spent.values())
+        total = sum(spent.values()) + untracked_spend()
         if self.budget_flops - total < self.grace_flops:
             return "done"
         reserved = sum(self.committed(spent.get(t, 0.0)) for t in running)
@@ -72,7 +88,7 @@ class BudgetStopper(tune.Stopper, tune.Callback):
 
     @property
     def total(self) -> float:
-        return sum(self.spent.values())
+        return sum(self.spent.values()) + untracked_spend()
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         if TIME_ATTR in result:

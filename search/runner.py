@@ -19,8 +19,9 @@ from typing import Any, Literal
 import optuna
 import pandas as pd
 
-from search.budget import BudgetPolicy, BudgetStopper
+from search.budget import BudgetPolicy, BudgetStopper, set_untracked_spend
 from search.checks import ConfigCheck
+from search.lock import SearchLock
 from search.monitor import DriverMemory
 from search.references import Lift, is_reference, reference_rows, search_lift, train_references
 from search.resources import TrialResources
@@ -30,13 +31,16 @@ from search.space import SearchSpace, bundled_space, load_space
 from search.tracking import TrialStatusCallback
 from trainers.contracts import (
     CONSTANT_METRICS,
+    LOST_FLOPS,
     METRICS,
     OBJECTIVE,
     OBJECTIVE_MODE,
+    REFERENCE_TRIAL_PREFIX,
     SEARCH_ARTIFACT,
     SEARCH_PREFIX,
     SECONDARY_OBJECTIVE,
     TAG_DATA_FINGERPRINT,
+    TAG_STATUS,
     TAG_STORAGE,
     TAG_TRIAL_ID,
     TIME_ATTR,
@@ -51,7 +55,10 @@ from trainers.tracking import (
     describe_search,
     end_run,
     find_or_create_parent,
+    finish_run,
+    last_step,
     log_files,
+    log_metrics,
     set_winner,
     trial_runs,
 )
@@ -286,6 +293,9 @@ class SearchPlan:
     check: ConfigCheck
     milestones: tuple[float, ...]
     policy: BudgetPolicy
+    #: Tune's saved state was unreadable (a kill while it was being written) and nothing
+    #: older was: the search starts afresh in its old MLflow runs (see repair_tune_state)
+    state_lost: bool = False
 
     @property
     def storage_path(self) -> Path:
@@ -299,6 +309,50 @@ class Tracking:
     uri: str
     experiment_id: str
     parent_run_id: str
+
+
+def _readable(path: Path) -> bool:
+    """A saved state file that is whole: the experiment state is JSON that parses; the
+    searcher and callback states are pickles (Tune unpickles its own; recscale never
+    unpickles them itself), so a non-empty file is all that is checked of them."""
+    try:
+        if path.name.startswith("experiment_state-"):
+            json.loads(path.read_text())
+            return True
+        return path.stat().st_size > 0
+    except (OSError, ValueError):
+        return False
+
+
+def repair_tune_state(exp_path: Path) -> bool:
+    """Make a search killed while Tune was saving its state restorable.
+
+    Tune 2.60 saves ``experiment_state-<session>.json``, ``search_gen_state-<session>.json``
+    and ``callback-states-<session>.pkl`` by truncating and rewriting them (and copying
+    them to the storage path), so a SIGKILL at that moment leaves one empty or cut short,
+    and restoring it raises. Here a session whose files are not all whole is moved to
+    ``<exp_path>/.unreadable/`` so Tune restores the newest whole session instead (the
+    trials of the session lost are closed as LOST and their work counted as spent, see
+    :func:`reconcile_resumed`). Returns True when state existed but none was whole (the
+    search then starts afresh, in the same MLflow parent run).
+    """
+    sessions = sorted(exp_path.glob("experiment_state-*.json"), reverse=True)
+    moved = 0
+    for state in sessions:
+        stamp = state.name[len("experiment_state-"):-len(".json")]
+        group = [state, exp_path / f"search_gen_state-{stamp}.json",
+                 exp_path / f"callback-states-{stamp}.pkl"]
+        if all(_readable(p) for p in group if p.exists() or p == state):
+            break
+        aside = exp_path / ".unreadable"
+        aside.mkdir(exist_ok=True)
+        for p in group:
+            if p.exists():
+                p.replace(aside / p.name)
+        moved += 1
+        log.warning("Tune's saved state %s is unreadable (the driver was killed while "
+                    "writing it): moved to %s", state.name, aside)
+    return moved > 0 and moved == len(sessions)
 
 
 def plan_search(cfg: SearchConfig, storage: str | os.PathLike[str] | None = None,
@@ -315,6 +369,7 @@ def plan_search(cfg: SearchConfig, storage: str | os.PathLike[str] | None = None
     space = load_space(space_path)
     storage_path = Path(storage or "recscale_runs").absolute()
     exp_path = storage_path / cfg.name
+    state_lost = repair_tune_state(exp_path)
     restoring = tune.Tuner.can_restore(str(exp_path))
     if restoring and resume == "never":
         raise SearchError(f"search {cfg.name!r} already exists in {storage_path}; "
@@ -333,7 +388,7 @@ def plan_search(cfg: SearchConfig, storage: str | os.PathLike[str] | None = None
                           f"first {admission:.3g} FLOPs")
     policy = BudgetPolicy(cfg.budget_flops, admission, tuple(milestones))
     return SearchPlan(cfg, space_path, space, exp_path, restoring, ds, check,
-                      tuple(milestones), policy)
+                      tuple(milestones), policy, state_lost)
 
 
 def open_tracking(plan: SearchPlan, tracking_uri: str | None) -> Tracking:
@@ -434,32 +489,117 @@ def _reporter() -> Any:
     )
 
 
+def close_lost_runs(client: Any, tracking: Tracking, known: set[str]) -> float:
+    """Close the child runs whose trial Tune does not know as ``LOST`` (the driver
+    started them after its last whole saved state, then died; they may even have
+    finished); returns the training FLOPs they had spent (their last logged step)."""
+    lost = 0.0
+    for run in trial_runs(client, tracking.experiment_id, tracking.parent_run_id):
+        trial_id = str(run.data.tags.get(TAG_TRIAL_ID, ""))
+        if trial_id.startswith(REFERENCE_TRIAL_PREFIX):
+            continue  # trained by the driver, not Tune (search.references)
+        if run.data.tags.get(TAG_STATUS) != "LOST" and trial_id not in known:
+            lost += max(0, last_step(client, run.info.run_id))
+            finish_run(client, run.info.run_id, "LOST")
+    return lost
+
+
+def reconcile_resumed(plan: SearchPlan, tracking: Tracking) -> float:
+    """Before a resumed search runs: account for the work the interruption wasted and
+    return the search's untracked spend so far (:mod:`search.budget`).
+
+    Wasted this time: every trial LOST (see :func:`close_lost_runs`), plus, for each
+    unfinished trial Tune restores, the segment from its checkpoint to the last report
+    MLflow holds, which it will now train again. The running total is kept on the parent
+    run (``search.lost_flops``), so a later interruption adds to it.
+    """
+    from mlflow.tracking import MlflowClient
+    from ray.tune import ExperimentAnalysis
+
+    client = MlflowClient(tracking.uri)
+    restored = ({t.trial_id: t for t in ExperimentAnalysis(str(plan.exp_path)).trials}
+                if plan.restoring else {})
+    wasted = close_lost_runs(client, tracking, set(restored))
+    runs = {r.data.tags.get(TAG_TRIAL_ID): r
+            for r in trial_runs(client, tracking.experiment_id, tracking.parent_run_id)}
+    for trial_id, trial in restored.items():
+        run = runs.get(trial_id)
+        if run is None or trial.status == "TERMINATED":
+            continue
+        at_checkpoint = float((trial.last_result or {}).get(TIME_ATTR, 0.0))
+        wasted += max(0.0, last_step(client, run.info.run_id) - at_checkpoint)
+    key = f"{SEARCH_PREFIX}{LOST_FLOPS}"
+    before = client.get_run(tracking.parent_run_id).data.metrics.get(key, 0.0)
+    total = float(before) + wasted
+    log_metrics(client, tracking.parent_run_id, {key: total}, step=0)
+    if wasted:
+        log.warning("the interruption wasted %.3g training FLOPs (lost trials and segments "
+                    "to train again); they count against the budget", wasted)
+    return total
+
+
+class _WallClock:
+    """Keeps ``search.wall_seconds`` on the parent run current while the search runs
+    (every ``every`` seconds), counting the time of the segments before a resume, so a
+    search killed at any point still records how long it has run."""
+
+    def __init__(self, tracking: Tracking, before: float, every: float = 15.0) -> None:
+        self.tracking, self.before, self.every = tracking, before, every
+        self.t0 = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="wall-clock", daemon=True)
+
+    @property
+    def total(self) -> float:
+        return self.before + time.perf_counter() - self.t0
+
+    def _loop(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.tracking.uri)
+        while not self._stop.wait(self.every):
+            try:
+                log_metrics(client, self.tracking.parent_run_id,
+                            {f"{SEARCH_PREFIX}wall_seconds": self.total}, step=0)
+            except Exception as err:  # the store being down must not end the search
+                log.debug("wall clock not logged: %s", err)
+
+    def __enter__(self) -> _WallClock:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 def collect_outcome(plan: SearchPlan, tracking: Tracking, wall: float) -> SearchOutcome:
     """Step 5: the outcome, read from what the search stored (Tune's experiment state,
     the searcher's saved state, MLflow), never from objects built in this process, so a
-    resumed search reports the whole search."""
+    resumed search reports the whole search. ``wall``: seconds over every segment.
+    Spent FLOPs include the untracked spend (``search.lost_flops``)."""
     from mlflow.tracking import MlflowClient
     from ray.tune import ExperimentAnalysis
 
     client = MlflowClient(tracking.uri)
     analysis = ExperimentAnalysis(str(plan.exp_path))
+    lost_now = close_lost_runs(client, tracking, {t.trial_id for t in analysis.trials})
     runs = trial_runs(client, tracking.experiment_id, tracking.parent_run_id)  # one query
     run_ids = {run.data.tags[TAG_TRIAL_ID]: run.info.run_id for run in runs}
     trials = _trial_table(analysis.trials, plan.check, run_ids)
     trials = _with_reports_tune_dropped(trials, {run.info.run_id: run.data.metrics for run in runs})
     references = reference_rows(runs)
+    parent_metrics = client.get_run(tracking.parent_run_id).data.metrics
+    lost = float(parent_metrics.get(f"{SEARCH_PREFIX}{LOST_FLOPS}", 0.0)) + lost_now
     spent = sum(float(t[TIME_ATTR].fillna(0).sum()) for t in (trials, references)
-                if TIME_ATTR in t)
+                if TIME_ATTR in t) + lost
     winner = search_winner(trials)
     lift = search_lift(plan, analysis.trials, winner, references)
     rejected = rejected_samples(plan)
     memory = [(int(m.step), float(m.value))
               for m in client.get_metric_history(tracking.parent_run_id, DriverMemory.METRIC)]
-    # wall time of the whole search: this segment plus the segments before a resume
-    previous = client.get_run(tracking.parent_run_id).data.metrics.get(
-        f"{SEARCH_PREFIX}wall_seconds", 0.0)
-    total_wall = wall + (previous if plan.restoring else 0.0)
-    numbers = {"spent_flops": spent, "budget_flops": plan.cfg.budget_flops,
+    total_wall = wall
+    numbers = {"spent_flops": spent, "budget_flops": plan.cfg.budget_flops, LOST_FLOPS: lost,
                "n_trials": float(len(trials)), "rejected_samples": float(rejected),
                "wall_seconds": total_wall, "n_references": float(len(references))}
     if winner is not None:
@@ -520,38 +660,56 @@ def run_search(
         dataset: an already-encoded dataset (tests); by default ``cfg.data`` is loaded.
     """
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # one driver per search: a second command with this name and storage stops here
+    with SearchLock(Path(storage or "recscale_runs").absolute() / cfg.name):
+        return _run_search(cfg, tracking_uri, storage, address, resume, verbose, dataset)
+
+
+def _run_search(cfg: SearchConfig, tracking_uri: str | None,
+                storage: str | os.PathLike[str] | None, address: str | None,
+                resume: Literal["auto", "always", "never"], verbose: int,
+                dataset: EncodedDataset | None) -> SearchOutcome:
     import ray
+    from mlflow.tracking import MlflowClient
 
     plan = plan_search(cfg, storage, resume, dataset)
     tracking = open_tracking(plan, tracking_uri)
+    client = MlflowClient(tracking.uri)
+    before = 0.0  # wall seconds of the segments before this one
+    if plan.restoring or plan.state_lost:
+        set_untracked_spend(reconcile_resumed(plan, tracking))
+        before = client.get_run(tracking.parent_run_id).data.metrics.get(
+            f"{SEARCH_PREFIX}wall_seconds", 0.0)
+    else:
+        set_untracked_spend(0.0)
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local",
                  include_dashboard=False, log_to_driver=verbose > 1,
                  logging_level=logging.WARNING if verbose < 2 else logging.INFO)
     plan.exp_path.mkdir(parents=True, exist_ok=True)
     (plan.exp_path / SETTINGS_FILE).write_text(json.dumps(_settings_record(cfg), indent=2))
-    t0 = time.perf_counter()
     interrupt = _CtrlC()
     stopped = (f"search {cfg.name!r} interrupted; its state is saved in {plan.exp_path}: "
                "run the same command again to resume it")
+    clock = _WallClock(tracking, before)
     try:
-        try:
-            spent = train_references(plan, tracking)  # found in MLflow on resume
-        except KeyboardInterrupt:
-            raise SearchInterrupted(stopped) from None
-        plan = replace(plan, policy=replace(plan.policy,
-                                            budget_flops=plan.policy.budget_flops - spent))
-        tuner = build_tuner(plan, tracking, verbose)
-        with interrupt:
-            tuner.fit()
+        with clock:
+            try:
+                spent = train_references(plan, tracking)  # found in MLflow on resume
+            except KeyboardInterrupt:
+                raise SearchInterrupted(stopped) from None
+            plan = replace(plan, policy=replace(plan.policy,
+                                                budget_flops=plan.policy.budget_flops - spent))
+            tuner = build_tuner(plan, tracking, verbose)
+            with interrupt:
+                tuner.fit()
         if interrupt.seen:
             raise SearchInterrupted(stopped)
     except BaseException:  # SearchInterrupted too: the parent is KILLED, never FINISHED
-        from mlflow.tracking import MlflowClient
-
-        end_run(MlflowClient(tracking.uri), tracking.parent_run_id, "KILLED")
+        end_run(client, tracking.parent_run_id, "KILLED",
+                {f"{SEARCH_PREFIX}wall_seconds": clock.total})
         raise
-    return collect_outcome(plan, tracking, time.perf_counter() - t0)
+    return collect_outcome(plan, tracking, clock.total)
 
 
 class SearchInterrupted(KeyboardInterrupt):

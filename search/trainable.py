@@ -7,13 +7,16 @@ Everything heavy lives elsewhere: configs in ``spaces``/``trainers``, the loop i
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import pickle
 import resource
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,10 +29,12 @@ from trainers.data import DataConfig
 from trainers.experiment import experiment_from_flat
 from trainers.loop import predict_logits, train
 
-__all__ = ["SharedData", "TrialContext", "logloss_se", "run_trial", "share_dataset",
+__all__ = ["SharedData", "TrialContext", "load_state", "logloss_se", "run_trial", "share_dataset",
            "standard_error", "val_losses"]
 
 STATE_FILE = "state.pt"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,38 @@ def logloss_se(model: torch.nn.Module, split: Any, limit: int | None) -> float:
     return standard_error(val_losses(model, split, limit))
 
 
+def _read_state(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The loop state saved in a checkpoint directory, or None when it is missing or
+    unreadable (a file truncated by a kill during the write)."""
+    try:
+        state = torch.load(os.path.join(directory, STATE_FILE), weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        why = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        log.warning("checkpoint %s unreadable (%s)", directory, why)
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def load_state(path: str) -> dict[str, Any] | None:
+    """The training state to resume from: the checkpoint Tune restores (``path``) or,
+    when that one is unreadable, the newest older checkpoint of the same trial that is
+    readable (Tune keeps the last few, ``CheckpointConfig.num_to_keep``); None (start
+    over) when none is. The fallback looks beside ``path`` on the local file system."""
+    state = _read_state(path)
+    if state is not None:
+        return state
+    here = Path(path)
+    older = sorted((p for p in here.parent.glob("checkpoint_*")
+                    if p.is_dir() and p.name < here.name), reverse=True)
+    for candidate in older:
+        state = _read_state(candidate)
+        if state is not None:
+            log.warning("resuming from the older checkpoint %s", candidate.name)
+            return state
+    log.warning("no readable checkpoint for this trial: it starts over")
+    return None
+
+
 def _trial_resources() -> dict[str, float]:
     """CPUs and GPU share Tune gave this trial (1 CPU outside Tune)."""
     try:
@@ -145,8 +182,13 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
     resume = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            resume = torch.load(os.path.join(d, STATE_FILE), weights_only=True)
+        import pyarrow.fs
+
+        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+            resume = load_state(checkpoint.path)  # older siblings reachable on failure
+        else:
+            with checkpoint.as_directory() as d:
+                resume = load_state(d)
 
     extra = {
         "mlflow_run_id": tracker.run_id if tracker else "", "device": device,

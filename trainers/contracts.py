@@ -75,6 +75,7 @@ __all__ = [
     "VIEW_KEY",
     "TIME_ATTR",
     "TRIAL_STATUSES",
+    "LOST_FLOPS",
     "VAL_SE",
     "VAL_LOSSES_DIR",
     "cache_dir",
@@ -114,8 +115,15 @@ VAL_LOSSES_DIR: Final = "val_losses"
 #: Metrics constant over a trial: logged once (step 0), not at every report.
 CONSTANT_METRICS: Final[tuple[str, ...]] = ("flops_per_example", "params_dense", "params_embedding")
 
-#: A trial's final status (the ``status`` tag of its child run).
-TRIAL_STATUSES: Final[tuple[str, ...]] = ("COMPLETED", "STOPPED", "DIVERGED", "ERROR")
+#: A trial's final status (the ``status`` tag of its child run). ``LOST``: a trial the
+#: driver started after its last saved experiment state and then died; Tune does not
+#: know it on resume, so its run is closed (MLflow status KILLED) and its work counted
+#: as spent.
+TRIAL_STATUSES: Final[tuple[str, ...]] = ("COMPLETED", "STOPPED", "DIVERGED", "ERROR", "LOST")
+#: Training FLOPs spent that no trial Tune knows accounts for: trials ``LOST`` to a
+#: driver kill, and the segments restored trials run again after a restore (from their
+#: checkpoint to the last report MLflow had). On the parent run, with the search prefix.
+LOST_FLOPS: Final = "lost_flops"
 
 # --- MLflow layout -------------------------------------------------------------------
 

@@ -67,6 +67,7 @@ __all__ = [
     "find_or_create_parent",
     "find_trial_run",
     "finish_run",
+    "last_step",
     "log_files",
     "log_metric_series",
     "log_metrics",
@@ -202,7 +203,12 @@ def child_runs(client: MlflowClient, exp_id: str, parent_run_id: str) -> dict[st
 def finish_run(client: MlflowClient, run_id: str, status: str) -> None:
     """A finished trial run's ``status`` tag (one of ``TRIAL_STATUSES``) and MLflow status."""
     client.set_tag(run_id, TAG_STATUS, status)
-    client.set_terminated(run_id, "FAILED" if status == "ERROR" else "FINISHED")
+    client.set_terminated(run_id, {"ERROR": "FAILED", "LOST": "KILLED"}.get(status, "FINISHED"))
+
+
+def last_step(client: MlflowClient, run_id: str) -> int:
+    """The largest step at which a run logged the objective (-1 when it logged none)."""
+    return max((int(m.step) for m in client.get_metric_history(run_id, OBJECTIVE)), default=-1)
 
 
 def set_trial_status(client: MlflowClient, exp_id: str, parent_run_id: str, trial_id: str,
@@ -230,6 +236,7 @@ class TrialTracker:
                  tags: Mapping[str, str] | None = None) -> None:
         self.client = MlflowClient(tracking_uri)
         run_id = find_trial_run(self.client, exp_id, parent_run_id, trial_id)
+        existing = run_id is not None
         if run_id is None:
             run_id = create_run(
                 self.client, exp_id, f"{block}-{trial_id}",
@@ -247,10 +254,16 @@ class TrialTracker:
             if node_id:
                 self.client.set_tag(run_id, TAG_NODE, node_id)
         self.run_id = run_id
+        # A restored trial re-runs from its checkpoint, which may be older than its last
+        # logged report: the loop's resume is exact, so those reports repeat what MLflow
+        # already holds, and are not logged twice (no duplicate or backward steps).
+        self.logged_upto = last_step(self.client, run_id) if existing else -1
         self._pending: list[Any] = []
 
     def log(self, metrics: dict[str, float]) -> None:
         """One batched, asynchronous write per report, at ``step = train_flops``."""
+        if int(metrics[STEP_AXIS]) <= self.logged_upto:
+            return
         varying = {k: v for k, v in metrics.items() if k not in CONSTANT_METRICS}
         self._pending.append(log_metrics(self.client, self.run_id, varying,
                                          step=int(metrics[STEP_AXIS]), synchronous=False))
@@ -258,6 +271,8 @@ class TrialTracker:
     def log_val_losses(self, train_flops: int, losses: Any) -> None:
         """The per-example validation losses of the report at ``train_flops`` (an ASHA
         milestone), as ``val_losses/<train_flops>.npy`` (float16, no pickle)."""
+        if int(train_flops) <= self.logged_upto:
+            return
         import tempfile
 
         import numpy as np
