@@ -369,7 +369,6 @@ def plan_search(cfg: SearchConfig, storage: str | os.PathLike[str] | None = None
     space = load_space(space_path)
     storage_path = Path(storage or "recscale_runs").absolute()
     exp_path = storage_path / cfg.name
-    state_lost = repair_tune_state(exp_path)
     restoring = tune.Tuner.can_restore(str(exp_path))
     if restoring and resume == "never":
         raise SearchError(f"search {cfg.name!r} already exists in {storage_path}; "
@@ -388,7 +387,7 @@ def plan_search(cfg: SearchConfig, storage: str | os.PathLike[str] | None = None
                           f"first {admission:.3g} FLOPs")
     policy = BudgetPolicy(cfg.budget_flops, admission, tuple(milestones))
     return SearchPlan(cfg, space_path, space, exp_path, restoring, ds, check,
-                      tuple(milestones), policy, state_lost)
+                      tuple(milestones), policy)
 
 
 def open_tracking(plan: SearchPlan, tracking_uri: str | None) -> Tracking:
@@ -660,19 +659,21 @@ def run_search(
         dataset: an already-encoded dataset (tests); by default ``cfg.data`` is loaded.
     """
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # one driver per search: a second command with this name and storage stops here
-    with SearchLock(Path(storage or "recscale_runs").absolute() / cfg.name):
-        return _run_search(cfg, tracking_uri, storage, address, resume, verbose, dataset)
+    plan = plan_search(cfg, storage, resume, dataset)  # bad input stops here, nothing written
+    # one driver per search: a second command with this name and storage stops here;
+    # the holder then repairs and reads Tune's state, which no other driver now writes
+    with SearchLock(plan.exp_path):
+        state_lost = repair_tune_state(plan.exp_path)
+        plan = replace(plan_search(cfg, storage, resume, plan.dataset), state_lost=state_lost)
+        return _run_search(plan, tracking_uri, address, verbose)
 
 
-def _run_search(cfg: SearchConfig, tracking_uri: str | None,
-                storage: str | os.PathLike[str] | None, address: str | None,
-                resume: Literal["auto", "always", "never"], verbose: int,
-                dataset: EncodedDataset | None) -> SearchOutcome:
+def _run_search(plan: SearchPlan, tracking_uri: str | None, address: str | None,
+                verbose: int) -> SearchOutcome:
     import ray
     from mlflow.tracking import MlflowClient
 
-    plan = plan_search(cfg, storage, resume, dataset)
+    cfg = plan.cfg
     tracking = open_tracking(plan, tracking_uri)
     client = MlflowClient(tracking.uri)
     before = 0.0  # wall seconds of the segments before this one
