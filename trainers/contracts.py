@@ -32,6 +32,7 @@ from typing import Final, Literal
 from spaces.errors import UserError
 
 __all__ = [
+    "BEST_PREFIX",
     "BUDGET_ATTR",
     "CONFIG_ARTIFACT",
     "CONSTANT_METRICS",
@@ -55,6 +56,9 @@ __all__ = [
     "OBJECTIVE_MODE",
     "SECONDARY_OBJECTIVE",
     "STEP_AXIS",
+    "STOPPED_PREFIX",
+    "TAG_BEST_AT",
+    "TAG_STOPPED_AT",
     "TAG_BLOCK",
     "TAG_CONFIG",
     "TAG_DATA_FINGERPRINT",
@@ -144,6 +148,15 @@ CONFIG_ARTIFACT: Final = "config.json"
 #: A search's settings (``SearchConfig``), as a JSON artifact of its parent run.
 SEARCH_ARTIFACT: Final = "search.json"
 TAG_NODE: Final = "ray.node_id"
+
+#: ``recscale train`` keeps the best evaluation's weights and says where it was and
+#: where training stopped: metrics ``best.val_logloss``, ``best.examples_seen``,
+#: ``best.epoch``, ... and ``stopped.examples_seen``, ... on the train run, and the
+#: same in words in these tags.
+BEST_PREFIX: Final = "best."
+STOPPED_PREFIX: Final = "stopped."
+TAG_BEST_AT: Final = "recscale.best_at"
+TAG_STOPPED_AT: Final = "recscale.stopped_at"
 
 KIND_SEARCH: Final = "search"
 KIND_TRIAL: Final = "trial"
