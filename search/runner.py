@@ -360,7 +360,7 @@ def build_tuner(plan: SearchPlan, tracking: Tracking, verbose: int = 1) -> Any:
     ctx = TrialContext(
         search=cfg.name, data=cfg.data, trial_flops=cfg.trial_budget,
         milestones=plan.milestones,
-        report_every_flops=min(cfg.grace, cfg.trial_budget) / cfg.reports_per_grace,
+        report_every_flops=cfg.report_every_flops,
         eval_max_examples=cfg.eval_max_examples, tracking_uri=tracking.uri,
         experiment_id=tracking.experiment_id, parent_run_id=tracking.parent_run_id,
     )
