@@ -351,6 +351,7 @@ def build_tuner(plan: SearchPlan, tracking: Tracking, verbose: int = 1) -> Any:
     import ray
     from ray import tune
 
+    from search.checkpoints import DropFinishedCheckpoints
     from search.trainable import TrialContext, run_trial, share_dataset
 
     cfg, check = plan.cfg, plan.check
@@ -374,11 +375,13 @@ def build_tuner(plan: SearchPlan, tracking: Tracking, verbose: int = 1) -> Any:
     stopper = BudgetStopper(cfg.budget_flops)
     callbacks = [stopper, TrialStatusCallback(tracking.uri, tracking.experiment_id,
                                               tracking.parent_run_id),
-                 DriverMemory(tracking.uri, tracking.parent_run_id)]
+                 DriverMemory(tracking.uri, tracking.parent_run_id),
+                 DropFinishedCheckpoints()]  # Tune state does not grow with the trials
     run_config = tune.RunConfig(
         name=cfg.name, storage_path=str(plan.storage_path), stop=stopper,
         callbacks=callbacks,
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        # a resume needs each unfinished trial's latest checkpoint only (search.checkpoints)
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=2),
         progress_reporter=_reporter() if verbose >= 1 else None,
         verbose=verbose,

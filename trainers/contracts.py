@@ -75,6 +75,7 @@ __all__ = [
     "TIME_ATTR",
     "TRIAL_STATUSES",
     "VAL_SE",
+    "artifact_location",
     "cache_dir",
     "default_tracking_uri",
     "missing_store",
@@ -169,6 +170,32 @@ def default_tracking_uri(uri: str | None = None) -> str:
     """The tracking-URI rule: the flag, else ``MLFLOW_TRACKING_URI``, else
     ``sqlite:///<cwd>/mlflow.db``."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
+
+
+def _sqlite_path(uri: str) -> str | None:
+    """The file a ``sqlite:///`` URI names (relative to the working directory when the
+    URI holds a relative path, as SQLAlchemy reads it), else None."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):].split("?", 1)[0]
+        return path or None
+    return None
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment's artifacts go: beside a SQLite tracking store, in
+    ``<store's directory>/mlartifacts/<experiment>``, so runs of any working directory
+    keep their artifacts with their store (MLflow's default is ``./mlruns`` of the
+    process that creates the experiment); None (the server's or MLflow's default) for
+    any other store.
+
+    Example:
+        >>> artifact_location("sqlite:////data/mlflow.db", "ml-unified")
+        '/data/mlartifacts/ml-unified'
+    """
+    path = _sqlite_path(uri)
+    if path is None:
+        return None
+    return os.path.join(os.path.dirname(os.path.abspath(path)), "mlartifacts", experiment)
 
 
 def missing_store(uri: str) -> str | None:
