@@ -235,7 +235,7 @@ def _measured(joint: JointFit, history: pd.DataFrame, budget_flops: float, examp
     if math.isfinite(best) and len(h):
         resid = h[OBJECTIVE].to_numpy(float) - joint.predict(h["flops_per_example"],
                                                              h["examples_seen"])
-        half = 1.96 * float(np.std(resid))
+        half = 1.96 * float(np.sqrt(np.mean(resid**2)))
         if "L" in ci:
             half = max(half, (ci["L"][1] - ci["L"][0]) / 2)
         if best - loss > half:

@@ -193,3 +193,115 @@ def test_export_refuses_data_files_it_cannot_find(tmp_path, monkeypatch) -> None
     monkeypatch.chdir(tmp_path / "data")  # not where the search ran: data/clicks.csv is absent
     with pytest.raises(AnalysisError, match="run export from the directory the search ran in"):
         export_config(runs, tmp_path / "b.yaml")
+
+
+# ---- recommendations inside what was measured ------------------------------------------
+
+LAW = {"E": 0.3, "A": 1e3, "alpha": 1.0, "B": 1.0, "beta": 0.3}
+
+
+def _law_search(sizes: tuple[float, ...]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Trials of several sizes whose reports follow ``LAW`` (plus a little noise)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    trials, history = [], []
+    exp = experiment_from_flat({"model.block": "wukong", "model.d_model": 16})
+    config = {k: v for k, v in exp.flat().items() if k.startswith(("model.", "train."))}
+    for i, n in enumerate(sizes):
+        trials.append({"run_id": f"r{i}", "trial_id": f"t{i}", "block": "wukong",
+                       "status": "COMPLETED", "config": config, **config})
+        for d in (1e4, 3e4, 1e5):
+            loss = (LAW["E"] + LAW["A"] * n ** -LAW["alpha"] + LAW["B"] * d ** -LAW["beta"]
+                    + rng.normal(0, 1e-4))
+            history.append({"run_id": f"r{i}", "step": 3 * n * d, "examples_seen": d,
+                            "flops_per_example": n, OBJECTIVE: loss, VAL_SE: 0.01})
+    return pd.DataFrame(trials), pd.DataFrame(history)
+
+
+def _fit() -> object:
+    from analysis.fits import JointFit
+
+    return JointFit(status="converged", message="", n_points=12, **LAW)
+
+
+def test_a_size_needing_more_passes_than_measured_is_not_recommended() -> None:
+    from analysis.report import recommend_size
+
+    _, history = _law_search((1e3, 3e3, 1e4, 1e5))
+    size = recommend_size(_fit(), history, 1.5e12)
+    assert size.examples > 1e5 and size.status == "extrapolated" and not size.trusted
+    assert "passes over the training split were never measured" in size.message
+    assert size.as_dict()["status"] == "extrapolated"
+
+
+def test_a_predicted_loss_below_the_best_observed_is_not_recommended() -> None:
+    from analysis.report import recommend_size
+
+    _, history = _law_search((1e3, 3e3, 1e4))  # the best observed: 0.43, at N = 1e4
+    size = recommend_size(_fit(), history, 1.5e10)
+    assert size.examples <= 1e5  # inside the data measured, but 10x beyond the sizes
+    assert size.predicted_val_logloss < history[OBJECTIVE].min() - 0.05
+    assert size.status == "extrapolated" and "below the best observed" in size.message
+    # with a trial near that size the same budget's answer is inside what was measured
+    _, measured = _law_search((1e3, 3e3, 1e4, 1e5))
+    ok = recommend_size(_fit(), measured, 1.5e10)
+    assert ok.status == "ok" and ok.trusted and ok.message == ""
+    assert ok.predicted_val_logloss >= measured[OBJECTIVE].min() - 0.01
+
+
+def test_report_and_export_refuse_an_extrapolated_size(tmp_path) -> None:
+    from analysis.report import build_report
+    from analysis.runs import AnalysisError
+
+    trials, history = _law_search((1e3, 3e3, 1e4, 1e5))
+    runs = runs_from_frames(trials, history, "law")
+    report = build_report(runs, tmp_path / "rep", budget_flops=1.5e12, n_boot=0)
+    rec = report.summary["recommendation"]["compute_optimal"]
+    assert rec["status"] == "extrapolated"
+    page = report.html.read_text()
+    assert "extrapolated: For a budget of 1.5e+12 training FLOPs" in page
+    with pytest.raises(AnalysisError, match="cannot size for budget_flops=1.5e\\+12: "
+                                            "extrapolated: .*never measured"):
+        export_config(runs, tmp_path / "sized.yaml", budget_flops=1.5e12)
+    assert not (tmp_path / "sized.yaml").exists()
+
+
+def test_export_cli_refuses_an_extrapolated_budget_in_one_line(tmp_path, capsys) -> None:
+    """`recscale export NAME --budget-flops C` on a size outside the measurements: exit
+    2, one line, no file written."""
+    import json
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from recscale.cli import main
+    from trainers.contracts import KIND_SEARCH, KIND_TRIAL, TAG_CONFIG, TAG_KIND, TAG_PARENT
+
+    trials, history = _law_search((1e3, 3e3, 1e4, 1e5))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("law", artifact_location=str(tmp_path / "art"))
+    parent = client.create_run(exp_id, tags={TAG_KIND: KIND_SEARCH,
+                                             TAG_CONFIG: json.dumps({"budget_flops": 1e12})})
+    cfg = experiment_from_flat(trials.loc[0, "config"])
+    for run_key, points in history.groupby("run_id"):
+        run = client.create_run(exp_id, tags={
+            TAG_KIND: KIND_TRIAL, TAG_PARENT: parent.info.run_id, "trial_id": str(run_key),
+            "block": "wukong", "trial_status": "COMPLETED", TAG_CONFIG: json.dumps(cfg.to_dict())})
+        n = float(points["flops_per_example"].iloc[0])
+        metrics = [Metric("flops_per_example", n, 0, 0)]
+        for _, p in points.iterrows():
+            step = int(p["step"])
+            metrics += [Metric(k, float(p[k]), 0, step)
+                        for k in (OBJECTIVE, "examples_seen", VAL_SE)]
+            metrics.append(Metric("train_flops", float(p["step"]), 0, step))
+        client.log_batch(run.info.run_id, metrics=metrics)
+    out = tmp_path / "sized.yaml"
+    capsys.readouterr()  # MLflow's own set-up lines while the store was written
+    code = main(["export", "law", "--tracking-uri", uri, "--budget-flops", "1.5e12", "-o", str(out)])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("recscale: error: cannot size for budget_flops=1.5e+12: extrapolated")
+    assert not out.exists()
