@@ -11,8 +11,7 @@ from typing import Any
 import pandas as pd
 from pydantic import ValidationError
 
-from analysis.fits import fit_joint
-from analysis.report import recommend_size, select_best
+from analysis.report import fit_search, recommend_size, select_best
 from analysis.runs import CONFIG_COLUMN, AnalysisError, SearchRuns
 from search.settings import SearchConfig
 from spaces import FeatureSpec, ModelConfig, model_cost
@@ -135,11 +134,9 @@ def export_config(runs: SearchRuns, output: str | Path, spec: FeatureSpec | None
     train = reproduce_trial(exp.train, best, search)
     model = exp.model
     if budget_flops is not None:
-        h = runs.history.dropna(subset=["flops_per_example", "examples_seen", OBJECTIVE])
-        joint = fit_joint(h["flops_per_example"], h["examples_seen"], h[OBJECTIVE],
-                          n_boot=0, groups=h["run_id"])
+        joint = fit_search(runs, n_boot=0, joint_boot=0).joint  # the report's fit, unbootstrapped
         try:
-            size = recommend_size(joint, h, budget_flops, max_flops_per_example)
+            size = recommend_size(joint, runs.history, budget_flops, max_flops_per_example)
         except AnalysisError as err:
             raise AnalysisError(f"cannot size for budget_flops={budget_flops:.3g}: {err}") from err
         if not size.trusted:

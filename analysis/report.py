@@ -206,19 +206,19 @@ def recommend_size(joint: JointFit, history: pd.DataFrame, budget_flops: float,
     if "N" in ci and ci["N"][1] > SPREAD_WARNING * ci["N"][0]:
         warning = (f"N* is poorly determined: its 95% interval spans "
                    f"{ci['N'][0]:.3g} to {ci['N'][1]:.3g} FLOPs/example")
-    status, message = _measured(joint, history, budget_flops, d, loss, ci)
+    status, message = _measured(joint, history, budget_flops, d, loss)
     return ComputeOptimal(budget_flops, n, d, loss, max_flops_per_example, limit, limited_by,
                           ci, warning, status, message)
 
 
 def _measured(joint: JointFit, history: pd.DataFrame, budget_flops: float, examples: float,
-              loss: float, ci: Mapping[str, tuple[float, float]]) -> tuple[str, str]:
+              loss: float) -> tuple[str, str]:
     """``("ok", "")`` when a compute-optimal point lies inside what the search measured,
     else ``("extrapolated", sentence)``: when ``examples`` is more than any trial trained
     on (every trial trains on the same split, so it means more passes over the training
     split than were ever measured), or when ``loss`` is below the best observed validation
-    loss by more than the fit's 95% interval (the wider of the bootstrap interval of
-    ``L*`` and 1.96 × the fit's residual standard deviation)."""
+    loss by more than the fit's 95% interval (1.96 × the root-mean-square residual of the
+    fit on the reports: deterministic, so the report and export always agree)."""
     cols = ["flops_per_example", "examples_seen", OBJECTIVE]
     if not set(cols) <= set(history.columns):
         return "ok", ""  # nothing measured to compare with
@@ -236,8 +236,6 @@ def _measured(joint: JointFit, history: pd.DataFrame, budget_flops: float, examp
         resid = h[OBJECTIVE].to_numpy(float) - joint.predict(h["flops_per_example"],
                                                              h["examples_seen"])
         half = 1.96 * float(np.sqrt(np.mean(resid**2)))
-        if "L" in ci:
-            half = max(half, (ci["L"][1] - ci["L"][0]) / 2)
         if best - loss > half:
             return "extrapolated", (
                 f"{budget} the joint fit predicts {OBJECTIVE} {loss:.4g}, below the best "
