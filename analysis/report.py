@@ -43,7 +43,13 @@ import pandas as pd
 from analysis.fits import JointFit, PowerLawFit, fit_joint, fit_power_law
 from analysis.frontier import compute_frontier, pareto_front
 from analysis.plots import PLOTLY_JS, html_figures, png_figures, write_plotly_js
-from analysis.runs import CONFIG_COLUMN, RESULT_STEP, AnalysisError, SearchRuns
+from analysis.runs import (
+    CONFIG_COLUMN,
+    RESULT_STEP,
+    AnalysisError,
+    SearchRuns,
+    milestone_losses,
+)
 from trainers.contracts import METRICS, OBJECTIVE, RESULT_REPORT, VAL_SE
 
 __all__ = ["DEFAULT_UI_URL", "EXTRAPOLATION", "run_url", "ComputeOptimal", "ReportResult", "ScalingFits", "build_report",
@@ -292,14 +298,32 @@ def _frontiers(runs: SearchRuns) -> dict[str, Any]:
     return out
 
 
+def _paired_se(a: np.ndarray, b: np.ndarray) -> float | None:
+    """The standard error of ``mean(a) - mean(b)`` for losses of two models on the same
+    examples: the standard deviation of the per-example differences over sqrt(n)."""
+    if len(a) != len(b) or len(a) < 2:
+        return None
+    d = a.astype(np.float64) - b.astype(np.float64)
+    return float(d.std(ddof=1) / math.sqrt(len(d)))
+
+
 def validation_noise(runs: SearchRuns) -> dict[str, Any]:
     """The noise of the number ASHA compares, next to the differences it acts on.
 
     Every report evaluates the same fixed validation examples; ``se_median``/``se_max``
-    summarise the standard error of ``val_logloss`` over the reports. For each ASHA
-    milestone, ``cut_gap`` is the loss difference, at that milestone, between the last
-    trial in the kept top ``1/reduction_factor`` and the first one below it (each trial's
-    first report at or past the milestone): the difference ASHA acts on there.
+    summarise the standard error of one trial's ``val_logloss`` over the reports. For
+    each ASHA milestone, ``cut_gap`` is the loss difference, at that milestone, between
+    the last trial in the kept top ``1/reduction_factor`` and the first one below it
+    (each trial's first report at or past the milestone): the difference ASHA acts on
+    there. Because both trials are scored on the same examples, the noise of that
+    difference is the *paired* standard error (``paired_se``, from the per-example
+    losses each trial logs at its milestone reports), much smaller than either trial's
+    own ``se`` when the two models err on the same examples; ``paired_se_median`` is the
+    median over every pair of neighbours in the milestone's ranking. With many trials the
+    gap between two neighbours is small by construction, so the count that matters is
+    ``within_noise``: how many of the ``cut`` trials ASHA stopped there lie within two
+    paired standard errors of the last trial it kept (their stop is a coin toss; the
+    rest are measurably worse).
     """
     h = runs.history
     se = pd.to_numeric(h[VAL_SE], errors="coerce").dropna() if VAL_SE in h else pd.Series()
@@ -315,16 +339,44 @@ def validation_noise(runs: SearchRuns) -> dict[str, Any]:
         rf = cfg.reduction_factor
     except (ValueError, TypeError):
         return out
+    cache: dict[str, dict[int, np.ndarray]] = {}
+
+    def losses_at(row: pd.Series) -> np.ndarray | None:
+        run_id = str(row["run_id"])
+        if run_id not in cache:
+            cache[run_id] = milestone_losses(runs, run_id)
+        return cache[run_id].get(int(row["train_flops"]))
+
+    def paired(a: pd.Series, b: pd.Series) -> float | None:
+        la, lb = losses_at(a), losses_at(b)
+        return None if la is None or lb is None else _paired_se(la, lb)
+
     for m in milestones:
         reached = h[h["train_flops"] >= m].dropna(subset=[OBJECTIVE])
-        first = reached.sort_values("train_flops").groupby("run_id").head(1)
-        losses = np.sort(first[OBJECTIVE].to_numpy(dtype=float))
+        first = (reached.sort_values("train_flops").groupby("run_id").head(1)
+                 .sort_values(OBJECTIVE).reset_index(drop=True))
+        losses = first[OBJECTIVE].to_numpy(dtype=float)
         keep = max(1, len(losses) // rf)
         gap = float(losses[keep] - losses[keep - 1]) if len(losses) > keep else None
         rung_se = pd.to_numeric(first.get(VAL_SE), errors="coerce").median()
+        cut_se = paired(first.iloc[keep - 1], first.iloc[keep]) if gap is not None else None
+        neighbours = [p for i in range(len(first) - 1)
+                      if (p := paired(first.iloc[i], first.iloc[i + 1])) is not None]
+        within = None
+        if gap is not None and cut_se is not None:
+            last_kept = first.iloc[keep - 1]
+            within = 0
+            for i in range(keep, len(first)):
+                se_i = paired(last_kept, first.iloc[i])
+                if se_i is not None and losses[i] - losses[keep - 1] < 2 * se_i:
+                    within += 1
         out["rungs"].append({"milestone_flops": m, "trials": len(losses), "kept": keep,
                              "cut_gap": gap,
-                             "se": None if pd.isna(rung_se) else float(rung_se)})
+                             "se": None if pd.isna(rung_se) else float(rung_se),
+                             "paired_se": cut_se,
+                             "paired_se_median": float(np.median(neighbours))
+                             if neighbours else None,
+                             "cut": len(losses) - keep, "within_noise": within})
     return out
 
 
@@ -499,26 +551,37 @@ def _html(runs: SearchRuns, summary: dict[str, Any], divs: list[str], out: Path,
                           "training FLOPs", "FLOPs/example"], trial_table)]
     noise = summary.get("validation") or {}
     if noise.get("se_median") is not None:
-        rung_rows = [[r["milestone_flops"], r["trials"], r["kept"], r["cut_gap"], r["se"],
-                      None if r["cut_gap"] is None or r["se"] is None
-                      else ("yes" if r["se"] < r["cut_gap"] else "NO")]
-                     for r in noise["rungs"]]
-        noisy = [r for r in rung_rows if r[-1] == "NO"]
+        rung_rows = []
+        for r in noise["rungs"]:
+            # the noise of the gap: the paired SE when both trials' losses were logged
+            gap_se = r.get("paired_se") if r.get("paired_se") is not None else r["se"]
+            rung_rows.append([r["milestone_flops"], r["trials"], r["kept"], r["cut_gap"],
+                              r["se"], r.get("paired_se"), r.get("paired_se_median"),
+                              None if r["cut_gap"] is None or gap_se is None
+                              else ("yes" if gap_se < r["cut_gap"] else "NO"),
+                              None if r.get("within_noise") is None
+                              else f"{r['within_noise']} of {r['cut']}"])
+        noisy = [r for r in rung_rows if r[-2] == "NO"]
         parts += ["<h2>Validation noise</h2>",
                   f"<p>For the search's budget ({html.escape(budgets)}).</p>",
                   f"<p>Every report evaluates the same {_fmt(noise.get('eval_examples'))} "
                   "validation examples (the first of the split; all of it when unset). The "
-                  f"standard error of a val log loss is {noise['se_median']:.2g} (median over "
-                  f"reports; at most {noise['se_max']:.2g}). ASHA's cuts below compare it "
-                  "with the loss gap between the last trial kept and the first one stopped "
-                  "at each milestone.</p>",
+                  f"standard error of one trial's val log loss is {noise['se_median']:.2g} "
+                  f"(median over reports; at most {noise['se_max']:.2g}). ASHA compares two "
+                  "trials scored on the same examples, so the noise of the gap it cuts at is "
+                  "the <i>paired</i> standard error of the difference (from the per-example "
+                  "losses each trial logs at its milestones), shown beside the gap between "
+                  "the last trial kept and the first one stopped at each milestone.</p>",
                   _table(["milestone (training FLOPs)", "trials reaching it", "kept",
-                          "loss gap at the cut", "SE at the milestone", "SE below the gap"],
+                          "loss gap at the cut", "SE of one trial's loss",
+                          "paired SE of the gap", "paired SE, median over neighbours",
+                          "SE below the gap", "stopped within 2 paired SE of the last kept"],
                          rung_rows)]
         if noisy:
             parts.append(f"<p><b>Warning:</b> at {len(noisy)} milestone(s) the standard error "
-                         "exceeds the loss gap ASHA cut at: those decisions are within the "
-                         "noise; evaluate on more validation examples (eval_max_examples).</p>")
+                         "of the gap exceeds the gap ASHA cut at: those decisions are within "
+                         "the noise; evaluate on more validation examples "
+                         "(eval_max_examples).</p>")
     parts += ["<h2>Scaling fits</h2>",
               "<p>L(C) = E + A·C<sup>−α</sup>; L(N, D) = E + A·N<sup>−α</sup> + "
               "B·D<sup>−β</sup>. Intervals: 95% bootstrap.</p>",

@@ -44,6 +44,7 @@ from trainers.contracts import (
     TAG_PARENT,
     TAG_STATUS,
     TAG_TRIAL_ID,
+    VAL_LOSSES_DIR,
     VAL_SE,
     UserError,
     default_tracking_uri,
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 __all__ = ["CONFIG_COLUMN", "HISTORY_METRICS", "RESULT_STEP", "AnalysisError", "SearchRuns",
-           "find_search", "load_search", "runs_from_frames"]
+           "find_search", "load_search", "milestone_losses", "runs_from_frames"]
 
 #: The metric series read back per report: every metric of the contract but the
 #: per-trial constants (logged once).
@@ -298,6 +299,32 @@ def load_search(name: str, tracking_uri: str | None = None) -> SearchRuns:
     if not isinstance(settings, dict):
         settings = {}
     return runs_from_frames(trials, history, name, settings, parent.info.run_id, uri, exp_id)
+
+
+def milestone_losses(runs: SearchRuns, run_id: str) -> dict[int, Any]:
+    """``train_flops → per-example validation losses`` (float32 NumPy arrays) of a trial's
+    reports at ASHA milestones (``val_losses/*.npy``; read with ``allow_pickle=False``);
+    empty when the run has none (a search made before they were logged, or no store)."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if runs.tracking_uri is None:
+        return {}
+    client = MlflowClient(runs.tracking_uri)
+    out: dict[int, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(client.download_artifacts(run_id, VAL_LOSSES_DIR, tmp))
+        except (MlflowException, OSError):
+            return {}
+        for path in sorted(local.glob("*.npy")):
+            if path.stem.isdigit():
+                out[int(path.stem)] = np.load(path, allow_pickle=False).astype(np.float32)
+    return out
 
 
 def find_search(name: str | None, tracking_uri: str | None = None) -> tuple[str, str] | None:

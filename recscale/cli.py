@@ -8,6 +8,10 @@
     recscale demo    (a real search on the embedded defaults, then analysis and export)
     recscale scale   --name S --families tokenmixer --min-budget 1e11   (an isoFLOP study)
     recscale verify  S [--budget-flops C]   (train the predicted compute-optimal size)
+    recscale schema  DATA_FILE [-o schema.yaml]   (propose a schema for your own data)
+
+Your own data: a CSV/parquet file and a schema YAML (`--data F --schema S`); the schema
+format, splits, vocabularies and the data cache are documented in docs/data.md.
 
 Bad input (a malformed YAML, an unknown block, an infeasible budget, a bad data file)
 prints one line ``recscale: error: ...`` and exits with status 2.
@@ -20,7 +24,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from recscale import cmd_study, commands
+from recscale import cmd_schema, cmd_study, commands
 from recscale.commands import CliError
 
 __all__ = ["build_parser", "main"]
@@ -47,12 +51,20 @@ def _add_tracking(p: argparse.ArgumentParser) -> None:
 def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="movielens-1m",
                    help="movielens-1m, synthetic, or a .csv/.parquet file (with --schema)")
-    p.add_argument("--schema", default=None, help="schema YAML for a user data file")
+    p.add_argument("--schema", default=None,
+                   help="schema YAML for a user data file: format in docs/data.md; "
+                        "`recscale schema FILE` proposes one")
     p.add_argument("--max-rows", type=int, default=None, help="deterministic subsample")
     p.add_argument("--label", choices=["rating>=4", "rating>3"], default=None,
                    help="MovieLens label rule (default rating>=4)")
     p.add_argument("--split", choices=["random", "temporal"], default=None)
     p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--min-count", type=int, default=None,
+                   help="categorical values seen fewer times in train share the OOV id "
+                        "(default 1; a schema's vocab.<field>.min_count overrides it)")
+    p.add_argument("--hash-buckets", type=int, default=None,
+                   help="hash a categorical field with a larger train vocabulary into this "
+                        "many buckets; 0 never hashes (default 131072; docs/data.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tracking(d)
     d.set_defaults(func=commands.cmd_demo)
     cmd_study.add_parsers(sub)  # scale, verify
+    cmd_schema.add_parser(sub)
     return parser
 
 

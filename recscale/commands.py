@@ -34,6 +34,14 @@ def _data_config(args: argparse.Namespace) -> Any:
         fields["label"] = args.label
     if args.split:
         fields["split"] = args.split
+    for flag, key in (("min_count", "min_count"), ("hash_buckets", "hash_buckets")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            if value < (1 if key == "min_count" else 0):
+                raise CliError(f"--{flag.replace('_', '-')} must be "
+                               f"{'>= 1' if key == 'min_count' else '>= 0 (0: never hash)'}, "
+                               f"got {value}")
+            fields[key] = value
     return DataConfig(**fields)
 
 
@@ -77,12 +85,17 @@ def print_best(outcome: Any, n: int = 10) -> None:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from search.runner import run_search
+    from trainers.data import load_dataset
 
     cfg = _search_config(args)
     resume: Literal["auto", "always", "never"] = (
         "always" if args.resume else "never" if args.no_resume else "auto")
+    dataset = load_dataset(cfg.data)  # checked (one class, empty splits) before any run exists
+    if args.verbose:
+        print(dataset.describe(), flush=True)  # rows and positives per split
     outcome = run_search(cfg, tracking_uri=args.tracking_uri, storage=args.storage,
-                         address=args.address, resume=resume, verbose=args.verbose)
+                         address=args.address, resume=resume, verbose=args.verbose,
+                         dataset=dataset)
     print_best(outcome)
     return 0
 

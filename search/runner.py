@@ -421,7 +421,9 @@ def _reporter() -> Any:
                            "model.n_layers": "L", "model.n_tokens": "T"},
         metric_columns={OBJECTIVE: OBJECTIVE, "val_auc": "auc",
                         TIME_ATTR: TIME_ATTR, "flops_per_example": "flops/ex"},
-        max_report_frequency=30, sort_by_metric=True, metric=OBJECTIVE, mode=OBJECTIVE_MODE,
+        # no sort_by_metric: ray 2.60 sorts finished trials by the raw metric and raises
+        # TypeError on one that ended before its first report (the end table is ours)
+        max_report_frequency=30, metric=OBJECTIVE, mode=OBJECTIVE_MODE,
     )
 
 

@@ -26,7 +26,8 @@ from trainers.data import DataConfig
 from trainers.experiment import experiment_from_flat
 from trainers.loop import predict_logits, train, trial_train_config
 
-__all__ = ["SharedData", "TrialContext", "logloss_se", "run_trial", "share_dataset"]
+__all__ = ["SharedData", "TrialContext", "logloss_se", "run_trial", "share_dataset",
+           "standard_error", "val_losses"]
 
 STATE_FILE = "state.pt"
 
@@ -74,17 +75,25 @@ def _view(arrays: dict[str, np.ndarray]) -> _SplitView:
         return _SplitView(*(torch.from_numpy(arrays[k]) for k in ("cat", "num", "label")))
 
 
-def logloss_se(model: torch.nn.Module, split: Any, limit: int | None) -> float:
-    """Standard error of the validation log loss of ``model`` over the examples
+def val_losses(model: torch.nn.Module, split: Any, limit: int | None) -> torch.Tensor:
+    """Per-example log losses of ``model`` on the examples
     ``trainers.loop.evaluate(..., limit=limit)`` scores (the fixed set every report of
-    every trial is evaluated on; the mean of these losses is its ``val_logloss``): the
-    standard deviation of the per-example loss over sqrt(n)."""
+    every trial is evaluated on; their mean is its ``val_logloss``)."""
     logits = predict_logits(model, split, limit=limit)
     labels = split.label[: len(logits)]
-    losses = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels,
-                                                                  reduction="none")
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels,
+                                                                reduction="none")
+
+
+def standard_error(losses: torch.Tensor) -> float:
+    """The standard error of the mean of ``losses``: their standard deviation over sqrt(n)."""
     n = len(losses)
     return float(losses.std() / math.sqrt(n)) if n > 1 else float("nan")
+
+
+def logloss_se(model: torch.nn.Module, split: Any, limit: int | None) -> float:
+    """Standard error of the validation log loss of ``model`` (see :func:`val_losses`)."""
+    return standard_error(val_losses(model, split, limit))
 
 
 def _trial_resources() -> dict[str, float]:
@@ -114,6 +123,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
     bs, max_examples = train_cfg.batch_size, int(train_cfg.max_examples or 0)
     per_batch = 3 * cost.flops_per_example * bs
     eval_at = [min(max_examples, bs * math.ceil(m / per_batch)) for m in ctx.milestones]
+    milestone_examples = set(eval_at)
     trial_id = tune.get_context().get_trial_id() or "local"
     device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu"
 
@@ -147,11 +157,14 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
         done = metrics["examples_seen"] >= max_examples
         snapshot = state()
         probe.load_state_dict(snapshot["model"])
-        metrics = {**metrics, VAL_SE: logloss_se(probe, val, ctx.eval_max_examples),
+        losses = val_losses(probe, val, ctx.eval_max_examples)
+        metrics = {**metrics, VAL_SE: standard_error(losses),
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    "trial_seconds": time.perf_counter() - started}
         if tracker is not None:
             tracker.log(metrics)
+            if int(metrics["examples_seen"]) in milestone_examples:  # what ASHA compares
+                tracker.log_val_losses(int(metrics[STEP_AXIS]), losses.numpy())
         with tempfile.TemporaryDirectory() as d:
             torch.save(snapshot, os.path.join(d, STATE_FILE))
             tune.report({**metrics, **extra, "trial_status": "completed" if done else "running"},

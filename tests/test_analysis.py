@@ -452,6 +452,22 @@ def test_validation_noise_states_the_se_beside_the_gaps_asha_cuts_at() -> None:
         assert rung["trials"] == len(losses) and rung["kept"] == max(1, len(losses) // 3)
         assert rung["cut_gap"] == pytest.approx(losses[rung["kept"]] - losses[rung["kept"] - 1])
     assert validation_noise(runs_from_frames(trials, hist))["rungs"] == []  # no settings
+    assert all(r["paired_se"] is None for r in noise["rungs"])  # no store: no losses
+
+
+def test_paired_se_is_the_noise_of_a_difference_on_shared_examples() -> None:
+    """Two models that err on the same examples: the SE of their loss difference is the
+    SD of the per-example differences / sqrt(n), far below either model's own SE."""
+    from analysis.report import _paired_se
+
+    rng = np.random.default_rng(0)
+    hard = rng.exponential(0.6, size=4000)  # per-example difficulty both models share
+    a = hard + rng.normal(0, 0.05, size=4000)
+    b = hard + 0.01 + rng.normal(0, 0.05, size=4000)
+    se = _paired_se(a, b)
+    assert se == pytest.approx(float(np.std(a - b, ddof=1) / np.sqrt(4000)))
+    assert se < 0.2 * float(np.std(a, ddof=1) / np.sqrt(4000))
+    assert _paired_se(a, b[:10]) is None
 
 
 def test_report_on_a_thin_search_records_statuses_instead_of_failing(tmp_path: Path) -> None:

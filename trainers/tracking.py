@@ -49,6 +49,7 @@ from trainers.contracts import (
     TAG_STATUS,
     TAG_TRIAL_ID,
     TAG_VIEW,
+    VAL_LOSSES_DIR,
     VIEW_COLUMNS,
     artifact_location,
 )
@@ -255,6 +256,18 @@ class TrialTracker:
         varying = {k: v for k, v in metrics.items() if k not in CONSTANT_METRICS}
         self._pending.append(log_metrics(self.client, self.run_id, varying,
                                          step=int(metrics[STEP_AXIS]), synchronous=False))
+
+    def log_val_losses(self, train_flops: int, losses: Any) -> None:
+        """The per-example validation losses of the report at ``train_flops`` (an ASHA
+        milestone), as ``val_losses/<train_flops>.npy`` (float16, no pickle)."""
+        import tempfile
+
+        import numpy as np
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{int(train_flops)}.npy"
+            np.save(path, np.asarray(losses, dtype=np.float16), allow_pickle=False)
+            self.client.log_artifact(self.run_id, str(path), VAL_LOSSES_DIR)
 
     def flush(self) -> None:
         for op in self._pending:
