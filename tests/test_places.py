@@ -97,7 +97,7 @@ def test_finished_trials_lose_their_checkpoints(tmp_path) -> None:
 @pytest.mark.slow
 def test_a_search_keeps_no_checkpoint_of_a_finished_trial(tmp_path) -> None:
     """A real (tiny) search: the checkpoints left in Tune's storage are those of trials
-    the budget was still running when it ended the search, at most one per trial."""
+    the budget was still running when it ended the search."""
     import tempfile
 
     import ray
@@ -121,5 +121,6 @@ def test_a_search_keeps_no_checkpoint_of_a_finished_trial(tmp_path) -> None:
         ray.shutdown()
     left = [p for p in (tmp_path / "ray").rglob("checkpoint_*") if p.is_dir()]
     per_trial = {p.parent for p in left}
-    assert len(left) == len(per_trial) <= cfg.max_concurrent, left
-    assert len(out.trials) > len(per_trial)
+    # only trials the search's end cut while they ran (Tune never finishes them) keep theirs
+    assert len(per_trial) <= cfg.max_concurrent, left
+    assert len(out.trials) >= len(per_trial) + 3, (len(out.trials), left)
