@@ -7,8 +7,14 @@ save ``state`` (a plain dict of tensors and numbers, loadable with
 ``torch.load(weights_only=True)``) and may return ``True`` to stop the run early.
 
 Resume is exact: the epoch permutation comes from a generator seeded with
-``(seed, epoch)``, and the state carries model, optimiser, RNG and position, so a run
-resumed from a state ends with the same weights and metrics as one never interrupted.
+``(seed, epoch)``, and the state carries model, optimiser, RNG and position (and the best
+evaluation so far, its weights and the early-stopping count), so a run resumed from a
+state ends with the same weights and metrics as one never interrupted.
+
+The loop tracks the evaluation with the lowest validation log loss (``keep_best`` keeps
+its weights, which ``recscale train`` saves and tests) and stops early after
+``early_stopping_patience`` evaluations without improvement. ``stop_after_examples`` ends
+a run before the length its schedule is planned for, as ASHA ends a trial.
 
 The metrics reported are exactly ``trainers.contracts.METRICS`` (ARCHITECTURE.md).
 """
