@@ -115,9 +115,17 @@ class ComputeOptimal:
     limited_by: str | None
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
     warning: str | None = None
+    status: str = "ok"
+    message: str = ""
+
+    @property
+    def trusted(self) -> bool:
+        """Whether the recommendation lies inside what the search measured."""
+        return self.status == "ok"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"budget_flops": self.budget_flops, "flops_per_example": self.flops_per_example,
+        return {"status": self.status, "message": self.message,
+                "budget_flops": self.budget_flops, "flops_per_example": self.flops_per_example,
                 "examples": self.examples, "predicted_val_logloss": self.predicted_val_logloss,
                 "max_flops_per_example": self.max_flops_per_example,
                 "max_n_searched": self.max_n_searched, "limited_by": self.limited_by,
@@ -190,6 +198,11 @@ def recommend_size(joint: JointFit, history: pd.DataFrame, budget_flops: float,
     ``N <= max_flops_per_example`` and ``N <= EXTRAPOLATION ×`` the largest
     ``flops_per_example`` in ``history``.
 
+    A point outside what the search measured (more training examples than any trial
+    saw, or a predicted loss below the best observed one by more than the fit's
+    interval) comes back with ``status="extrapolated"`` and a ``message`` saying why;
+    the report shows that sentence instead of the numbers and export refuses it.
+
     Raises:
         AnalysisError: the joint fit is not usable, or no size fits the budget.
     """
@@ -211,8 +224,43 @@ def recommend_size(joint: JointFit, history: pd.DataFrame, budget_flops: float,
     if "N" in ci and ci["N"][1] > SPREAD_WARNING * ci["N"][0]:
         warning = (f"N* is poorly determined: its 95% interval spans "
                    f"{ci['N'][0]:.3g} to {ci['N'][1]:.3g} FLOPs/example")
+    status, message = _measured(joint, history, budget_flops, d, loss)
     return ComputeOptimal(budget_flops, n, d, loss, max_flops_per_example, limit, limited_by,
-                          ci, warning)
+                          ci, warning, status, message)
+
+
+def _measured(joint: JointFit, history: pd.DataFrame, budget_flops: float, examples: float,
+              loss: float) -> tuple[str, str]:
+    """``("ok", "")`` when a compute-optimal point lies inside what the search measured,
+    else ``("extrapolated", sentence)``: when ``examples`` is more than any trial trained
+    on (every trial trains on the same split, so it means more passes over the training
+    split than were ever measured), or when ``loss`` is below the best observed validation
+    loss by more than the fit's 95% interval (1.96 × the root-mean-square residual of the
+    fit on the reports: deterministic, so the report and export always agree)."""
+    cols = ["flops_per_example", "examples_seen", OBJECTIVE]
+    if not set(cols) <= set(history.columns):
+        return "ok", ""  # nothing measured to compare with
+    h = history.dropna(subset=cols)
+    most = float(h["examples_seen"].max()) if len(h) else math.nan
+    best = float(h[OBJECTIVE].min()) if len(h) else math.nan
+    budget = f"For a budget of {budget_flops:.3g} training FLOPs"
+    if math.isfinite(most) and examples > most * (1 + 1e-9):
+        return "extrapolated", (
+            f"{budget} the joint fit asks for {examples:.3g} training examples, "
+            f"{examples / most:.3g}x the most any trial trained on ({most:.3g}): that many "
+            "passes over the training split were never measured, so no size is recommended; "
+            "search with a larger trial_flops, or ask for a smaller budget.")
+    if math.isfinite(best) and len(h):
+        resid = h[OBJECTIVE].to_numpy(float) - joint.predict(h["flops_per_example"],
+                                                             h["examples_seen"])
+        half = 1.96 * float(np.sqrt(np.mean(resid**2)))
+        if best - loss > half:
+            return "extrapolated", (
+                f"{budget} the joint fit predicts {OBJECTIVE} {loss:.4g}, below the best "
+                f"observed ({best:.4g}) by more than the fit's 95% interval "
+                f"(±{half:.2g}): an extrapolation, not a measurement, so no size is "
+                "recommended.")
+    return "ok", ""
 
 
 # ---- summary ------------------------------------------------------------------------
@@ -506,7 +554,10 @@ def _html(runs: SearchRuns, summary: dict[str, Any], divs: list[str], out: Path,
                      lambda r: [r["budget_flops"],
                                 _val_ci(r["flops_per_example"], r["ci95"]["flops_per_example"]),
                                 _val_ci(r["examples"], r["ci95"]["examples"]),
-                                r["predicted_val_logloss"], r["limited_by"], r["warning"]], 7)
+                                r["predicted_val_logloss"], r["limited_by"], r["warning"]]
+                     if r.get("status", "ok") == "ok"  # outside what was measured: no answer
+                     else [r["budget_flops"], f"{r['status']}: {r['message']}", None, None,
+                           None, None], 7)
     fits = summary["fits"]
     fit_rows = []
     named = [("L(C), compute frontier", fits["power_law"]["frontier"])]

@@ -116,7 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     precheck_experiment(args.config)  # a malformed file fails before torch is imported
     from trainers.contracts import OBJECTIVE
     from trainers.experiment import load_experiment
-    from trainers.full import train_full
+    from trainers.full import describe_where, train_full
 
     exp = load_experiment(args.config)
     out = Path(args.out or Path("recscale_models") / Path(args.config).stem)
@@ -130,6 +130,9 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{OBJECTIVE} {v.get(OBJECTIVE, float('nan')):.4f} | test_auc {t['test_auc']:.4f} "
           f"test_logloss {t['test_logloss']:.4f} test_ne {t['test_ne']:.4f} "
           f"({res.seconds:.0f} s); model saved in {res.model_dir}; MLflow run {res.run_id}")
+    why = f" ({res.message})" if res.message else ""
+    print(f"stopped at {describe_where(res.stopped_at)}{why}; best (saved, tested) at "
+          f"{describe_where(res.best_at)}")
     return 0
 
 

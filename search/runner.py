@@ -20,6 +20,7 @@ import optuna
 import pandas as pd
 
 from search.budget import BudgetPolicy, BudgetStopper, set_untracked_spend
+from search.checkpoints import prune_finished
 from search.checks import ConfigCheck
 from search.lock import SearchLock
 from search.monitor import DriverMemory
@@ -415,6 +416,7 @@ def build_tuner(plan: SearchPlan, tracking: Tracking, verbose: int = 1) -> Any:
     import ray
     from ray import tune
 
+    from search.checkpoints import DropFinishedCheckpoints
     from search.trainable import TrialContext, run_trial, share_dataset
 
     cfg, check = plan.cfg, plan.check
@@ -424,7 +426,7 @@ def build_tuner(plan: SearchPlan, tracking: Tracking, verbose: int = 1) -> Any:
     ctx = TrialContext(
         search=cfg.name, data=cfg.data, trial_flops=cfg.trial_budget,
         milestones=plan.milestones,
-        report_every_flops=min(cfg.grace, cfg.trial_budget) / cfg.reports_per_grace,
+        report_every_flops=cfg.report_every_flops,
         eval_max_examples=cfg.eval_max_examples, tracking_uri=tracking.uri,
         experiment_id=tracking.experiment_id, parent_run_id=tracking.parent_run_id,
     )
@@ -438,11 +440,14 @@ def build_tuner(plan: SearchPlan, tracking: Tracking, verbose: int = 1) -> Any:
     stopper = BudgetStopper(plan.policy.budget_flops)  # what the references left
     callbacks = [stopper, TrialStatusCallback(tracking.uri, tracking.experiment_id,
                                               tracking.parent_run_id),
-                 DriverMemory(tracking.uri, tracking.parent_run_id)]
+                 DriverMemory(tracking.uri, tracking.parent_run_id),
+                 DropFinishedCheckpoints(plan.exp_path)]  # finished trials: last one only
     run_config = tune.RunConfig(
         name=cfg.name, storage_path=str(plan.storage_path), stop=stopper,
         callbacks=callbacks,
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        # a resume needs the checkpoint the last *saved* experiment state names, maybe
+        # several reports old: Tune deletes none, search.checkpoints prunes finished trials
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
         failure_config=tune.FailureConfig(max_failures=2),
         progress_reporter=_reporter() if verbose >= 1 else None,
         verbose=verbose,
@@ -594,6 +599,7 @@ def collect_outcome(plan: SearchPlan, tracking: Tracking, wall: float) -> Search
                 if TIME_ATTR in t) + lost
     winner = search_winner(trials)
     lift = search_lift(plan, analysis.trials, winner, references)
+    prune_finished(analysis.trials, None if winner is None else str(winner["trial_id"]))
     rejected = rejected_samples(plan)
     memory = [(int(m.step), float(m.value))
               for m in client.get_metric_history(tracking.parent_run_id, DriverMemory.METRIC)]

@@ -77,6 +77,11 @@ class SearchConfig(BaseModel):
         return self.trial_flops if self.trial_flops is not None else self.budget_flops / 8
 
     @property
+    def report_every_flops(self) -> float:
+        """Training FLOPs between a trial's reports: ``reports_per_grace`` per grace period."""
+        return min(self.grace, self.trial_budget) / self.reports_per_grace
+
+    @property
     def grace(self) -> float:
         """ASHA's grace period in FLOPs: by default two rungs below ``trial_flops``."""
         if self.grace_flops is not None:

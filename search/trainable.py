@@ -27,7 +27,7 @@ from spaces import FeatureSpec, build_model, model_cost
 from trainers.contracts import CONSTANT_METRICS, OBJECTIVE, STEP_AXIS, TIME_ATTR, VAL_SE
 from trainers.data import DataConfig
 from trainers.experiment import experiment_from_flat
-from trainers.loop import predict_logits, train
+from trainers.loop import predict_logits, train, trial_train_config
 
 __all__ = ["SharedData", "TrialContext", "load_state", "logloss_se", "run_trial", "share_dataset",
            "standard_error", "val_losses"]
@@ -155,16 +155,12 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
     # every point in whole batches (the loop never steps on part of one): the trial's
     # budget rounded down, report points to the nearest, ASHA's milestones up (so the
     # report at a milestone has reached it; FLOPs count the examples actually seen)
-    bs = exp.train.batch_size
+    train_cfg = trial_train_config(exp.train, cost.flops_per_example, ctx.trial_flops,
+                                   ctx.report_every_flops, ctx.eval_max_examples)
+    bs, max_examples = train_cfg.batch_size, int(train_cfg.max_examples or 0)
     per_batch = 3 * cost.flops_per_example * bs
-    max_examples = bs * max(1, int(ctx.trial_flops // per_batch))
-    interval = bs * max(1, round(ctx.report_every_flops / per_batch))
     eval_at = [min(max_examples, bs * math.ceil(m / per_batch)) for m in ctx.milestones]
     milestone_examples = set(eval_at)
-    train_cfg = exp.train.model_copy(update={
-        "max_examples": max_examples, "eval_every": interval,
-        "eval_max_examples": ctx.eval_max_examples,
-    })
     trial_id = tune.get_context().get_trial_id() or "local"
     device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu"
 

@@ -168,3 +168,110 @@ def test_evaluation_scores_exactly_the_first_limit_examples() -> None:
     assert len(predict_logits(model, _Split(1000), limit=300)) == 300
     assert len(predict_logits(model, _Split(1000), batch_size=128, limit=300)) == 300
     assert len(predict_logits(model, _Split(100), limit=300)) == 100
+
+
+def _weights_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
+
+def test_best_weights_are_the_lowest_validation_loss(data) -> None:
+    """keep_best: the weights kept are those of the evaluation with the lowest
+    val_logloss; scoring them again gives that evaluation's loss."""
+    from trainers.loop import evaluate
+
+    spec, tr, va = data
+    tc = TrainConfig(lr=0.03, batch_size=100, max_examples=6000, eval_every=500)
+    res = train(CFG, tc, spec, tr, va, keep_best=True)
+    losses = [m["val_logloss"] for m in res.history]
+    i = min(range(len(losses)), key=losses.__getitem__)
+    assert res.best == res.history[i]
+    assert res.best_state is not None
+    model = res.model
+    model.load_state_dict(res.best_state)
+    assert evaluate(model, va, 0.5)["val_logloss"] == pytest.approx(losses[i], rel=1e-6)
+    # without keep_best no copy is held, but the best evaluation is still named
+    assert train(CFG, tc, spec, tr, va).best_state is None
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_improvement(data) -> None:
+    spec, tr, va = data
+    # a high learning rate on 3000 examples over-fits within a few epochs
+    tc = TrainConfig(lr=0.05, batch_size=100, epochs=20, eval_every=500, seed=3)
+    full = train(CFG, tc, spec, tr, va)
+    losses = [m["val_logloss"] for m in full.history]
+    patience = 2
+    # the first evaluation followed by `patience` ones that do not beat the best so far
+    stop, best, stale = None, math.inf, 0
+    for i, loss in enumerate(losses):
+        stale = 0 if loss < best else stale + 1
+        best = min(best, loss)
+        if stale >= patience:
+            stop = i
+            break
+    assert stop is not None and stop < len(losses) - 1, losses  # the data must over-fit
+    res = train(CFG, tc.model_copy(update={"early_stopping_patience": patience}), spec, tr, va,
+                keep_best=True)
+    assert res.status == "stopped" and res.early_stopped
+    assert "early stopping" in res.message
+    assert len(res.history) == stop + 1
+    assert res.metrics == res.history[-1]
+    assert res.best["val_logloss"] == min(losses[: stop + 1])
+    # min_delta: an improvement smaller than it does not reset the patience
+    lax = train(CFG, tc.model_copy(update={"early_stopping_patience": patience, "min_delta": 1.0}),
+                spec, tr, va)
+    assert len(lax.history) == patience + 1 and lax.early_stopped
+    assert lax.best["val_logloss"] == min(losses[: patience + 1])  # the best is still the lowest
+
+
+def test_stop_after_examples_ends_the_run_where_a_scheduler_would(data) -> None:
+    """A run cut at ``stop_after_examples`` is the run a callback stopped there: the same
+    weights and metrics, since the schedule (cosine here) is planned for the whole length."""
+    spec, tr, va = data
+    tc = TrainConfig(batch_size=128, max_examples=4096, eval_every=512, schedule="cosine", seed=5)
+    stopped = train(CFG, tc, spec, tr, va, report=lambda m, s: m["examples_seen"] >= 1536)
+    assert stopped.status == "stopped" and stopped.metrics["examples_seen"] == 1536
+    cut = train(CFG, tc.model_copy(update={"stop_after_examples": 1536}), spec, tr, va)
+    assert cut.status == "completed" and cut.metrics["examples_seen"] == 1536
+    assert _weights_equal(stopped.model.state_dict(), cut.model.state_dict())
+    timing = {"examples_per_s"}
+    assert {k: v for k, v in stopped.metrics.items() if k not in timing} == \
+        {k: v for k, v in cut.metrics.items() if k not in timing}
+    # a run *planned* for 1536 examples decays its learning rate earlier: another model
+    short = train(CFG, tc.model_copy(update={"max_examples": 1536}), spec, tr, va)
+    assert not _weights_equal(short.model.state_dict(), cut.model.state_dict())
+
+
+def test_resume_keeps_the_best_weights_and_the_patience_count(data) -> None:
+    """The best weights and early-stopping counters travel in the resume state: a run
+    interrupted after its best evaluation and resumed stops at the same evaluation with
+    the same best weights as one never interrupted."""
+    spec, tr, va = data
+    tc = TrainConfig(lr=0.05, batch_size=100, epochs=20, eval_every=500, seed=3,
+                     early_stopping_patience=2)
+    full = train(CFG, tc, spec, tr, va, keep_best=True)
+    assert full.early_stopped
+    best_at = full.best["examples_seen"]
+    cut_at = full.history[-2]["examples_seen"]  # after the best, before the stop
+    assert best_at < cut_at
+    saved: dict = {}
+
+    def interrupt(m, state):
+        if m["examples_seen"] >= cut_at:
+            buf = io.BytesIO()
+            torch.save(state(), buf)
+            saved["state"] = buf.getvalue()
+            return True
+        return False
+
+    first = train(CFG, tc, spec, tr, va, report=interrupt, keep_best=True)
+    assert first.status == "stopped" and not first.early_stopped
+    state = torch.load(io.BytesIO(saved["state"]), weights_only=True)
+    assert state["stale"] >= 1 and state["best"]["examples_seen"] == best_at
+    resumed = train(CFG, tc, spec, tr, va, resume=state, keep_best=True)
+    assert resumed.early_stopped
+    assert resumed.metrics["examples_seen"] == full.metrics["examples_seen"]
+    timing = {"examples_per_s"}
+    assert {k: v for k, v in resumed.best.items() if k not in timing} == \
+        {k: v for k, v in full.best.items() if k not in timing}
+    assert _weights_equal(resumed.best_state, full.best_state)
+    assert _weights_equal(resumed.model.state_dict(), full.model.state_dict())

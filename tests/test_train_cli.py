@@ -114,3 +114,90 @@ def test_load_experiment_errors_are_config_errors(tmp_path) -> None:
     f.write_text("- 1\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_experiment(f)
+
+
+def test_train_keeps_the_best_checkpoint_and_says_where_it_stopped(
+        tmp_path, capsys, monkeypatch) -> None:
+    """Early stopping: the saved and tested model is the best evaluation's; the output,
+    metrics.json and the MLflow run say where training stopped and where the best was."""
+    from trainers.contracts import (
+        BEST_PREFIX,
+        OBJECTIVE,
+        STOPPED_PREFIX,
+        TAG_BEST_AT,
+        TAG_STOPPED_AT,
+    )
+    from trainers.loop import evaluate
+
+    cfg = {**CONFIG, "train": {"lr": 0.05, "batch_size": 128, "epochs": 30.0, "eval_every": 500,
+                               "early_stopping_patience": 2}}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code, out, err = _main(["train", str(path), "-o", str(tmp_path / "out"), "--tracking-uri", uri,
+                            "--no-progress"], tmp_path, capsys, monkeypatch)
+    assert code == 0, err[-2000:]
+    metrics = json.loads((tmp_path / "out" / "model" / "metrics.json").read_text())
+    assert metrics["status"] == "stopped" and metrics["early_stopped"] is True
+    best, stopped = metrics["best_at"], metrics["stopped_at"]
+    assert best["examples_seen"] < stopped["examples_seen"] < 30 * 2400
+    assert stopped["epoch"] == pytest.approx(stopped["examples_seen"] / 2400)
+    assert best[OBJECTIVE] <= stopped[OBJECTIVE] and metrics[OBJECTIVE] == best[OBJECTIVE]
+    line = out.strip().splitlines()[-1]
+    assert line.startswith(f"stopped at {stopped['examples_seen']:.0f} examples")
+    assert "early stopping" in line and f"best (saved, tested) at {best['examples_seen']:.0f}" in line
+    # the saved weights are the best evaluation's
+    ds = load_dataset(DataConfig(**CONFIG["data"]), cache_dir=tmp_path / "cache")
+    model = load_model(tmp_path / "out" / "model")
+    assert evaluate(model, ds.val, 0.5)[OBJECTIVE] == pytest.approx(best[OBJECTIVE], rel=1e-5)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("recscale-train").experiment_id])
+    assert run.data.tags["trial_status"] == "STOPPED"
+    assert run.data.metrics[f"{BEST_PREFIX}examples_seen"] == best["examples_seen"]
+    assert run.data.metrics[f"{STOPPED_PREFIX}examples_seen"] == stopped["examples_seen"]
+    assert run.data.metrics[f"{BEST_PREFIX}{OBJECTIVE}"] == pytest.approx(best[OBJECTIVE])
+    assert run.data.tags[TAG_BEST_AT].startswith(f"{best['examples_seen']:.0f} examples")
+    assert "early stopping" in run.data.tags[TAG_STOPPED_AT]
+
+
+def test_resumed_train_keeps_the_best_weights(tmp_path, monkeypatch) -> None:
+    """An interrupted ``recscale train --resume`` continues from its checkpoint, which
+    carries the best weights so far: the result equals an uninterrupted run's."""
+    from trainers.full import CHECKPOINT, train_full
+
+    exp = ExperimentConfig(**{**CONFIG, "train": {"lr": 0.05, "batch_size": 128, "epochs": 12.0,
+                                                   "eval_every": 1200}})
+    ds = load_dataset(exp.data, cache_dir=tmp_path / "cache")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    whole = train_full(exp, tmp_path / "whole", tracking_uri=uri, progress=False, dataset=ds)
+    # interrupted after the best evaluation, so the resumed run must carry its weights
+    cut = whole.best_at["examples_seen"] + 1
+    assert cut < whole.stopped_at["examples_seen"], whole.best_at
+
+    class Stop(Exception):
+        pass
+
+    import trainers.full as full
+
+    real = full.train
+
+    def interrupted(*args, **kwargs):
+        report = kwargs["report"]
+
+        def stop_late(metrics, state):
+            report(metrics, state)
+            if metrics["examples_seen"] >= cut:
+                raise Stop
+            return False
+
+        return real(*args, **{**kwargs, "report": stop_late})
+
+    monkeypatch.setattr(full, "train", interrupted)
+    with pytest.raises(Stop):
+        train_full(exp, tmp_path / "cut", tracking_uri=uri, progress=False, dataset=ds)
+    monkeypatch.setattr(full, "train", real)
+    assert (tmp_path / "cut" / CHECKPOINT).exists()
+    resumed = train_full(exp, tmp_path / "cut", tracking_uri=uri, progress=False, dataset=ds,
+                         resume=True)
+    assert resumed.best_at == whole.best_at and resumed.stopped_at == whole.stopped_at
+    assert resumed.test == whole.test

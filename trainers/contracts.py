@@ -32,6 +32,7 @@ from typing import Final, Literal
 from spaces.errors import UserError
 
 __all__ = [
+    "BEST_PREFIX",
     "BUDGET_ATTR",
     "CONFIG_ARTIFACT",
     "CONSTANT_METRICS",
@@ -55,6 +56,9 @@ __all__ = [
     "OBJECTIVE_MODE",
     "SECONDARY_OBJECTIVE",
     "STEP_AXIS",
+    "STOPPED_PREFIX",
+    "TAG_BEST_AT",
+    "TAG_STOPPED_AT",
     "TAG_BLOCK",
     "TAG_CONFIG",
     "TAG_DATA_FINGERPRINT",
@@ -78,6 +82,7 @@ __all__ = [
     "LOST_FLOPS",
     "VAL_SE",
     "VAL_LOSSES_DIR",
+    "artifact_location",
     "cache_dir",
     "default_tracking_uri",
     "missing_store",
@@ -185,6 +190,14 @@ LIFT_QUANTITIES: Final[tuple[str, ...]] = (
 VAL_SET_METRICS: Final[tuple[str, ...]] = (
     "val_examples", "val_positives", "base_rate", "base_rate_val_logloss",
     "base_rate_val_logloss_se")
+#: ``recscale train`` keeps the best evaluation's weights and says where it was and
+#: where training stopped: metrics ``best.val_logloss``, ``best.examples_seen``,
+#: ``best.epoch``, ... and ``stopped.examples_seen``, ... on the train run, and the
+#: same in words in these tags.
+BEST_PREFIX: Final = "best."
+STOPPED_PREFIX: Final = "stopped."
+TAG_BEST_AT: Final = "recscale.best_at"
+TAG_STOPPED_AT: Final = "recscale.stopped_at"
 
 KIND_SEARCH: Final = "search"
 KIND_TRIAL: Final = "trial"
@@ -197,6 +210,32 @@ def default_tracking_uri(uri: str | None = None) -> str:
     """The tracking-URI rule: the flag, else ``MLFLOW_TRACKING_URI``, else
     ``sqlite:///<cwd>/mlflow.db``."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
+
+
+def _sqlite_path(uri: str) -> str | None:
+    """The file a ``sqlite:///`` URI names (relative to the working directory when the
+    URI holds a relative path, as SQLAlchemy reads it), else None."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):].split("?", 1)[0]
+        return path or None
+    return None
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment's artifacts go: beside a SQLite tracking store, in
+    ``<store's directory>/mlartifacts/<experiment>``, so runs of any working directory
+    keep their artifacts with their store (MLflow's default is ``./mlruns`` of the
+    process that creates the experiment); None (the server's or MLflow's default) for
+    any other store.
+
+    Example:
+        >>> artifact_location("sqlite:////data/mlflow.db", "ml-unified")
+        '/data/mlartifacts/ml-unified'
+    """
+    path = _sqlite_path(uri)
+    if path is None:
+        return None
+    return os.path.join(os.path.dirname(os.path.abspath(path)), "mlartifacts", experiment)
 
 
 def missing_store(uri: str) -> str | None:

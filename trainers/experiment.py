@@ -30,7 +30,7 @@ from trainers.config_io import (
 from trainers.data import DataConfig
 from trainers.loop import TrainConfig
 
-__all__ = ["ConfigError", "ExperimentConfig", "check_keys", "experiment_from_flat", "flatten",
+__all__ = ["ConfigError", "ExperimentConfig", "check_keys", "data_dict", "experiment_from_flat", "flatten",
            "key_schema", "load_experiment", "validation_message"]
 
 
@@ -48,25 +48,81 @@ class ExperimentConfig(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig)
     provenance: dict[str, Any] = Field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Nested plain dict (YAML form) that loads back into an equal object."""
+    def to_dict(self, relative_to: str | Path | None = None) -> dict[str, Any]:
+        """Nested plain dict (YAML form) that loads back into an equal object.
+
+        The data section holds only the keys that apply to its dataset
+        (:func:`data_dict`); with ``relative_to`` (a directory), its file paths are
+        written relative to it.
+        """
         out: dict[str, Any] = {
             "model": self.model.to_dict(),
             "train": self.train.model_dump(mode="json"),
-            "data": self.data.model_dump(mode="json"),
+            "data": data_dict(self.data, relative_to),
         }
         if self.provenance:
             out["provenance"] = self.provenance
         return out
 
     def to_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write the YAML, its data paths relative to the file's directory, so the file
+        trains from any working directory (:func:`load_experiment` resolves them)."""
+        path = Path(path)
+        text = yaml.safe_dump(self.to_dict(relative_to=path.absolute().parent), sort_keys=False)
+        path.write_text(text)
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys for Ray and MLflow (``model.block``, ``train.lr``, ...)."""
         d = self.to_dict()
         d.pop("provenance", None)
         return flatten(d)
+
+
+#: The data keys that apply to one kind of dataset only (``DataConfig.name``): a file
+#: dataset's YAML carries no MovieLens label rule and no synthetic teacher, and so on.
+#: None of them changes another kind's fingerprint (``trainers.data.dataset_fingerprint``).
+_DATA_KEYS_OF = {"path": "file", "schema_path": "file", "label": "movielens-1m",
+                 "synthetic": "synthetic"}
+_DATA_PATHS = ("path", "schema_path")
+
+
+def data_dict(data: DataConfig, relative_to: str | Path | None = None) -> dict[str, Any]:
+    """The YAML form of ``data``: only the keys that apply to its dataset, and with
+    ``relative_to`` (a directory) the file paths relative to it (absolute where no
+    relative path exists, e.g. another drive). Loading it back (paths resolved against
+    the same directory) gives a config with the same dataset fingerprint.
+
+    Example:
+        >>> sorted(data_dict(DataConfig(name="synthetic")))
+        ['fractions', 'max_rows', 'min_count', 'name', 'seed', 'split', 'synthetic']
+    """
+    out: dict[str, Any] = {k: v for k, v in data.model_dump(mode="json").items()
+                           if _DATA_KEYS_OF.get(k, data.name) == data.name}
+    for key in _DATA_PATHS:
+        value = out.get(key)
+        if value is not None and relative_to is not None:
+            absolute = os.path.abspath(value)  # in memory a relative path is the cwd's
+            try:
+                out[key] = os.path.relpath(absolute, os.path.abspath(relative_to))
+            except ValueError:
+                out[key] = absolute
+    return out
+
+
+def _resolve_data_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """``raw`` with its relative ``data.path`` / ``data.schema_path`` joined to ``base``
+    (the YAML file's directory), so a config trains from any working directory."""
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return raw
+    fixed = dict(data)
+    for key in _DATA_PATHS:
+        value = fixed.get(key)
+        if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)):
+            fixed[key] = os.path.normpath(os.path.join(base, value))
+        elif isinstance(value, str) and value:
+            fixed[key] = os.path.expanduser(value)
+    return {**raw, "data": fixed}
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -132,13 +188,19 @@ def validation_message(err: BaseException, source: str = "config") -> str:
 
 
 def load_experiment(path: str | os.PathLike[str]) -> ExperimentConfig:
-    """Read and validate an experiment YAML; any problem is one ``ConfigError`` line."""
+    """Read and validate an experiment YAML; any problem is one ``ConfigError`` line.
+
+    Relative ``data.path`` and ``data.schema_path`` are relative to the YAML file's
+    directory (as :meth:`ExperimentConfig.to_yaml` writes them); the loaded config
+    holds them absolute.
+    """
     path = Path(path)
     raw = read_yaml_mapping(path, ConfigError, "file", "model/train/data sections")
     schema = key_schema(ExperimentConfig)
     if cached_key_schema() != schema:  # lets the next command check keys without torch
         save_key_schema(schema)
     check_tree(raw, schema, str(path))
+    raw = _resolve_data_paths(raw, path.absolute().parent)
     try:
         return ExperimentConfig(**raw)
     except (ValidationError, ValueError) as err:

@@ -7,8 +7,14 @@ save ``state`` (a plain dict of tensors and numbers, loadable with
 ``torch.load(weights_only=True)``) and may return ``True`` to stop the run early.
 
 Resume is exact: the epoch permutation comes from a generator seeded with
-``(seed, epoch)``, and the state carries model, optimiser, RNG and position, so a run
-resumed from a state ends with the same weights and metrics as one never interrupted.
+``(seed, epoch)``, and the state carries model, optimiser, RNG and position (and the best
+evaluation so far, its weights and the early-stopping count), so a run resumed from a
+state ends with the same weights and metrics as one never interrupted.
+
+The loop tracks the evaluation with the lowest validation log loss (``keep_best`` keeps
+its weights, which ``recscale train`` saves and tests) and stops early after
+``early_stopping_patience`` evaluations without improvement. ``stop_after_examples`` ends
+a run before the length its schedule is planned for, as ASHA ends a trial.
 
 The metrics reported are exactly ``trainers.contracts.METRICS`` (ARCHITECTURE.md).
 """
@@ -36,6 +42,7 @@ __all__ = [
     "evaluate",
     "normalized_entropy",
     "train",
+    "trial_train_config",
     "wsd_factor",
 ]
 
@@ -82,6 +89,14 @@ class TrainConfig(BaseModel):
         decay_shape: ``linear`` (to 0) or ``sqrt`` (``1 − sqrt(progress)``) decay.
         grad_clip: max global gradient norm (None: no clipping).
         seed: seeds initialisation, shuffling and dropout.
+        stop_after_examples: end the run after this many examples although its length
+            (``max_examples`` / ``epochs``, which the learning-rate schedule and the
+            blocks' progress are planned for) is longer: what a search trial that ASHA
+            stopped early did, so an export reproduces it (None: run the whole length).
+        early_stopping_patience: stop after this many evaluations in a row without
+            the validation log loss improving on the best so far by more than
+            ``min_delta`` (None: never stop early).
+        min_delta: the improvement of the validation log loss that counts as one.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -101,6 +116,9 @@ class TrainConfig(BaseModel):
     decay_shape: Literal["linear", "sqrt"] = "linear"
     grad_clip: float | None = Field(1.0, gt=0)
     seed: int = 0
+    stop_after_examples: int | None = Field(None, ge=1)
+    early_stopping_patience: int | None = Field(None, ge=1)
+    min_delta: float = Field(0.0, ge=0.0)
 
     @model_validator(mode="after")
     def _phases(self) -> TrainConfig:
@@ -110,7 +128,13 @@ class TrainConfig(BaseModel):
         return self
 
     def total_examples(self, n_train: int) -> int:
+        """The run's planned length in examples (what the schedule is planned for)."""
         return self.max_examples if self.max_examples is not None else int(self.epochs * n_train)
+
+    def end_examples(self, n_train: int) -> int:
+        """Where the run ends: its length, or ``stop_after_examples`` if that is sooner."""
+        total = self.total_examples(n_train)
+        return total if self.stop_after_examples is None else min(total, self.stop_after_examples)
 
     def eval_interval(self, n_train: int) -> int:
         return self.eval_every if self.eval_every is not None else max(1, n_train // 4)
@@ -118,13 +142,23 @@ class TrainConfig(BaseModel):
 
 @dataclass
 class TrainResult:
-    """How a run ended: ``completed``, ``stopped`` (by the callback) or ``diverged``."""
+    """How a run ended: ``completed``, ``stopped`` (by the callback or by early
+    stopping, ``early_stopped`` tells which) or ``diverged``.
+
+    ``metrics`` and ``model`` are the last evaluation's and the weights the run ended
+    with; ``best`` is the evaluation with the lowest validation log loss and, when
+    :func:`train` was asked to ``keep_best``, ``best_state`` its weights (a
+    ``state_dict`` on the CPU).
+    """
 
     status: Literal["completed", "stopped", "diverged"]
     metrics: Metrics
     model: RecModel
     history: list[Metrics] = field(default_factory=list)
     message: str = ""
+    best: Metrics = field(default_factory=dict)
+    best_state: dict[str, torch.Tensor] | None = None
+    early_stopped: bool = False
 
 
 def normalized_entropy(logloss: float, base_rate: float) -> float:
@@ -232,6 +266,7 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
     eval_at: Sequence[int] = (),
     device: str | torch.device = "cpu",
+    keep_best: bool = False,
 ) -> TrainResult:
     """Train ``model_cfg`` on ``train_split``, evaluating on ``val_split``.
 
@@ -246,6 +281,11 @@ def train(
         eval_at: extra evaluation points in examples (e.g. a scheduler's milestones),
             on top of every ``train_cfg.eval_every`` examples.
         device: where the model trains; batches move there step by step.
+        keep_best: keep a copy of the weights of the evaluation with the lowest
+            validation log loss (``TrainResult.best_state``; in the resume state too,
+            so a resumed run keeps the same best). The loop always tracks the best
+            evaluation's metrics and, with ``train_cfg.early_stopping_patience``, stops
+            when they have not improved for that many evaluations.
 
     Returns:
         A :class:`TrainResult` with the final metrics and the trained model.
@@ -259,6 +299,7 @@ def train(
     extra_evals = sorted(int(e) for e in eval_at if e > 0)
     opt = _optimizer(model, train_cfg)
     total = train_cfg.total_examples(n_train)
+    end = train_cfg.end_examples(n_train)
     interval = train_cfg.eval_interval(n_train)
     base_rate = float(train_split.label.float().mean())
     bs = train_cfg.batch_size
@@ -268,6 +309,9 @@ def train(
     seen, epoch, pos, loss_sum, loss_n, next_eval = 0, 0, 0, 0.0, 0, interval
     elapsed = 0.0
     history: list[Metrics] = []
+    best: Metrics = {}
+    best_state: dict[str, torch.Tensor] | None = None
+    stale = 0  # evaluations in a row without an improvement of more than min_delta
     if resume is not None:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
@@ -277,6 +321,9 @@ def train(
         loss_sum, loss_n = float(resume["loss_sum"]), int(resume["loss_n"])
         next_eval, elapsed = int(resume["next_eval"]), float(resume["elapsed"])
         history = [dict(h) for h in resume.get("history", [])]
+        best, stale = dict(resume.get("best", {})), int(resume.get("stale", 0))
+        if keep_best and resume.get("best_model") is not None:
+            best_state = dict(resume["best_model"])
 
     def state() -> dict[str, Any]:
         return {
@@ -285,6 +332,7 @@ def train(
             "examples_seen": seen, "epoch": epoch, "pos": pos,
             "loss_sum": loss_sum, "loss_n": loss_n, "next_eval": next_eval,
             "elapsed": elapsed, "history": [dict(h) for h in history],
+            "best": dict(best), "stale": stale, "best_model": best_state,
         }
 
     def metrics_now() -> Metrics:
@@ -303,8 +351,8 @@ def train(
     model.train()
     order = _epoch_order(n_train, train_cfg.seed, epoch)
     status: Literal["completed", "stopped", "diverged"] = "completed"
-    message = ""
-    while seen < total:
+    message, early = "", False
+    while seen < end:
         # every optimiser step takes a whole batch (an epoch's last partial batch is
         # dropped; the last step may pass ``total`` by less than a batch): a step on a
         # sliver of a batch would move the loss between two evaluations. An evaluation
@@ -336,7 +384,7 @@ def train(
         loss_sum, loss_n = loss_sum + loss_value * take, loss_n + take
         if on_step is not None:
             on_step(seen, loss_value)
-        if seen >= next_eval or seen >= total or any(before < e <= seen for e in extra_evals):
+        if seen >= next_eval or seen >= end or any(before < e <= seen for e in extra_evals):
             m = metrics_now()
             history.append(m)
             loss_sum, loss_n = 0.0, 0
@@ -345,11 +393,49 @@ def train(
             if not math.isfinite(m[OBJECTIVE]):
                 status, message = "diverged", f"{OBJECTIVE} is {m[OBJECTIVE]} after {seen} examples"
                 break
+            # patience counts evaluations that did not beat the best by min_delta; the
+            # best weights are the lowest loss's, however small the improvement
+            improved = not best or m[OBJECTIVE] < best[OBJECTIVE] - train_cfg.min_delta
+            stale = 0 if improved else stale + 1
+            if not best or m[OBJECTIVE] < best[OBJECTIVE]:
+                best = dict(m)
+                if keep_best:
+                    best_state = {k: v.detach().to("cpu", copy=True)
+                                  for k, v in model.state_dict().items()}
             if report is not None and report(m, state):
                 status = "stopped"
                 break
+            patience = train_cfg.early_stopping_patience
+            if patience is not None and stale >= patience and seen < end:
+                status, early = "stopped", True
+                message = (f"early stopping: {OBJECTIVE} did not improve on "
+                           f"{best[OBJECTIVE]:.6g} (at {int(best['examples_seen'])} examples) "
+                           f"by more than {train_cfg.min_delta:g} in {stale} evaluations")
+                break
     final = history[-1] if history else {}
-    return TrainResult(status, final, model, history, message)
+    return TrainResult(status, final, model, history, message, best, best_state, early)
+
+
+def trial_train_config(train_cfg: TrainConfig, flops_per_example: float, trial_flops: float,
+                       report_every_flops: float, eval_max_examples: int | None) -> TrainConfig:
+    """The training config a search trial runs (``search.trainable``) and an export that
+    reproduces one plans with: every point in whole batches (the loop never steps on
+    part of one), the trial's length its FLOPs budget rounded down, its evaluations every
+    ``report_every_flops`` rounded to the nearest, on the first ``eval_max_examples``
+    validation examples.
+
+    Example:
+        >>> c = trial_train_config(TrainConfig(batch_size=100), 10.0, 1e5, 2e4, 500)
+        >>> c.max_examples, c.eval_every, c.eval_max_examples
+        (3300, 700, 500)
+    """
+    bs = train_cfg.batch_size
+    per_batch = 3 * flops_per_example * bs
+    return train_cfg.model_copy(update={
+        "max_examples": bs * max(1, int(trial_flops // per_batch)),
+        "eval_every": bs * max(1, round(report_every_flops / per_batch)),
+        "eval_max_examples": eval_max_examples,
+    })
 
 
 def param_count(module: nn.Module) -> int:

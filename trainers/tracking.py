@@ -51,6 +51,7 @@ from trainers.contracts import (
     TAG_VIEW,
     VAL_LOSSES_DIR,
     VIEW_COLUMNS,
+    artifact_location,
 )
 
 __all__ = [
@@ -86,7 +87,9 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     ``mlflow.experimentKind=custom_model_development``, which opens it in the
     machine-learning mode (runs and charts) rather than the GenAI one (traces,
     evaluations), and recscale's shared runs view (:data:`~trainers.contracts.TAG_VIEW`:
-    the result columns instead of Dataset / Source / Models).
+    the result columns instead of Dataset / Source / Models). Its artifacts go beside a
+    SQLite store (:func:`~trainers.contracts.artifact_location`), not into ``./mlruns``
+    of the working directory.
     """
     tags = {TAG_EXPERIMENT_KIND: EXPERIMENT_KIND_ML,
             TAG_VIEW: json.dumps({"selectedColumns": list(VIEW_COLUMNS)})}
@@ -99,7 +102,8 @@ def experiment_id(client: MlflowClient, name: str) -> str:
                 client.set_experiment_tag(exp.experiment_id, key, value)
         return str(exp.experiment_id)
     try:
-        return str(client.create_experiment(name, tags=tags))
+        where = artifact_location(str(client.tracking_uri), name)
+        return str(client.create_experiment(name, artifact_location=where, tags=tags))
     except Exception:  # created concurrently by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:
