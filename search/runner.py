@@ -158,14 +158,15 @@ def resolve_space(space: str) -> Path:
     return bundled_space(space)
 
 
-def ensure_feasible(space: SearchSpace, check: ConfigCheck, seed: int, draws: int = 400) -> int:
+def ensure_feasible(space: SearchSpace, check: ConfigCheck, seed: int,
+                    draws: int = 400) -> float:
     """Raise ``SearchError`` unless random draws from ``space`` find a trainable config.
 
-    Returns how many of the draws were feasible.
+    Returns the largest FLOPs/example among the feasible draws.
     """
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    feasible, cheapest, reason = 0, float("inf"), ""
+    feasible, cheapest, largest, reason = 0, float("inf"), 0.0, ""
     for _ in range(draws):
         trial = study.ask()
         flat = space.sample(trial)
@@ -173,6 +174,7 @@ def ensure_feasible(space: SearchSpace, check: ConfigCheck, seed: int, draws: in
         study.tell(trial, 0.0)
         if ok:
             feasible += 1
+            largest = max(largest, check.try_flops(flat) or 0.0)
         else:
             reason = why
             cost = check.try_flops(flat)
@@ -185,7 +187,13 @@ def ensure_feasible(space: SearchSpace, check: ConfigCheck, seed: int, draws: in
             f"{cap if cap is None else f'{cap:.3g}'}, trial_flops={check.trial_flops:.3g}; "
             f"cheapest sampled config costs {cheapest:.3g} FLOPs/example (last reason: {reason})"
         )
-    return feasible
+    return largest
+
+
+#: One trial may pass over the training split at most this many times, even with the
+#: largest model the space allows: beyond it the budget asks for far more data than
+#: there is, and the search would measure memorisation.
+MAX_TRIAL_EPOCHS = 200
 
 
 def _settings_record(cfg: SearchConfig) -> dict[str, Any]:
@@ -381,7 +389,14 @@ def plan_search(cfg: SearchConfig, storage: str | os.PathLike[str] | None = None
     ds = dataset if dataset is not None else load_dataset(cfg.data)
     trial_flops = cfg.trial_budget
     check = ConfigCheck(cfg.data, ds.spec, cfg.max_flops_per_example, trial_flops)
-    ensure_feasible(space, check, cfg.seed)
+    largest = ensure_feasible(space, check, cfg.seed)
+    passes = trial_flops / (3 * max(largest, 1.0) * max(len(ds.train), 1))
+    if passes > MAX_TRIAL_EPOCHS:
+        raise SearchError(
+            f"training split too small for the budget: {len(ds.train)} rows, and one trial's "
+            f"trial_flops={trial_flops:.3g} is {passes:.0f} passes over it even for the "
+            f"largest sampled model ({largest:.3g} FLOPs/example; at most {MAX_TRIAL_EPOCHS}): "
+            "lower --trial-flops / --budget-flops, or use more data")
     milestones, admission = scheduler_milestones(cfg)
     if cfg.budget_flops < admission:
         raise SearchError(f"budget_flops={cfg.budget_flops:.3g} cannot pay one trial's "

@@ -169,3 +169,20 @@ def test_cli_search_and_train_refuse_a_one_class_label(tmp_path: Path) -> None:
     assert not (tmp_path / "ray" / "recscale").exists()
     assert not (tmp_path / "cache" / "datasets").exists() or not any(
         (tmp_path / "cache" / "datasets").iterdir())
+
+
+def test_cli_search_refuses_a_split_too_small_for_the_budget(tmp_path: Path) -> None:
+    """A budget whose one trial would pass over the training split hundreds of times,
+    even with the largest model the space allows: one line naming the numbers, exit 2,
+    nothing written."""
+    write(tmp_path, clicks(600, 0.3), SCHEMA)
+    db = tmp_path / "m.db"
+    res = _cli(["search", "--data", "f.csv", "--schema", "s.yaml", "--budget-flops", "8e13",
+                "--tracking-uri", f"sqlite:///{db}", "--storage", str(tmp_path / "ray")],
+               tmp_path)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert lines[-1].startswith("recscale: error: training split too small for the budget: ")
+    assert "480 rows" in lines[-1] and "passes over it" in lines[-1]
+    assert "Traceback" not in res.stderr
+    assert not db.exists() and not (tmp_path / "ray").exists()
