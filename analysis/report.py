@@ -527,6 +527,16 @@ def _budget_line(summary: Mapping[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _data_line(data: Mapping[str, Any]) -> str:
+    """The splits the search trained and compared on: rows and positives of each."""
+    splits = data.get("splits") or {}
+    if not splits:
+        return ""
+    parts = [f"{html.escape(str(name))} {int(st['rows'])} rows ({int(st['positives'])} "
+             f"positives, {100 * float(st['base_rate']):.2f}%)" for name, st in splits.items()]
+    return f"<p>Data [{html.escape(str(data.get('fingerprint', '?')))}]: {', '.join(parts)}.</p>"
+
+
 def _html(runs: SearchRuns, summary: dict[str, Any], divs: list[str], out: Path,
           images: list[Path], ui_url: str, references: pd.DataFrame | None = None) -> Path:
     rec = summary["recommendation"]
@@ -581,6 +591,7 @@ def _html(runs: SearchRuns, summary: dict[str, Any], divs: list[str], out: Path,
         "per example). A trial's result is its <b>last report</b>: every number in a "
         "trial's row (loss, AUC, training FLOPs) is from that one report, as in Ray's "
         f"table and MLflow.</p><p>Budgets: {html.escape(budgets)}.</p>",
+        _data_line(summary.get("data") or {}),
         "<h2>Recommendation</h2>",
         f"<p>For the search's budget ({html.escape(budgets)}):</p>",
         _table(["", "trial", "family", "val log loss", "val AUC", "at training FLOPs",
@@ -723,6 +734,7 @@ def build_report(runs: SearchRuns, out_dir: str | Path, max_flops_per_example: f
         "recommendation": _recommendation(runs, fits, max_flops_per_example, budget_flops),
         "validation": validation_noise(runs),
         "references": _references(everything, max_flops_per_example),
+        "data": runs.data,
     }
     summary = _jsonable(summary)
     largest = float(runs.history["flops_per_example"].max())

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -34,6 +34,7 @@ import pandas as pd
 from trainers.contracts import (
     CONFIG_ARTIFACT,
     CONSTANT_METRICS,
+    DATA_ARTIFACT,
     KIND_SEARCH,
     KIND_TRIAL,
     METRICS,
@@ -90,6 +91,9 @@ class SearchRuns:
     settings: dict[str, Any] = field(default_factory=dict)
     tracking_uri: str | None = None
     experiment_id: str | None = None
+    #: the parent's ``data.json``: ``{"fingerprint", "splits": {split: {rows, positives,
+    #: base_rate}}}`` (empty for a search made before it was logged)
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 def _config_from_columns(row: pd.Series) -> dict[str, Any]:
@@ -298,7 +302,12 @@ def load_search(name: str, tracking_uri: str | None = None) -> SearchRuns:
         settings = {}
     if not isinstance(settings, dict):
         settings = {}
-    return runs_from_frames(trials, history, name, settings, parent.info.run_id, uri, exp_id)
+    runs = runs_from_frames(trials, history, name, settings, parent.info.run_id, uri, exp_id)
+    try:
+        data = json.loads(_artifact_text(client, parent.info.run_id, DATA_ARTIFACT) or "{}")
+    except json.JSONDecodeError:
+        data = {}
+    return replace(runs, data=data if isinstance(data, dict) else {})
 
 
 def milestone_losses(runs: SearchRuns, run_id: str) -> dict[int, Any]:

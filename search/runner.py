@@ -32,6 +32,7 @@ from search.space import SearchSpace, bundled_space, load_space
 from search.tracking import TrialStatusCallback
 from trainers.contracts import (
     CONSTANT_METRICS,
+    DATA_ARTIFACT,
     LOST_FLOPS,
     METRICS,
     OBJECTIVE,
@@ -420,6 +421,8 @@ def open_tracking(plan: SearchPlan, tracking_uri: str | None) -> Tracking:
         client, cfg.name, params, tags={TAG_DATA_FINGERPRINT: ds.fingerprint,
                                         TAG_STORAGE: str(plan.exp_path)})
     client.log_dict(parent_id, _settings_record(cfg), SEARCH_ARTIFACT)  # typed, not a tag
+    client.log_dict(parent_id, {"fingerprint": ds.fingerprint, "splits": ds.split_stats()},
+                    DATA_ARTIFACT)
     log_files(client, parent_id, [plan.space_path])
     return Tracking(uri, exp_id, parent_id)
 

@@ -117,6 +117,10 @@ def test_one_best_everywhere(searched: tuple[SearchConfig, SearchOutcome, Path])
     assert {f.path for f in client.list_artifacts(out.parent_run_id, "report")} >= {
         "report/report.html", "report/plotly.min.js", "report/summary.json"}
     assert (report / "report.html").stat().st_size < 300_000
+    splits = summary["data"]["splits"]  # how many positives each split holds, stated
+    assert set(splits) == {"train", "val", "test"} and all(v["positives"] > 0
+                                                          for v in splits.values())
+    assert f"val {splits['val']['rows']} rows ({splits['val']['positives']} positives" in page
     noise = summary["validation"]  # the SE of the compared number is stated
     assert 0 < noise["se_median"] < 0.05 and noise["eval_examples"] == 500
     assert "Validation noise" in page and noise["rungs"]

@@ -39,6 +39,7 @@ __all__ = [
     "EXPERIMENT_KIND_ML",
     "RESULT_REPORT",
     "SEARCH_ARTIFACT",
+    "DATA_ARTIFACT",
     "SEARCH_PREFIX",
     "TAG_BEST_BLOCK",
     "TAG_BEST_RUN",
@@ -166,6 +167,9 @@ SEARCH_PREFIX: Final = "search."
 CONFIG_ARTIFACT: Final = "config.json"
 #: A search's settings (``SearchConfig``), as a JSON artifact of its parent run.
 SEARCH_ARTIFACT: Final = "search.json"
+#: The search's data, as a JSON artifact of its parent run: the dataset fingerprint and,
+#: per split, rows, positives and base rate (``EncodedDataset.split_stats``).
+DATA_ARTIFACT: Final = "data.json"
 TAG_NODE: Final = "ray.node_id"
 
 #: A reference model's child run (logistic regression, factorization machine: trained
