@@ -10,12 +10,16 @@ cheap: :data:`REFERENCE_EPOCHS` passes over the training split (up to
 ends at the run's end, capped by the search's
 ``trial_flops`` and together by :data:`REFERENCE_SHARE` of its budget; they are evaluated
 on the same fixed validation examples as every trial (``eval_max_examples``), with the
-standard error of the log loss. Their FLOPs are part of the search's spend.
+standard error of the log loss. They stop early once an epoch does not improve the
+validation log loss (patience 1), and a reference's result is its *best* evaluation
+(logged as ``best.*`` metrics of its run), with those weights: a baseline tuned on the
+validation set it is compared on, which makes a lift over it only harder to claim. Their
+FLOPs (all they trained, not only up to the best) are part of the search's spend.
 
 They run in the driver, not as Ray tasks: the driver already holds the encoded dataset,
 and a few epochs of a linear model take seconds. A resumed search finds them in MLflow
 (a run whose ``trial_status`` is final) and does not train them again; a reference that
-was interrupted mid-way is deleted and trained afresh. The final weights are saved beside
+was interrupted mid-way is deleted and trained afresh. The best weights are saved beside
 Tune's state (``<storage>/<name>/references/<family>.pt``) so the lift can be paired.
 
 **Lift** (:class:`Comparison`): the best searched model against the base rate (predicting
@@ -45,6 +49,7 @@ import torch
 from spaces import FeatureSpec, ModelConfig, build_model, model_cost
 from spaces.blocks.reference import REFERENCE_FAMILIES, reference_configs
 from trainers.contracts import (
+    BEST_PREFIX,
     CONSTANT_METRICS,
     LIFT_AGAINST,
     OBJECTIVE,
@@ -90,6 +95,9 @@ _BATCH = 512  # the batch size, smaller on a small split (at least 64 steps an e
 _STATE_DIR = "references"
 # learning rates (dense, embedding) per family: Adam on a linear model takes large steps
 _LR = {"logreg": (1e-2, 3e-2), "fm": (3e-3, 1e-2)}
+#: The metrics of a reference's best evaluation that stand as its result (its spend,
+#: ``train_flops``, stays what it trained in all).
+RESULT_KEYS = (OBJECTIVE, "val_auc", "val_ne", "examples_seen")
 
 
 def is_reference(trial_ids: Iterable[Any]) -> np.ndarray:
@@ -315,7 +323,8 @@ def reference_train_config(family: str, n_train: int, flops_per_example: float,
     return TrainConfig(lr=lr, optimizer="adamw_split", embedding_lr=emb_lr, batch_size=bs,
                        max_examples=batches * bs, eval_every=per_epoch * bs,
                        eval_max_examples=eval_max_examples, schedule="wsd",
-                       warmup_frac=0.0, decay_frac=0.3, seed=seed)
+                       warmup_frac=0.0, decay_frac=0.3, seed=seed,
+                       early_stopping_patience=1)
 
 
 def _finished(run: Run) -> bool:
@@ -356,7 +365,7 @@ def train_references(plan: SearchPlan, tracking: Tracking) -> float:
 def _train_one(plan: SearchPlan, tracking: Tracking, family: str, model_cfg: ModelConfig,
                trial_id: str, cap: float) -> float:
     from search.trainable import logloss_se
-    from trainers.tracking import TrialTracker, finish_run
+    from trainers.tracking import TrialTracker, finish_run, log_metrics
 
     cfg, ds = plan.cfg, plan.dataset
     spec: FeatureSpec = ds.spec
@@ -374,22 +383,30 @@ def _train_one(plan: SearchPlan, tracking: Tracking, family: str, model_cfg: Mod
                            constants={k: float(getattr(cost, k)) for k in CONSTANT_METRICS},
                            tags={TAG_REFERENCE: "true"})
     probe = build_model(model_cfg, spec)
+    ses: dict[float, float] = {}  # train_flops -> val log loss SE of that report
 
     def report(metrics: dict[str, float], state: Any) -> bool:
         probe.load_state_dict(state()["model"])
-        tracker.log({**metrics, VAL_SE: logloss_se(probe, ds.val, cfg.eval_max_examples)})
+        ses[metrics[TIME_ATTR]] = logloss_se(probe, ds.val, cfg.eval_max_examples)
+        tracker.log({**metrics, VAL_SE: ses[metrics[TIME_ATTR]]})
         return False
 
-    result = train(model_cfg, tc, spec, ds.train, ds.val, report=report)
+    result = train(model_cfg, tc, spec, ds.train, ds.val, report=report, keep_best=True)
     tracker.flush()
+    if result.best:  # the reference's result: its best evaluation (module docstring)
+        best = {k: result.best[k] for k in RESULT_KEYS if k in result.best}
+        best[VAL_SE] = ses.get(result.best.get(TIME_ATTR, -1.0), float("nan"))
+        log_metrics(tracker.client, tracker.run_id,
+                    {f"{BEST_PREFIX}{k}": v for k, v in best.items()}, step=0)
     if result.status == "diverged":
         finish_run(tracker.client, tracker.run_id, "DIVERGED")
         log.warning("reference %s diverged: %s", family, result.message)
     else:
         folder = plan.exp_path / _STATE_DIR
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": result.model.state_dict(),
-                    "examples_seen": result.metrics.get("examples_seen", 0.0)},
+        torch.save({"model": result.best_state or result.model.state_dict(),
+                    "examples_seen": result.best.get("examples_seen",
+                                                     result.metrics.get("examples_seen", 0.0))},
                    folder / f"{family}.pt")
         finish_run(tracker.client, tracker.run_id, "COMPLETED")
     last = result.history[-1] if result.history else {}
@@ -405,8 +422,12 @@ def reference_rows(runs: Iterable[Run]) -> pd.DataFrame:
         trial_id = str(tags.get(TAG_TRIAL_ID, ""))
         if not trial_id.startswith(REFERENCE_TRIAL_PREFIX):
             continue
+        metrics = dict(run.data.metrics)
+        for key in (*RESULT_KEYS, VAL_SE):  # the result: the best evaluation
+            if f"{BEST_PREFIX}{key}" in metrics:
+                metrics[key] = metrics[f"{BEST_PREFIX}{key}"]
         rows.append({"trial_id": trial_id, "model.block": tags.get(TAG_BLOCK),
-                     **run.data.metrics,
+                     **metrics,
                      "trial_status": str(tags.get(TAG_STATUS, "")).lower(),
                      "mlflow_run_id": run.info.run_id, "reference": True})
     return pd.DataFrame(rows)
