@@ -73,12 +73,13 @@ def export_best(name: str, tracking_uri: str | None, output: str | Path,
     runs = load_search(name, tracking_uri)
     searched = without_references(runs)
     check = export_check(runs, select_best(searched.trials, max_flops_per_example))
+    if check.refusal is not None and not force:
+        raise ExportRefused(f"{check.refusal}; not exported (--force to export it anyway)")
+    export_config(searched, output, max_flops_per_example=max_flops_per_example,
+                  budget_flops=budget_flops)
+    # warnings once the export is written: a failed export says one line, its error
     if check.refusal is not None:
-        if not force:
-            raise ExportRefused(f"{check.refusal}; not exported (--force to export it anyway)")
         warn(f"{check.refusal}; exported anyway (--force)")
     if check.warning is not None:
         warn(check.warning)
-    export_config(searched, output, max_flops_per_example=max_flops_per_example,
-                  budget_flops=budget_flops)
     return Path(output)

@@ -219,14 +219,16 @@ def _stop_marked(mark: str) -> None:
 
 
 def _trial_runs(uri: str, name: str) -> list[Any]:
+    """The search's Tune trials' runs (not the reference models the driver trains)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(name)
     if exp is None:
         return []
-    return client.search_runs([exp.experiment_id], "tags.`recscale.kind` = 'trial'",
+    runs = client.search_runs([exp.experiment_id], "tags.`recscale.kind` = 'trial'",
                               max_results=1000)
+    return [r for r in runs if r.data.tags.get("recscale.reference") != "true"]
 
 
 def _parent_run(uri: str, name: str) -> Any:
