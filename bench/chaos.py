@@ -41,6 +41,8 @@ from typing import Any
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+if sys.path[0] != str(ROOT):  # run as a script: bench/search.py must not shadow `search`
+    sys.path.insert(0, str(ROOT))
 
 
 @dataclass
