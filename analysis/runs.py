@@ -24,6 +24,7 @@ the typed config as the ``config.json`` artifact; metrics per report with
 from __future__ import annotations
 
 import json
+import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -52,6 +53,8 @@ from trainers.contracts import (
     missing_store,
 )
 from trainers.experiment import flatten
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -247,6 +250,17 @@ def _trial_row(run: Run, client: MlflowClient) -> dict[str, Any]:
     return row
 
 
+def _trial_row_or_none(run: Run, client: MlflowClient) -> dict[str, Any] | None:
+    """A trial's row, or None (with a warning) for a run that holds no typed config: one
+    a driver killed between creating the run and writing its ``config.json`` (such a run
+    has no report either, so nothing is lost by leaving it out)."""
+    try:
+        return _trial_row(run, client)
+    except AnalysisError as err:
+        log.warning("left out: %s", err)
+        return None
+
+
 def load_search(name: str, tracking_uri: str | None = None) -> SearchRuns:
     """Every trial run of the search ``name`` (an MLflow experiment) as frames.
 
@@ -287,7 +301,11 @@ def load_search(name: str, tracking_uri: str | None = None) -> SearchRuns:
     if not children:
         raise AnalysisError(f"search {name!r} in {uri} has no trial runs yet")
     with ThreadPoolExecutor(max_workers=min(8, len(children))) as pool:
-        rows = list(pool.map(lambda r: _trial_row(r, client), children))
+        maybe = list(pool.map(lambda r: _trial_row_or_none(r, client), children))
+        kept = [(run, row) for run, row in zip(children, maybe) if row is not None]
+        if not kept:  # nothing readable: say why, for the first run
+            _trial_row(children[0], client)
+        children, rows = [run for run, _ in kept], [row for _, row in kept]
         series = list(pool.map(lambda r: _history(client, r), children))
     hist = [{"run_id": row["run_id"], "trial_id": row["trial_id"], "block": row["block"],
              "step": step, **values}

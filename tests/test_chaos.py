@@ -169,3 +169,27 @@ def test_a_state_cut_short_by_a_kill_is_set_aside(tmp_path: Path) -> None:
     (tmp_path / "experiment_state-2026-11-30_10-00-00.json").write_text('{"trial_da')
     assert repair_tune_state(tmp_path) is True  # nothing whole is left
     assert repair_tune_state(tmp_path / "absent") is False
+
+
+def test_a_trial_run_killed_before_its_config_is_left_out_of_the_analysis(
+        tmp_path: Path) -> None:
+    """A driver killed between creating a trial's run and writing its config.json leaves
+    a run with no typed config (and no report): the search still reads back, without it."""
+    import json
+
+    from analysis.runs import load_search
+    from trainers.contracts import KIND_SEARCH, KIND_TRIAL, TAG_CONFIG, TAG_KIND, TAG_PARENT
+    from trainers.experiment import ExperimentConfig
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("half", artifact_location=str(tmp_path / "art"))
+    parent = client.create_run(exp_id, tags={TAG_KIND: KIND_SEARCH})
+    cfg = ExperimentConfig(model={"block": "tokenmixer", "d_model": 16, "n_tokens": 4})
+    for trial_id, tags in (("whole", {TAG_CONFIG: json.dumps(cfg.to_dict())}), ("half", {})):
+        run = client.create_run(exp_id, tags={TAG_KIND: KIND_TRIAL, "trial_id": trial_id,
+                                              TAG_PARENT: parent.info.run_id, **tags})
+        if tags:
+            client.log_metric(run.info.run_id, "val_logloss", 0.6, step=100)
+    runs = load_search("half", uri)
+    assert list(runs.trials["trial_id"]) == ["whole"]

@@ -255,6 +255,9 @@ class TrialTracker:
                 log_metrics(self.client, run_id, constants, step=0)
         else:  # a restored or retried trial, maybe on another node
             self.client.update_run(run_id, status="RUNNING")
+            if config is not None and not any(  # a kill between create and config
+                    f.path == CONFIG_ARTIFACT for f in self.client.list_artifacts(run_id)):
+                self.client.log_dict(run_id, dict(config), CONFIG_ARTIFACT)
             if node_id:
                 self.client.set_tag(run_id, TAG_NODE, node_id)
         self.run_id = run_id
