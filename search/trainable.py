@@ -191,6 +191,13 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
         "gpu_share": resources["GPU"], "gpu_ids": len(ray.get_gpu_ids()),
         "node_id": ray.get_runtime_context().get_node_id(),
     }
+    if tracker is not None and tracker.finished is not None:
+        # Tune finished this trial (ASHA stopped it, or it completed) after its last saved
+        # experiment state, and restores it as unfinished: its run says how it ended, so
+        # it reports that result again instead of training on
+        tune.report({**tracker.final_metrics, **extra,
+                     "trial_status": tracker.finished.lower()})
+        return
 
     val = _view(data["val"])
     probe = build_model(exp.model, spec)  # the reported weights, for the loss's standard error

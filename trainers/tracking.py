@@ -78,6 +78,8 @@ __all__ = [
 ]
 
 _PARAM_BATCH = 100
+#: a trial run's ``trial_status`` once Tune has finished it (not ERROR: a retry trains)
+FINISHED_STATUSES = ("COMPLETED", "STOPPED", "DIVERGED")
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
@@ -241,6 +243,10 @@ class TrialTracker:
         self.client = MlflowClient(tracking_uri)
         run_id = find_trial_run(self.client, exp_id, parent_run_id, trial_id)
         existing = run_id is not None
+        #: how the trial's run says it ended (COMPLETED, STOPPED, DIVERGED), when Tune
+        #: restores a trial it had finished after its last saved state; else None
+        self.finished: str | None = None
+        self.final_metrics: dict[str, float] = {}
         if run_id is None:
             run_id = create_run(
                 self.client, exp_id, f"{block}-{trial_id}",
@@ -254,7 +260,13 @@ class TrialTracker:
             if constants:
                 log_metrics(self.client, run_id, constants, step=0)
         else:  # a restored or retried trial, maybe on another node
-            self.client.update_run(run_id, status="RUNNING")
+            before = self.client.get_run(run_id)
+            ended = before.data.tags.get(TAG_STATUS)
+            if ended in FINISHED_STATUSES:
+                self.finished = ended
+                self.final_metrics = dict(before.data.metrics)
+            else:
+                self.client.update_run(run_id, status="RUNNING")
             if config is not None and not any(  # a kill between create and config
                     f.path == CONFIG_ARTIFACT for f in self.client.list_artifacts(run_id)):
                 self.client.log_dict(run_id, dict(config), CONFIG_ARTIFACT)
