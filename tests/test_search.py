@@ -187,7 +187,10 @@ def test_rerun_of_a_finished_search_reports_the_whole_search(unified, dataset) -
 
 def test_gpu_share_grows_with_flops(unified) -> None:
     cfg, out = unified
-    t = out.trials[out.trials["train_flops"] > 0]  # placement is reported with results
+    # placement is reported with Tune's results; a trial the budget ended between its
+    # MLflow report and Tune's result has its numbers from MLflow and no placement
+    t = out.trials[(out.trials["train_flops"] > 0) & out.trials["gpu_share"].notna()]
+    assert len(t) >= len(out.trials) - cfg.max_concurrent
     expected = [gpu_fraction(f, cfg.resources) for f in t["flops_per_example"]]
     assert list(t["gpu_share"]) == expected
     assert (t["gpu_ids"] >= 1).all()
