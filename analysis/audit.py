@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from analysis.runs import AnalysisError
+from search.references import is_reference_id
 from trainers.contracts import (
     KIND_SEARCH,
     KIND_TRIAL,
     LOST_FLOPS,
     OBJECTIVE,
-    REFERENCE_TRIAL_PREFIX,
     SEARCH_PREFIX,
     STEP_AXIS,
     TAG_KIND,
@@ -86,7 +86,7 @@ def _tune_problems(storage: str, children: list[Any]) -> tuple[list[str], int | 
     ran = {t.trial_id for t in tune_trials if t.last_result}
     logged = {str(r.data.tags.get(TAG_TRIAL_ID)) for r in children
               if r.data.tags.get(TAG_STATUS) != "LOST"
-              and not str(r.data.tags.get(TAG_TRIAL_ID)).startswith(REFERENCE_TRIAL_PREFIX)}
+              and not is_reference_id(r.data.tags.get(TAG_TRIAL_ID))}
     out = []
     if ran - logged:
         out.append(f"trials Tune ran without an MLflow run: {sorted(ran - logged)}")

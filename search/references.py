@@ -100,9 +100,14 @@ _LR = {"logreg": (1e-2, 3e-2), "fm": (3e-3, 1e-2)}
 RESULT_KEYS = (OBJECTIVE, "val_auc", "val_ne", "examples_seen")
 
 
+def is_reference_id(trial_id: Any) -> bool:
+    """Whether ``trial_id`` names a reference run (``reference-<family>``)."""
+    return str(trial_id).startswith(REFERENCE_TRIAL_PREFIX)
+
+
 def is_reference(trial_ids: Iterable[Any]) -> np.ndarray:
-    """Which of ``trial_ids`` name reference runs (``reference-<family>``)."""
-    return np.array([str(t).startswith(REFERENCE_TRIAL_PREFIX) for t in trial_ids], dtype=bool)
+    """Which of ``trial_ids`` name reference runs, as a boolean mask."""
+    return np.array([is_reference_id(t) for t in trial_ids], dtype=bool)
 
 
 # ---- statistics ------------------------------------------------------------------------

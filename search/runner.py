@@ -24,7 +24,14 @@ from search.checkpoints import prune_finished
 from search.checks import ConfigCheck
 from search.lock import SearchLock
 from search.monitor import DriverMemory
-from search.references import Lift, is_reference, reference_rows, search_lift, train_references
+from search.references import (
+    Lift,
+    is_reference,
+    is_reference_id,
+    reference_rows,
+    search_lift,
+    train_references,
+)
 from search.resources import TrialResources
 from search.schedulers import make_scheduler, scheduler_milestones
 from search.settings import SearchConfig
@@ -37,7 +44,6 @@ from trainers.contracts import (
     METRICS,
     OBJECTIVE,
     OBJECTIVE_MODE,
-    REFERENCE_TRIAL_PREFIX,
     SEARCH_ARTIFACT,
     SEARCH_PREFIX,
     SECONDARY_OBJECTIVE,
@@ -511,19 +517,21 @@ def _reporter() -> Any:
     )
 
 
-def close_lost_runs(client: Any, tracking: Tracking, known: set[str]) -> float:
-    """Close the child runs whose trial Tune does not know as ``LOST`` (the driver
+def close_lost_runs(client: Any, runs: list[Any], known: set[str]) -> tuple[float, int]:
+    """Close the child ``runs`` whose trial Tune does not know as ``LOST`` (the driver
     started them after its last whole saved state, then died; they may even have
-    finished); returns the training FLOPs they had spent (their last logged step)."""
-    lost = 0.0
-    for run in trial_runs(client, tracking.experiment_id, tracking.parent_run_id):
+    finished); returns the training FLOPs they had spent (their last logged step) and
+    how many were closed."""
+    lost, closed = 0.0, 0
+    for run in runs:
         trial_id = str(run.data.tags.get(TAG_TRIAL_ID, ""))
-        if trial_id.startswith(REFERENCE_TRIAL_PREFIX):
+        if is_reference_id(trial_id):
             continue  # trained by the driver, not Tune (search.references)
         if run.data.tags.get(TAG_STATUS) != "LOST" and trial_id not in known:
             lost += max(0, last_step(client, run.info.run_id))
             finish_run(client, run.info.run_id, "LOST")
-    return lost
+            closed += 1
+    return lost, closed
 
 
 def reconcile_resumed(plan: SearchPlan, tracking: Tracking) -> float:
@@ -541,9 +549,9 @@ def reconcile_resumed(plan: SearchPlan, tracking: Tracking) -> float:
     client = MlflowClient(tracking.uri)
     restored = ({t.trial_id: t for t in ExperimentAnalysis(str(plan.exp_path)).trials}
                 if plan.restoring else {})
-    wasted = close_lost_runs(client, tracking, set(restored))
-    runs = {r.data.tags.get(TAG_TRIAL_ID): r
-            for r in trial_runs(client, tracking.experiment_id, tracking.parent_run_id)}
+    children = trial_runs(client, tracking.experiment_id, tracking.parent_run_id)
+    wasted, _ = close_lost_runs(client, children, set(restored))
+    runs = {r.data.tags.get(TAG_TRIAL_ID): r for r in children}
     for trial_id, trial in restored.items():
         run = runs.get(trial_id)
         if run is None or trial.status == "TERMINATED":
@@ -605,8 +613,10 @@ def collect_outcome(plan: SearchPlan, tracking: Tracking, wall: float) -> Search
 
     client = MlflowClient(tracking.uri)
     analysis = ExperimentAnalysis(str(plan.exp_path))
-    lost_now = close_lost_runs(client, tracking, {t.trial_id for t in analysis.trials})
-    runs = trial_runs(client, tracking.experiment_id, tracking.parent_run_id)  # one query
+    runs = trial_runs(client, tracking.experiment_id, tracking.parent_run_id)
+    lost_now, closed = close_lost_runs(client, runs, {t.trial_id for t in analysis.trials})
+    if closed:  # read again: the closed runs' status tags changed
+        runs = trial_runs(client, tracking.experiment_id, tracking.parent_run_id)
     run_ids = {run.data.tags[TAG_TRIAL_ID]: run.info.run_id for run in runs}
     trials = _trial_table(analysis.trials, plan.check, run_ids)
     trials = _with_reports_tune_dropped(trials, {run.info.run_id: run.data.metrics for run in runs})

@@ -484,17 +484,30 @@ def file_identity(path: str | Path, schema_path: str | Path) -> dict[str, Any]:
     return {"schema": schema.model_dump(mode="json"), "format": suffix, "content": content}
 
 
-def _file_columns(path: Path, suffix: str) -> list[str]:
+@contextmanager
+def reading(path: Path, suffix: str) -> Iterator[None]:
+    """Turns what pandas or pyarrow raise while reading ``path`` into one-line
+    :class:`DataError` s."""
     try:
+        yield
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: empty file") from None
+    except Exception as err:  # pyarrow / pandas parser errors have no common base
+        raise DataError(f"{path}: cannot read {suffix[1:]} file: {_one_line(err)[1:-1]}") from None
+
+
+def require_rows(path: Path, frame: pd.DataFrame) -> None:
+    if len(frame) == 0:
+        raise DataError(f"{path}: empty file (a header but no data rows)")
+
+
+def _file_columns(path: Path, suffix: str) -> list[str]:
+    with reading(path, suffix):
         if suffix in PARQUET_SUFFIXES:
             import pyarrow.parquet as pq
 
             return list(pq.read_schema(path).names)
         return [str(c) for c in pd.read_csv(path, nrows=0).columns]
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: empty file") from None
-    except Exception as err:  # pyarrow / pandas parser errors have no common base
-        raise DataError(f"{path}: cannot read {suffix[1:]} file: {_one_line(err)[1:-1]}") from None
 
 
 def _read_frame(path: Path, suffix: str, schema: FileSchema) -> pd.DataFrame:
@@ -512,17 +525,12 @@ def _read_frame(path: Path, suffix: str, schema: FileSchema) -> pd.DataFrame:
             shown = ", ".join(present[:20]) + (", ..." if len(present) > 20 else "")
             raise DataError(f"{path}: column {col!r}: {role} is not in the file (columns: {shown})")
     wanted = list(schema.columns)
-    try:
+    with reading(path, suffix):
         if suffix in PARQUET_SUFFIXES:
             frame = pd.read_parquet(path, columns=wanted)
         else:
             frame = pd.read_csv(path, usecols=wanted, dtype={c: str for c in schema.categorical})
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: empty file") from None
-    except Exception as err:  # pyarrow / pandas parser errors have no common base
-        raise DataError(f"{path}: cannot read {suffix[1:]} file: {_one_line(err)[1:-1]}") from None
-    if len(frame) == 0:
-        raise DataError(f"{path}: empty file (a header but no data rows)")
+    require_rows(path, frame)
     return frame
 
 

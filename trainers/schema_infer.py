@@ -47,7 +47,8 @@ from trainers.data_sources import (
     FieldOptions,
     FileSchema,
     _check_data_path,
-    _one_line,
+    reading,
+    require_rows,
 )
 
 __all__ = ["ColumnGuess", "SchemaProposal", "propose_schema"]
@@ -161,18 +162,14 @@ class SchemaProposal:
 
 def _read(path: Path, suffix: str, sample_rows: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A typed sample (pandas' own inference) and the whole file as text columns."""
-    try:
+    with reading(path, suffix):
         if suffix in PARQUET_SUFFIXES:
             whole = pd.read_parquet(path)
-            return whole.head(sample_rows), whole
-        sample = pd.read_csv(path, nrows=sample_rows)
-        whole = pd.read_csv(path, dtype=str)  # as read_file reads categorical columns
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: empty file") from None
-    except Exception as err:  # pyarrow / pandas parser errors have no common base
-        raise DataError(f"{path}: cannot read {suffix[1:]} file: {_one_line(err)[1:-1]}") from None
-    if len(whole) == 0:
-        raise DataError(f"{path}: empty file (a header but no data rows)")
+            sample = whole.head(sample_rows)
+        else:
+            sample = pd.read_csv(path, nrows=sample_rows)
+            whole = pd.read_csv(path, dtype=str)  # as read_file reads categorical columns
+    require_rows(path, whole)
     return sample, whole
 
 
