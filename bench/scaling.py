@@ -69,6 +69,23 @@ def configs(parts: list[str], families: tuple[str, ...] = FAMILIES) -> dict[str,
             name="bench-scaling-movielens-small", data=DataConfig(name="movielens-1m"),
             budgets=ladder(1e9, 3, 4.0), center_ratio=300.0,
             eval_max_examples=100_000, **small)  # type: ignore[arg-type]
+    if "synthetic_small" in parts:
+        # the first synthetic study centred its spreads at D/N = 15 and found N* at or
+        # below its smallest sizes; its converged minima implied D/N ~ 45-130. This one:
+        # a smaller frame (2 tokens, head [8]), one depth (2) so neighbouring sizes differ
+        # only in width, spreads centred at D/N = 100, budgets low enough that the
+        # verify runs at 10x fit the time box; 10M fresh rows so nothing repeats
+        syn = SyntheticConfig(n_rows=10_000_000, n_cat_fields=8, cardinality=100, order=3,
+                              n_interactions=6, noise=0.1, seed=0)
+        small = {**common, "model": {"n_tokens": 2, "embed_dim": 8, "head_hidden": [8],
+                                     "tokenizer": "grouped", "pooling": "mean"},
+                 "widths": (4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128),
+                 "depths": (2,)}
+        out["synthetic_small"] = StudyConfig(
+            name="bench-scaling-synthetic-small",
+            data=DataConfig(name="synthetic", synthetic=syn),
+            budgets=ladder(6.25e8, 4, 4.0), center_ratio=100.0, max_epochs=1.0,
+            eval_max_examples=100_000, **small)  # type: ignore[arg-type]
     return out
 
 
@@ -87,6 +104,10 @@ def main() -> int:
                     help="verify every family (default: the pick's family only)")
     ap.add_argument("--no-verify", action="store_true",
                     help="study (resumed if done), fits and report only")
+    ap.add_argument("--also-verify", default="",
+                    help="comma-separated extra targets (FLOPs) to verify the pick's family "
+                         "at, recorded under verify_also (e.g. an out-of-sample check of a "
+                         "rule changed after the main verify)")
     ap.add_argument("--dry-run", action="store_true", help="plan and estimate cost only")
     args = ap.parse_args()
     parts = [p for p in args.parts.split(",") if p]
@@ -136,6 +157,16 @@ def main() -> int:
             print(ver.table(), f"\n[{part}] verify {fam} {time.perf_counter() - t1:.0f} s",
                   flush=True)
             verifies[fam] = ver
+        also = {}
+        for extra in (float(x) for x in args.also_verify.split(",") if x):
+            fam = fit.pick.family
+            if not fam or not fit.families[fam].ok:
+                continue
+            t1 = time.perf_counter()
+            ver = run_verify(cfg.name, extra, uri, work / "ray", family=fam, dataset=ds)
+            print(ver.table(), f"\n[{part}] verify {fam} at {extra:.3g} "
+                  f"{time.perf_counter() - t1:.0f} s", flush=True)
+            also[f"{extra:.3g}"] = ver.as_dict()
         record = load_study(cfg.name, uri)
         main_fam = fit.pick.family if fit.pick.family in verifies else next(iter(verifies), None)
         report = build_study_report(record, fit, verifies.get(main_fam) if main_fam else None,
@@ -150,6 +181,7 @@ def main() -> int:
             "total_seconds": time.perf_counter() - t0,
             "fit": json.loads(json.dumps(fit.as_dict(), default=float)),
             "verify": {f: v.as_dict() for f, v in verifies.items()},
+            "verify_also": also,
             "report": str(report.relative_to(ROOT)),
         }
         out_path.write_text(json.dumps(results, indent=2, default=str))

@@ -86,6 +86,27 @@ def test_laws_recover_the_planted_exponent_and_extrapolate() -> None:
     assert fit.pick.status == "ok" and fit.pick.budget == target
 
 
+def test_a_joint_law_at_a_bound_is_not_extrapolated() -> None:
+    # no irreducible loss: the joint fit pins E at its bound 0 (hit_bound), a law the
+    # data do not determine; predictions come from L*(C), which is exact here (with
+    # E = 0 the isoFLOP minima follow a pure power law in C)
+    rng = np.random.default_rng(1)
+    rows = []
+    for c in BUDGETS:
+        centre = true_n_star(c)
+        for n in centre * np.geomspace(1 / 4, 4, 7):
+            d = c / (3 * n)
+            loss = float(law(n, d)) - E + rng.normal(0, 0.0005)
+            rows.append({"family": "f", "budget": c, "N": n, "D": d, "loss": loss})
+    fam = analyze_study(pd.DataFrame(rows), n_boot=100).families["f"]
+    assert fam.joint is not None and fam.joint.status != "converged"
+    assert not fam.joint_ok
+    target = 10 * BUDGETS[-1]
+    pred = fam.predict(target)
+    assert pred.loss_law == "power"
+    assert abs(pred.loss - (float(law(pred.N, pred.D)) - E)) < 0.005
+
+
 def test_pick_refuses_beyond_what_was_measured() -> None:
     pts = planted(BUDGETS)
     far = analyze_study(pts, target_flops=100 * BUDGETS[-1], n_boot=100)
