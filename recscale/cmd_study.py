@@ -39,6 +39,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     s.add_argument("--span", type=float, default=16.0, help="largest/smallest N per budget")
     s.add_argument("--center-ratio", type=float, default=10.0,
                    help="D/N guessed at the optimum (centres the sizes)")
+    s.add_argument("--widths", default=None,
+                   help="comma-separated d_model values sizes are drawn from")
+    s.add_argument("--depths", default=None,
+                   help="comma-separated n_layers values (one value: sizes differ in width only)")
+    s.add_argument("--n-tokens", type=int, default=None, help="frame: grouped tokens")
+    s.add_argument("--embed-dim", type=int, default=None, help="frame: embedding width")
+    s.add_argument("--head-hidden", default=None,
+                   help="frame: comma-separated head MLP widths")
+    s.add_argument("--eval-examples", type=int, default=None,
+                   help="validation examples each point is scored on")
     s.add_argument("--lr", default="3e-3", help="learning rate, or a comma list (grid per size)")
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--max-epochs", type=float, default=None,
@@ -69,15 +79,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from search.study import StudyError, ladder, study_config
+    from search.study import StudyConfig, StudyError, ladder, study_config
     from trainers.data import DataConfig, SyntheticConfig
 
     try:
         lrs = _floats(args.lr)
         budgets = (_floats(args.budgets) if args.budgets
                    else ladder(args.min_budget, args.n_budgets, args.ratio))
+        grid = {k: tuple(int(x) for x in getattr(args, k).split(",") if x.strip())
+                for k in ("widths", "depths") if getattr(args, k)}
+        frame = {"n_tokens": args.n_tokens, "embed_dim": args.embed_dim,
+                 "head_hidden": ([int(x) for x in args.head_hidden.split(",") if x.strip()]
+                                 if args.head_hidden else None)}
     except ValueError as err:
         raise StudyError(f"scale: {err}") from None
+    # frame knobs given on the command line replace the study's default frame's
+    model = {**StudyConfig.model_fields["model"].get_default(call_default_factory=True),
+             **{k: v for k, v in frame.items() if v is not None}}
+    extra: dict[str, Any] = {**grid, "model": model}
+    if args.eval_examples is not None:
+        extra["eval_max_examples"] = args.eval_examples
     if args.data == "synthetic":
         syn = SyntheticConfig(**({"n_rows": args.synthetic_rows} if args.synthetic_rows else {}))
         data = DataConfig(name="synthetic", synthetic=syn)
@@ -89,7 +110,7 @@ def _config(args: argparse.Namespace) -> Any:
         train={"batch_size": args.batch_size, "lr": lrs[0] if lrs else 3e-3,
                "optimizer": "adamw_split", "embedding_lr": 1e-2},
         lrs=lrs if len(lrs) > 1 else (), max_epochs=args.max_epochs,
-        max_concurrent=args.max_concurrent, seed=args.seed)
+        max_concurrent=args.max_concurrent, seed=args.seed, **extra)
 
 
 def cmd_scale(args: argparse.Namespace) -> int:

@@ -126,6 +126,26 @@ def test_add_parsers_registers_scale_and_verify() -> None:
     assert args.name == "s" and args.budget_flops == 3e11 and callable(args.func)
 
 
+def test_cli_sets_the_frame_and_size_grid() -> None:
+    from recscale.cmd_study import _config, add_parsers
+
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["scale", "--name", "s", "--budgets", "1e9,4e9", "--data",
+                              "synthetic", "--widths", "4,8,16", "--depths", "2",
+                              "--n-tokens", "2", "--head-hidden", "8", "--eval-examples", "1000"])
+    cfg = _config(args)
+    assert cfg.widths == (4, 8, 16) and cfg.depths == (2,)
+    assert cfg.model["n_tokens"] == 2 and list(cfg.model["head_hidden"]) == [8]
+    assert cfg.model["embed_dim"] == 8 and cfg.model["tokenizer"] == "grouped"  # defaults kept
+    assert cfg.eval_max_examples == 1000
+    default = _config(parser.parse_args(["scale", "--name", "s", "--budgets", "1e9,4e9"]))
+    assert default.model["n_tokens"] == 4 and default.depths == (1, 2, 3, 4)
+    with pytest.raises(UserError, match="scale:"):
+        _config(parser.parse_args(["scale", "--name", "s", "--budgets", "1e9,4e9",
+                                   "--widths", "4,x"]))
+
+
 def test_cli_bad_input_raises_user_error(tmp_path) -> None:
     from recscale.cmd_study import add_parsers
 
