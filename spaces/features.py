@@ -7,6 +7,7 @@ the model frame (``spaces.model``) builds its embeddings from it. Blocks never s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 #: Time-gap buckets of a history step: ``1 + min(floor(log2(1 + gap_seconds)), 39)``;
 #: id 0 is the padding of a history shorter than ``K`` (``trainers.sequences``).
@@ -87,6 +88,34 @@ class FeatureSpec:
                 f"sequence item_field {self.sequence.item_field} is not one of the "
                 f"{self.n_categorical} categorical fields"
             )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form; ``sequence`` appears only when set (a history-free spec reads
+        as it always did). Loads back with :meth:`from_dict`.
+
+        Example:
+            >>> spec = FeatureSpec((10, 3), 1, ("a", "b", "c"), SequenceSpec(item_field=1))
+            >>> FeatureSpec.from_dict(spec.to_dict()) == spec
+            True
+        """
+        out: dict[str, Any] = {"cardinalities": list(self.cardinalities),
+                               "n_numeric": self.n_numeric, "field_names": list(self.field_names)}
+        if self.sequence is not None:
+            out["sequence"] = {"item_field": self.sequence.item_field,
+                               "n_actions": self.sequence.n_actions}
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> FeatureSpec:
+        """The spec :meth:`to_dict` wrote."""
+        seq = raw.get("sequence")
+        return cls(
+            cardinalities=tuple(int(c) for c in raw["cardinalities"]),
+            n_numeric=int(raw["n_numeric"]),
+            field_names=tuple(raw["field_names"]),
+            sequence=None if seq is None else SequenceSpec(int(seq["item_field"]),
+                                                           int(seq["n_actions"])),
+        )
 
     @property
     def n_categorical(self) -> int:

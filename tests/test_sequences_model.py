@@ -4,6 +4,7 @@ K = 0 is the history-free model, the serving cap sees K, and a history carries s
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +170,38 @@ def test_a_planted_history_signal_is_learnt() -> None:
         aucs[k] = result.metrics["val_auc"]
     assert aucs[0] < 0.6 < 0.85 < aucs[4], aucs
     assert math.isfinite(aucs[4])
+
+
+def test_space_knob_and_a_full_run_with_histories(tmp_path: Path) -> None:
+    """``model.seq_len`` is a knob of the shipped sequences space; a config with it
+    trains, tests, logs ``model.seq_len`` and saves a model that loads back."""
+    import optuna
+    import yaml
+
+    from search.space import bundled_space, load_space
+    from tests.test_sequences import config, interactions
+    from trainers.experiment import ExperimentConfig, experiment_from_flat
+    from trainers.full import load_model, train_full
+
+    space = load_space(bundled_space("sequences"))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    ks = {experiment_from_flat(space.sample(study.ask())).model.seq_len for _ in range(20)}
+    assert ks == {0, 16, 64, 256}
+
+    data = config(tmp_path, interactions(n=3_000))
+    exp = ExperimentConfig(
+        model=ModelConfig(block="attention", n_layers=1, d_model=16, n_tokens=4, embed_dim=8,
+                          seq_len=16, attention={"kind": "hstu", "partitions": 4,
+                                                 "temperature": "dynamic"}),
+        train=TrainConfig(batch_size=256, epochs=1), data=data)
+    res = train_full(exp, tmp_path / "out", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                     progress=False)
+    assert res.status == "completed" and math.isfinite(res.test["test_logloss"])
+    saved = yaml.safe_load((res.model_dir / "config.yaml").read_text())
+    assert saved["model"]["seq_len"] == 16 and saved["data"]["sequences"] is True
+    model = load_model(res.model_dir)
+    assert model.seq_len == 16 and model.spec.sequence == SequenceSpec(item_field=1)
+    import mlflow
+
+    run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").get_run(res.run_id or "")
+    assert run.data.params.get("model.seq_len") == "16"

@@ -44,7 +44,15 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from spaces.features import FeatureSpec, SequenceSpec
 from trainers.contracts import cache_dir
@@ -172,6 +180,15 @@ class DataConfig(BaseModel):
         if any(not 0.0 < f < 1.0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
             raise ValueError(f"fractions must each lie in (0, 1) and sum to 1, got {fractions}")
         return fractions
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """``sequences`` is written only when on: a history-free config (every config
+        before histories existed) dumps, logs and exports exactly as it did."""
+        out: dict[str, Any] = handler(self)
+        if not self.sequences:
+            out.pop("sequences", None)
+        return out
 
     @model_validator(mode="after")
     def _paths(self) -> DataConfig:
@@ -728,14 +745,7 @@ def _save(entry: Path, ds: EncodedDataset, cfg: DataConfig) -> None:
         sidecar = {
             "format_version": FORMAT_VERSION,
             "fingerprint": ds.fingerprint,
-            "spec": {
-                "cardinalities": list(ds.spec.cardinalities),
-                "n_numeric": ds.spec.n_numeric,
-                "field_names": list(ds.spec.field_names),
-                **({} if ds.spec.sequence is None else {"sequence": {
-                    "item_field": ds.spec.sequence.item_field,
-                    "n_actions": ds.spec.sequence.n_actions}}),
-            },
+            "spec": ds.spec.to_dict(),
             "meta": ds.meta,
             "config": cfg.model_dump(mode="json"),
         }
@@ -754,13 +764,7 @@ def _load(entry: Path, fingerprint: str) -> EncodedDataset:
     if sidecar.get("format_version") != FORMAT_VERSION or sidecar.get("fingerprint") != fingerprint:
         raise ValueError("cache entry does not match the fingerprint or format version")
     seq = sidecar["spec"].get("sequence")
-    spec = FeatureSpec(
-        cardinalities=tuple(int(c) for c in sidecar["spec"]["cardinalities"]),
-        n_numeric=int(sidecar["spec"]["n_numeric"]),
-        field_names=tuple(sidecar["spec"]["field_names"]),
-        sequence=None if seq is None else SequenceSpec(int(seq["item_field"]),
-                                                       int(seq["n_actions"])),
-    )
+    spec = FeatureSpec.from_dict(sidecar["spec"])
     splits: dict[str, Split] = {}
     with np.load(entry / "tensors.npz", allow_pickle=False) as z:
         events = None

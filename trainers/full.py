@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,7 @@ def describe_where(where: dict[str, float]) -> str:
 def save_model(model: RecModel, exp: ExperimentConfig, out: Path, metrics: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     exp.to_yaml(out / "config.yaml")
-    (out / "spec.json").write_text(json.dumps(asdict(model.spec)))
+    (out / "spec.json").write_text(json.dumps(model.spec.to_dict()))
     torch.save(model.state_dict(), out / "weights.pt")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
@@ -97,7 +97,7 @@ def load_model(model_dir: str | os.PathLike[str]) -> RecModel:
     d = Path(model_dir)
     exp = load_experiment(d / "config.yaml")
     raw = json.loads((d / "spec.json").read_text())
-    spec = FeatureSpec(tuple(raw["cardinalities"]), raw["n_numeric"], tuple(raw["field_names"]))
+    spec = FeatureSpec.from_dict(raw)
     model = build_model(exp.model, spec)
     model.load_state_dict(torch.load(d / "weights.pt", weights_only=True, map_location="cpu"))
     model.eval()
