@@ -34,6 +34,8 @@ def _data_config(args: argparse.Namespace) -> Any:
         fields["label"] = args.label
     if args.split:
         fields["split"] = args.split
+    if getattr(args, "sequences", False):
+        fields["sequences"] = True
     for flag, key in (("min_count", "min_count"), ("hash_buckets", "hash_buckets")):
         value = getattr(args, flag, None)
         if value is not None:

@@ -43,6 +43,7 @@ from trainers.contracts import (
 from trainers.data import EncodedDataset, load_dataset
 from trainers.experiment import ExperimentConfig, load_experiment
 from trainers.loop import TrainResult, evaluate, predict_logits, train
+from trainers.sequences import Histories
 
 __all__ = ["FullRunResult", "describe_where", "load_model", "predict", "train_full"]
 
@@ -104,12 +105,25 @@ def load_model(model_dir: str | os.PathLike[str]) -> RecModel:
     return model
 
 
-def predict(model: RecModel, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
-    """Click probabilities for encoded examples ``cat (N, F_cat)``, ``num (N, F_num)``."""
+def predict(model: RecModel, cat: torch.Tensor, num: torch.Tensor,
+            history: Histories | None = None) -> torch.Tensor:
+    """Click probabilities for encoded examples ``cat (N, F_cat)``, ``num (N, F_num)``.
+
+    A model that reads behaviour histories (``seq_len > 0``) also needs the examples'
+    ``history`` (offsets into an event table, e.g. ``dataset.test.history`` of a
+    dataset loaded with ``sequences=True``); a history-free model ignores it.
+
+    Raises:
+        ValueError: the model reads histories and none were given, or their count is
+            not the examples'.
+    """
+    if history is not None and len(history) != len(cat):
+        raise ValueError(f"{len(cat)} examples but histories for {len(history)}")
 
     class _Split:
         def __init__(self) -> None:
             self.cat, self.num, self.label = cat, num, torch.zeros(len(cat))
+            self.history = history
 
         def __len__(self) -> int:
             return len(self.cat)
