@@ -15,20 +15,33 @@ Three parts, one JSON (``bench/results/sequences.json``):
    alone (``partitions = 4``) and ASTRO (``partitions = 4``, dynamic temperature),
    beside the analytic FLOPs.
 
+4. **Equal FLOPs.** Softmax attention, HSTU and ASTRO (softmax, ``partitions = 4``,
+   dynamic temperature), one layer each, at ``K`` in ``--ks``, each sized (``d_model``)
+   to the FLOPs per example nearest ``--equal-flops`` (within ``EQUAL_TOLERANCE``; a
+   variant that cannot get that cheap at a ``K``, e.g. full attention over 256 steps,
+   is recorded as infeasible with its smallest cost), all trained on the same
+   ``--equal-examples`` examples: loss vs ``K`` at equal FLOPs per example, hence equal
+   training FLOPs.
+
 The machine may be shared (the JSON records the load average before and after): read
-examples/s as this machine at that moment.
+examples/s as this machine at that moment. An existing ``--out`` file is updated: the
+parts skipped this time keep their earlier figures.
 
     .venv/bin/python bench/sequences.py [--examples 60000] [--eval 20000] [--threads 2]
+    .venv/bin/python bench/sequences.py --skip-throughput --skip-quality \
+        --equal-flops 1e6 --equal-examples 10000 --eval 5000
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +49,7 @@ from typing import Any
 import torch
 
 from spaces import ModelConfig, build_model, model_cost
+from spaces.blocks import BlockDimensionError
 from trainers.data import DataConfig, load_dataset
 from trainers.loop import TrainConfig, train
 from trainers.sequences import model_inputs
@@ -107,6 +121,63 @@ def throughput(ds: Any, ks: list[int], batch: int = 256, steps: int = 3) -> list
     return rows
 
 
+#: how far (as a ratio) a sized model's FLOPs per example may be from the target
+EQUAL_TOLERANCE = 1.3
+EQUAL_VARIANTS = {"softmax": ("softmax", 1, "fixed"), "hstu": ("hstu", 1, "fixed"),
+                  "astro": ("softmax", 4, "dynamic")}
+
+
+def sized(variant: str, k: int, target: float, spec: Any) -> tuple[ModelConfig | None, float]:
+    """The ``variant`` at history length ``k`` whose FLOPs per example are nearest
+    ``target`` over ``d_model`` in 4..256 (step 4), and its cost; None (with the smallest
+    cost found) when none is within ``EQUAL_TOLERANCE`` of it."""
+    kind, parts, temp = EQUAL_VARIANTS[variant]
+    best: tuple[float, ModelConfig, float] | None = None
+    cheapest = float("inf")
+    for d in range(4, 257, 4):
+        cfg = ModelConfig(**{"block": "attention", "n_layers": 1, "d_model": d, "n_tokens": 4,
+                             "embed_dim": 16, "head_hidden": (64,), "seq_len": k,
+                             "attention": {"kind": kind, "n_heads": 2, "partitions": parts,
+                                           "temperature": temp, "ffn_mult": 1}})
+        try:
+            fpe = float(model_cost(cfg, spec).flops_per_example)
+        except (ValueError, BlockDimensionError):  # a width the block refuses
+            continue
+        cheapest = min(cheapest, fpe)
+        gap = abs(math.log(fpe / target))
+        if best is None or gap < best[0]:
+            best = (gap, cfg, fpe)
+    if best is None or best[0] > math.log(EQUAL_TOLERANCE):
+        return None, cheapest
+    return best[1], best[2]
+
+
+def equal_flops(ds: Any, ks: list[int], target: float, examples: int, n_eval: int,
+                save: Any) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    train_cfg = TrainConfig(lr=3e-3, optimizer="adamw_split", embedding_lr=1e-2, batch_size=512,
+                            max_examples=examples, eval_every=examples, eval_max_examples=n_eval,
+                            seed=0)
+    for k in ks:
+        for variant in EQUAL_VARIANTS:
+            cfg, fpe = sized(variant, k, target, ds.spec)
+            row: dict[str, Any] = {"K": k, "variant": variant, "target_flops_per_example": target}
+            if cfg is None:
+                row.update(status="infeasible", cheapest_flops_per_example=fpe)
+            else:
+                t0 = time.perf_counter()
+                res = train(cfg, train_cfg, ds.spec, ds.train, ds.val)
+                row.update(status=res.status, d_model=cfg.d_model, flops_per_example=fpe,
+                           val_auc=res.metrics["val_auc"], val_logloss=res.metrics["val_logloss"],
+                           examples=examples, eval_examples=n_eval,
+                           seconds=time.perf_counter() - t0,
+                           examples_per_s=res.metrics["examples_per_s"])
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            save(equal=rows)  # a run cut short keeps what it measured
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--examples", type=int, default=60_000)
@@ -116,6 +187,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--skip-equal", action="store_true")
+    ap.add_argument("--equal-flops", type=float, default=1e6,
+                    help="FLOPs per example every model of the equal-FLOPs part is sized to")
+    ap.add_argument("--equal-examples", type=int, default=10_000)
     ap.add_argument("--out", default="bench/results/sequences.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -128,17 +203,22 @@ def main() -> None:
             "base_rate": ds.meta["base_rate"], "sequences": ds.meta["sequences"],
             "fingerprint": ds.fingerprint}
     print(json.dumps(data), flush=True)
-    out: dict[str, Any] = {"machine": platform.processor() or platform.machine(),
-                           "threads": args.threads, "torch": torch.__version__,
-                           "loadavg_before": load_before, "data": data}
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    run = {"argv": sys.argv[1:], "threads": args.threads, "loadavg_before": load_before}
+    out.update({"machine": out.get("machine") or platform.processor() or platform.machine(),
+                "threads": args.threads, "torch": torch.__version__, "data": data})
+    out.setdefault("runs", []).append(run)
 
-    def save(quality_rows: list[dict[str, Any]] | None = None) -> None:
+    def save(quality_rows: list[dict[str, Any]] | None = None,
+             equal: list[dict[str, Any]] | None = None) -> None:
         if quality_rows is not None:
             out["quality"] = quality_rows
-        out["peak_rss_mb"] = peak_rss_mb()
-        out["loadavg_after"] = os.getloadavg()
+        if equal is not None:
+            out["equal_flops"] = equal
+        run["peak_rss_mb"] = peak_rss_mb()
+        run["loadavg_after"] = os.getloadavg()
         path.write_text(json.dumps(out, indent=1))
 
     if not args.skip_throughput:
@@ -146,6 +226,8 @@ def main() -> None:
         save()
     if not args.skip_quality:
         quality(ds, args.ks, args.examples, args.eval, args.full_256, save)
+    if not args.skip_equal:
+        equal_flops(ds, args.ks, args.equal_flops, args.equal_examples, args.eval, save)
     save()
     print(f"wrote {args.out}")
 
