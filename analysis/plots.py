@@ -362,6 +362,7 @@ def sequence_png(runs: SearchRuns, out_dir: Path) -> Path:
             right.annotate(f"{fpe:.3g} FLOPs/ex", (x, loss), textcoords="offset points",
                            xytext=(0, 6), ha="center", fontsize=7.5)
         right.set_xticks(xs, [str(b[0]) for b in best])
+        right.margins(x=0.15, y=0.15)  # room for the labels at the ends
     right.set_xlabel("history length K (model.seq_len)")
     right.set_ylabel(Y_LABEL)
     right.set_title("best loss of each K", fontsize=10)

@@ -153,13 +153,19 @@ def sized(variant: str, k: int, target: float, spec: Any) -> tuple[ModelConfig |
 
 
 def equal_flops(ds: Any, ks: list[int], target: float, examples: int, n_eval: int,
-                save: Any) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+                save: Any, previous: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Train every variant at every ``K`` of ``ks``; the ``previous`` rows of other
+    ``(K, variant, target)`` are kept (a later run can add ``K = 0``, say)."""
+    redo = {(k, v, target) for k in ks for v in EQUAL_VARIANTS}
+    rows = [r for r in previous
+            if (r["K"], r["variant"], r["target_flops_per_example"]) not in redo]
     train_cfg = TrainConfig(lr=3e-3, optimizer="adamw_split", embedding_lr=1e-2, batch_size=512,
                             max_examples=examples, eval_every=examples, eval_max_examples=n_eval,
                             seed=0)
     for k in ks:
         for variant in EQUAL_VARIANTS:
+            if k == 0 and variant == "astro":  # no history to partition
+                continue
             cfg, fpe = sized(variant, k, target, ds.spec)
             row: dict[str, Any] = {"K": k, "variant": variant, "target_flops_per_example": target}
             if cfg is None:
@@ -174,6 +180,8 @@ def equal_flops(ds: Any, ks: list[int], target: float, examples: int, n_eval: in
                            examples_per_s=res.metrics["examples_per_s"])
             print(json.dumps(row), flush=True)
             rows.append(row)
+            rows.sort(key=lambda r: (r["target_flops_per_example"], r["K"],
+                                     list(EQUAL_VARIANTS).index(r["variant"])))
             save(equal=rows)  # a run cut short keeps what it measured
     return rows
 
@@ -191,6 +199,9 @@ def main() -> None:
     ap.add_argument("--equal-flops", type=float, default=1e6,
                     help="FLOPs per example every model of the equal-FLOPs part is sized to")
     ap.add_argument("--equal-examples", type=int, default=10_000)
+    ap.add_argument("--equal-ks", type=int, nargs="+", default=None,
+                    help="the K's of the equal-FLOPs part (default --ks; K = 0: no history, "
+                         "every variant the same model)")
     ap.add_argument("--out", default="bench/results/sequences.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -227,7 +238,8 @@ def main() -> None:
     if not args.skip_quality:
         quality(ds, args.ks, args.examples, args.eval, args.full_256, save)
     if not args.skip_equal:
-        equal_flops(ds, args.ks, args.equal_flops, args.equal_examples, args.eval, save)
+        equal_flops(ds, args.equal_ks or args.ks, args.equal_flops, args.equal_examples,
+                    args.eval, save, list(out.get("equal_flops", [])))
     save()
     print(f"wrote {args.out}")
 

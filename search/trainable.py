@@ -93,14 +93,14 @@ def share_dataset(ds: Any) -> SharedData:
 
 
 def _view(arrays: dict[str, Any], events: dict[str, np.ndarray] | None = None) -> _SplitView:
-    """Tensors over a split's shared arrays (no copy); its histories when it has them."""
+    """Tensors over a split's shared arrays (no copy), with its histories when it has
+    them and ``events`` (the shared event table) is given; without ``events`` the view
+    is history-free (a model that reads histories then says the data has none)."""
     with warnings.catch_warnings():  # object-store arrays are read-only; we never write
         warnings.simplefilter("ignore", UserWarning)
         cat, num, label = (torch.from_numpy(arrays[k]) for k in ("cat", "num", "label"))
         history = None
-        if "history" in arrays:
-            if events is None:
-                raise ValueError("a split with histories needs the shared event table")
+        if "history" in arrays and events is not None:
             table = EventTable(*(torch.from_numpy(events[k]) for k in _EVENT_KEYS))
             history = Histories(table, *(torch.from_numpy(arrays["history"][k])
                                          for k in _HISTORY_KEYS))

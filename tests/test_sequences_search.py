@@ -90,8 +90,8 @@ def test_shared_dataset_carries_the_histories(tmp_path: Path) -> None:
             assert torch.equal(view.history.gather(idx, k), split.history.gather(idx, k))
     # the event table is shipped once and shared by both splits' views, not copied
     assert shared["events"]["item"].nbytes == ds.train.history.events.item.numel() * 4
-    with pytest.raises(ValueError, match="event table"):
-        _view(shared["train"])
+    # without the event table (a caller that never reads histories) the view is history-free
+    assert _view(shared["train"]).history is None
 
     (tmp_path / "plain").mkdir()
     plain = share_dataset(load_dataset(data_config(tmp_path / "plain", sequences=False),
