@@ -252,3 +252,24 @@ def test_loss_vs_k_at_equal_flops(tmp_path: Path) -> None:
     res = build_report(plain, tmp_path / "plain", n_boot=0)
     assert "sequence_length" not in res.summary
     assert not (tmp_path / "plain" / "loss_vs_seq_len.png").exists()
+
+
+def test_evaluation_batches_shrink_with_long_histories(tmp_path: Path) -> None:
+    """Evaluation memory does not grow with K: the batch shrinks as 16/K beyond K = 16,
+    and the logits do not depend on the batch."""
+    from spaces import build_model
+    from trainers.loop import predict_logits
+    from trainers.sequences import eval_batch_size
+
+    ds = load_dataset(data_config(tmp_path), cache_dir=tmp_path / "cache")
+    sizes = {}
+    for k in (0, 16, 64, 256):
+        cfg = ModelConfig(block="attention", n_layers=1, d_model=16, n_tokens=4, embed_dim=8,
+                          seq_len=k)
+        sizes[k] = eval_batch_size(build_model(cfg, ds.spec), 8192)
+    assert sizes == {0: 8192, 16: 8192, 64: 2048, 256: 512}
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(block="attention", n_layers=1, d_model=16, n_tokens=4,
+                                    embed_dim=8, seq_len=64), ds.spec)
+    assert torch.allclose(predict_logits(model, ds.val), predict_logits(model, ds.val, 7),
+                          atol=1e-5)

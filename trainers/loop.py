@@ -33,7 +33,7 @@ from torch import nn
 
 from spaces import FeatureSpec, ModelConfig, RecModel, build_model
 from trainers.contracts import OBJECTIVE
-from trainers.sequences import model_inputs
+from trainers.sequences import eval_batch_size, model_inputs
 
 __all__ = [
     "Metrics",
@@ -176,6 +176,7 @@ def predict_logits(model: nn.Module, split: SplitLike, batch_size: int = 8192,
     model.eval()
     device = next(model.parameters()).device
     n = len(split) if limit is None else min(limit, len(split))
+    batch_size = eval_batch_size(model, batch_size)  # smaller for long histories
     out = [model(*model_inputs(model, split, slice(i, min(i + batch_size, n)), device)).cpu()
            for i in range(0, n, batch_size)]
     model.train(was_training)

@@ -44,6 +44,7 @@ __all__ = [
     "EventTable",
     "Histories",
     "build_histories",
+    "eval_batch_size",
     "gap_buckets",
     "history_facts",
     "model_inputs",
@@ -247,6 +248,28 @@ def model_inputs(
             "load it with DataConfig(sequences=True)"
         )
     return cat, num, history.gather(idx, k).to(device)
+
+
+#: up to this history length an evaluation batch keeps its size
+EVAL_FULL_BATCH_K = 16
+
+
+def eval_batch_size(model: nn.Module, batch_size: int) -> int:
+    """The evaluation batch for ``model``: ``batch_size`` for a history-free model or
+    ``K <= EVAL_FULL_BATCH_K``, else scaled by ``EVAL_FULL_BATCH_K / K`` (at least 64,
+    or ``batch_size`` when that is smaller),
+    so an evaluation's peak memory does not grow with ``K`` (full attention holds a
+    ``B x heads x K^2`` score tensor: at ``K = 256`` a batch of 8192 took ~9 GB).
+
+    Example:
+        >>> m = nn.Module(); m.seq_len = 256
+        >>> eval_batch_size(m, 8192)
+        512
+    """
+    k = int(getattr(model, "seq_len", 0))
+    if k <= EVAL_FULL_BATCH_K:
+        return batch_size
+    return max(min(64, batch_size), batch_size * EVAL_FULL_BATCH_K // k)
 
 
 def history_facts(table: EventTable, parts: dict[str, Histories]) -> dict[str, Any]:
