@@ -10,7 +10,10 @@ Pareto frontier as a black staircase, and the fitted scaling laws as dashed curv
 * ``loss_vs_train_flops.png``: every report of every trial (learning curves) vs training
   compute spent, the compute-efficient frontier and its ``L(C) = E + A·C^(−α)`` fits;
 * ``joint_fit.png``: the joint law ``L(N, D)``: observed vs predicted loss, and the loss
-  it predicts at the compute-optimal size for each budget.
+  it predicts at the compute-optimal size for each budget;
+* ``loss_vs_seq_len.png`` (only for a search whose trials differ in ``model.seq_len``):
+  best loss per trial vs FLOPs per example, one colour per history length ``K``, and the
+  best loss of each ``K``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 __all__ = ["FAMILY_COLORS", "PLOTS", "PlotSpec", "family_color", "family_marker",
-           "PLOTLY_JS", "html_figures", "png_figures", "write_plotly_js"]
+           "PLOTLY_JS", "html_figures", "png_figures", "seq_lens", "sequence_png",
+           "write_plotly_js"]
 
 # Okabe–Ito: distinguishable with the common colour-vision deficiencies
 FAMILY_COLORS = {"attention": "#0072B2", "tokenmixer": "#E69F00", "wukong": "#009E73",
@@ -313,6 +317,62 @@ def png_figures(runs: SearchRuns, out_dir: Path, frontier_fit: PowerLawFit | Non
         files.append(_joint_png(runs, joint, out_dir, budget_flops, max_n,
                                 max_flops_per_example))
     return files
+
+
+def seq_lens(trials: pd.DataFrame) -> pd.Series:
+    """Each trial's history length ``K`` (``model.seq_len``; 0 where it is unset: a
+    history-free config does not log the knob)."""
+    if "model.seq_len" not in trials:
+        return pd.Series(0, index=trials.index, dtype="int64")
+    return pd.to_numeric(trials["model.seq_len"], errors="coerce").fillna(0).astype("int64")
+
+
+def sequence_png(runs: SearchRuns, out_dir: Path) -> Path:
+    """``loss_vs_seq_len.png``: left, best loss of each trial vs FLOPs per example, one
+    colour per ``K``; right, the best loss of each ``K`` (the label: its FLOPs/example)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = runs.trials.assign(seq_len=seq_lens(runs.trials))
+    if "status" in t:
+        t = t[~t["status"].fillna("").astype(str).str.upper().isin(_BAD_STATUS)]
+    t = t.dropna(subset=[OBJECTIVE, "flops_per_example"])
+    t = t[t["flops_per_example"] > 0]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110, layout="constrained")
+    ks = sorted(int(k) for k in t["seq_len"].unique())
+    colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, max(len(ks), 1)))
+    best = []
+    for k, colour in zip(ks, colours, strict=False):
+        g = t[t["seq_len"] == k]
+        left.scatter(g["flops_per_example"], g[OBJECTIVE], color=colour, s=22,
+                     label=f"K={k} ({len(g)})", edgecolors="none")
+        row = g.loc[g[OBJECTIVE].idxmin()]
+        best.append((k, float(row[OBJECTIVE]), float(row["flops_per_example"])))
+    left.set_xscale("log")
+    left.set_xlabel("forward FLOPs per example (FLOPs, log scale)")
+    left.set_ylabel(Y_LABEL)
+    left.set_title("each trial's loss, by history length K", fontsize=10)
+    if ks:
+        left.legend(fontsize=8, frameon=False)
+        xs = np.arange(len(best))
+        right.plot(xs, [b[1] for b in best], "o-", color="black")
+        for x, (_, loss, fpe) in zip(xs, best, strict=True):
+            right.annotate(f"{fpe:.3g} FLOPs/ex", (x, loss), textcoords="offset points",
+                           xytext=(0, 6), ha="center", fontsize=7.5)
+        right.set_xticks(xs, [str(b[0]) for b in best])
+        right.margins(x=0.15, y=0.15)  # room for the labels at the ends
+    right.set_xlabel("history length K (model.seq_len)")
+    right.set_ylabel(Y_LABEL)
+    right.set_title("best loss of each K", fontsize=10)
+    for ax in (left, right):
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(f"search {runs.name!r}: loss vs history length", fontsize=11)
+    path = out_dir / "loss_vs_seq_len.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 # ---- plotly -------------------------------------------------------------------------

@@ -27,6 +27,11 @@
     against the base rate and the best reference (:func:`analysis.lift.model_lift`:
     log-loss and AUC lifts, their standard errors, whether paired, a verdict and one
     sentence each).
+  - ``sequence_length`` (only when the trials differ in ``model.seq_len``, the behaviour-
+    history length ``K``; absent otherwise): :func:`sequence_length`: the best trial of
+    each ``K`` with the FLOPs per example it cost, and the best loss of each ``K`` within
+    half-decade bands of FLOPs per example (loss vs ``K`` at equal serving cost); the
+    figure ``loss_vs_seq_len.png``.
 
 The reference models (``reference-<family>`` trials) are kept out of everything else:
 the frontiers, fits and recommendation are about the searched trials; the trial table
@@ -52,7 +57,14 @@ import pandas as pd
 from analysis.fits import JointFit, PowerLawFit, fit_joint, fit_power_law
 from analysis.frontier import compute_frontier, pareto_front
 from analysis.lift import model_lift, references_of, without_references
-from analysis.plots import PLOTLY_JS, html_figures, png_figures, write_plotly_js
+from analysis.plots import (
+    PLOTLY_JS,
+    html_figures,
+    png_figures,
+    seq_lens,
+    sequence_png,
+    write_plotly_js,
+)
 from analysis.runs import (
     CONFIG_COLUMN,
     RESULT_STEP,
@@ -63,7 +75,7 @@ from analysis.runs import (
 from trainers.contracts import METRICS, OBJECTIVE, RESULT_REPORT, VAL_SE
 
 __all__ = ["DEFAULT_UI_URL", "EXTRAPOLATION", "run_url", "ComputeOptimal", "ReportResult", "ScalingFits", "build_report",
-           "fit_search", "log_report_to_mlflow", "recommend_size", "select_best"]
+           "fit_search", "log_report_to_mlflow", "recommend_size", "select_best", "sequence_length"]
 
 EXTRAPOLATION = 10.0  # how far beyond the largest trained model a recommendation may reach
 EXCLUDED_STATUS = ("ERROR", "DIVERGED")  # trials never recommended
@@ -412,6 +424,90 @@ def _references(runs: SearchRuns, cap: float | None) -> dict[str, Any]:
     return out
 
 
+#: FLOPs-per-example bands of the equal-cost comparison: this many per decade
+SEQ_BANDS_PER_DECADE = 2
+
+
+def sequence_length(runs: SearchRuns) -> dict[str, Any] | None:
+    """Validation loss against the behaviour-history length ``K`` (``model.seq_len``).
+
+    Returns None when every trial reads the same ``K`` (a history-free search). Else
+    ``{"by_seq_len": [...], "equal_flops": [...], "best_seq_len"}``: per ``K`` (ascending)
+    the trial count and the best trial (lowest ``val_logloss`` among the trials that are
+    not in error or diverged) with its AUC, standard error, FLOPs per example and
+    training FLOPs; and per band of FLOPs per example (``SEQ_BANDS_PER_DECADE`` a
+    decade) that holds trials of two ``K`` or more, the best loss of each ``K`` in it:
+    the comparison at (near) equal serving cost, since a longer history costs more per
+    example.
+
+    Example:
+        >>> import pandas as pd
+        >>> from analysis.runs import runs_from_frames
+        >>> t = pd.DataFrame({"run_id": ["a", "b"], "block": ["attention"] * 2,
+        ...                   "model.seq_len": [0, 16], "val_logloss": [0.6, 0.5],
+        ...                   "flops_per_example": [1e4, 1.2e4]})
+        >>> [r["seq_len"] for r in sequence_length(runs_from_frames(t, t))["by_seq_len"]]
+        [0, 16]
+    """
+    t = runs.trials.copy()
+    if OBJECTIVE not in t or t.empty:
+        return None
+    t["seq_len"] = seq_lens(t)
+    if t["seq_len"].nunique() < 2:
+        return None
+    if "status" in t:
+        t = t[~t["status"].fillna("").astype(str).str.upper().isin(EXCLUDED_STATUS)]
+    t = t[pd.to_numeric(t[OBJECTIVE], errors="coerce").notna()]
+    cols = ["run_id", "trial_id", "block", OBJECTIVE, "val_auc", VAL_SE,
+            "flops_per_example", "train_flops"]
+    by_k = []
+    for k, group in t.groupby("seq_len", sort=True):
+        best = group.loc[pd.to_numeric(group[OBJECTIVE]).idxmin()]
+        by_k.append({"seq_len": int(k), "trials": len(group),
+                     **{c: best.get(c) for c in cols if c in group}})
+    bands = []
+    if "flops_per_example" in t:
+        f = pd.to_numeric(t["flops_per_example"], errors="coerce")
+        ok = t[f > 0].assign(band=np.floor(np.log10(f[f > 0]) * SEQ_BANDS_PER_DECADE))
+        for band, group in ok.groupby("band", sort=True):
+            if group["seq_len"].nunique() < 2:
+                continue
+            best = group.groupby("seq_len")[OBJECTIVE].min()
+            bands.append({"flops_per_example": [10 ** (band / SEQ_BANDS_PER_DECADE),
+                                                10 ** ((band + 1) / SEQ_BANDS_PER_DECADE)],
+                          "best_val_logloss": {str(int(k)): float(v) for k, v in best.items()},
+                          "best_seq_len": int(best.idxmin())})
+    overall = min(by_k, key=lambda r: float(r[OBJECTIVE])) if by_k else None
+    return {"by_seq_len": by_k, "equal_flops": bands,
+            "best_seq_len": None if overall is None else overall["seq_len"]}
+
+
+def _sequence_html(summary: Mapping[str, Any]) -> list[str]:
+    seq = summary.get("sequence_length")
+    if not seq:
+        return []
+    rows = [[r["seq_len"], r["trials"], r.get("trial_id"), r.get("block"), r.get(OBJECTIVE),
+             r.get("val_auc"), r.get("flops_per_example"), r.get("train_flops")]
+            for r in seq["by_seq_len"]]
+    ks = [str(r["seq_len"]) for r in seq["by_seq_len"]]
+    band_rows = [[f"{b['flops_per_example'][0]:.3g} – {b['flops_per_example'][1]:.3g}",
+                  *[b["best_val_logloss"].get(k) for k in ks], b["best_seq_len"]]
+                 for b in seq["equal_flops"]]
+    parts = ["<h2>History length K</h2>",
+             "<p>The trials differ in <code>model.seq_len</code>, the number of past "
+             "interactions each example reads. A longer history costs more FLOPs per "
+             "example: compare K at equal cost in the second table (bands of FLOPs per "
+             "example). Figure: <code>loss_vs_seq_len.png</code>.</p>",
+             _table(["K", "trials", "best trial", "family", "val log loss", "val AUC",
+                     "FLOPs/example", "training FLOPs"], rows)]
+    if band_rows:
+        parts.append(_table(["FLOPs/example band", *[f"K={k}" for k in ks], "best K"],
+                            band_rows))
+    else:
+        parts.append("<p>No band of FLOPs per example holds trials of two K.</p>")
+    return parts
+
+
 def _references_html(summary: Mapping[str, Any], budgets: str) -> list[str]:
     """The report's References section: the base rate, each reference and the best
     searched trial on the same validation examples, then the lift sentences."""
@@ -620,6 +716,7 @@ def _html(runs: SearchRuns, summary: dict[str, Any], divs: list[str], out: Path,
                           "D* examples [95% CI]", "predicted loss", "limited by", "warning"],
                          size_rows)]
     parts += _references_html(summary, budgets)
+    parts += _sequence_html(summary)
     refs = references if references is not None else runs.trials.iloc[0:0]
     ordered = pd.concat([runs.trials, refs]).sort_values(OBJECTIVE, na_position="last",
                                                          kind="mergesort")
@@ -736,11 +833,16 @@ def build_report(runs: SearchRuns, out_dir: str | Path, max_flops_per_example: f
         "references": _references(everything, max_flops_per_example),
         "data": runs.data,
     }
+    seq = sequence_length(runs)
+    if seq is not None:  # only then, so a history-free search's summary reads as before
+        summary["sequence_length"] = seq
     summary = _jsonable(summary)
     largest = float(runs.history["flops_per_example"].max())
     reach = EXTRAPOLATION * largest if math.isfinite(largest) else None
     files = png_figures(runs, out, fits.frontier, fits.by_family, fits.joint,
                         max_flops_per_example, budget_flops, reach)
+    if seq is not None:
+        files.append(sequence_png(runs, out))
     divs = html_figures(runs, fits.frontier, fits.by_family, max_flops_per_example)
     files.append(write_plotly_js(out))
     files.append(_html(runs, summary, divs, out, [p for p in files if p.stem == "joint_fit"],

@@ -57,7 +57,13 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-rows", type=int, default=None, help="deterministic subsample")
     p.add_argument("--label", choices=["rating>=4", "rating>3"], default=None,
                    help="MovieLens label rule (default rating>=4)")
-    p.add_argument("--split", choices=["random", "temporal"], default=None)
+    p.add_argument("--split", choices=["random", "temporal", "user_temporal"], default=None,
+                   help="random (default), temporal (global time order) or user_temporal "
+                        "(per user: latest 10%% test, the 10%% before val; the protocol for "
+                        "behaviour histories)")
+    p.add_argument("--sequences", action="store_true",
+                   help="build behaviour histories (needs user, item and time columns; "
+                        "docs/data.md) so configs with model.seq_len = K > 0 can train")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--min-count", type=int, default=None,
                    help="categorical values seen fewer times in train share the OOV id "

@@ -34,6 +34,8 @@ def _data_config(args: argparse.Namespace) -> Any:
         fields["label"] = args.label
     if args.split:
         fields["split"] = args.split
+    if getattr(args, "sequences", False):
+        fields["sequences"] = True
     for flag, key in (("min_count", "min_count"), ("hash_buckets", "hash_buckets")):
         value = getattr(args, flag, None)
         if value is not None:
@@ -65,7 +67,7 @@ def print_best(outcome: Any, n: int = 10) -> None:
 
     best = outcome.best(n)
     cols = [c for c in ("trial_id", "model.block", "model.d_model", "model.n_layers",
-                        "model.n_tokens", "flops_per_example", TIME_ATTR, OBJECTIVE,
+                        "model.n_tokens", "model.seq_len", "flops_per_example", TIME_ATTR, OBJECTIVE,
                         "val_auc", "trial_status") if c in best.columns]
     print(f"\nsearch {outcome.name}: {len(outcome.trials)} trials, spent "
           f"{outcome.spent_flops:.3g} of {outcome.budget_flops:.3g} training FLOPs "

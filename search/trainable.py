@@ -2,7 +2,10 @@
 
 Everything heavy lives elsewhere: configs in ``spaces``/``trainers``, the loop in
 ``trainers.loop``. The dataset arrives once through the Ray object store
-(``tune.with_parameters``) as NumPy arrays shared by every trial on a node.
+(``tune.with_parameters``) as NumPy arrays shared by every trial on a node; a dataset
+with behaviour histories also ships its event table once and each split's offsets
+(``trainers.sequences``), so a trial with ``model.seq_len = K > 0`` gathers its
+histories batch by batch from the shared arrays, whatever ``K`` is.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from trainers.contracts import CONSTANT_METRICS, OBJECTIVE, STEP_AXIS, TIME_ATTR
 from trainers.data import DataConfig
 from trainers.experiment import experiment_from_flat
 from trainers.loop import predict_logits, train, trial_train_config
+from trainers.sequences import EventTable, Histories
 
 __all__ = ["SharedData", "TrialContext", "load_state", "logloss_se", "run_trial", "share_dataset",
            "standard_error", "val_losses"]
@@ -57,6 +61,7 @@ class _SplitView:
     cat: torch.Tensor
     num: torch.Tensor
     label: torch.Tensor
+    history: Histories | None = None
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -64,20 +69,42 @@ class _SplitView:
 
 SharedData = dict[str, Any]
 
+_EVENT_KEYS = ("item", "action", "time")
+_HISTORY_KEYS = ("start", "end", "time")
+
 
 def share_dataset(ds: Any) -> SharedData:
-    """The encoded dataset as plain NumPy arrays (zero-copy in Ray's object store)."""
+    """The encoded dataset as plain NumPy arrays (zero-copy in Ray's object store).
+
+    ``{"spec", "train": {cat, num, label}, "val": {...}}``; with behaviour histories also
+    ``"events": {item, action, time}`` (the one event table, shipped once) and each
+    split's ``"history": {start, end, time}`` offsets. A history-free dataset ships
+    exactly what it did before histories existed.
+    """
     out: SharedData = {"spec": ds.spec}
     for name in ("train", "val"):
         split = getattr(ds, name)
         out[name] = {k: getattr(split, k).numpy() for k in ("cat", "num", "label")}
+        history: Histories | None = getattr(split, "history", None)
+        if history is not None:
+            out[name]["history"] = {k: getattr(history, k).numpy() for k in _HISTORY_KEYS}
+            out.setdefault("events", {k: getattr(history.events, k).numpy() for k in _EVENT_KEYS})
     return out
 
 
-def _view(arrays: dict[str, np.ndarray]) -> _SplitView:
+def _view(arrays: dict[str, Any], events: dict[str, np.ndarray] | None = None) -> _SplitView:
+    """Tensors over a split's shared arrays (no copy), with its histories when it has
+    them and ``events`` (the shared event table) is given; without ``events`` the view
+    is history-free (a model that reads histories then says the data has none)."""
     with warnings.catch_warnings():  # object-store arrays are read-only; we never write
         warnings.simplefilter("ignore", UserWarning)
-        return _SplitView(*(torch.from_numpy(arrays[k]) for k in ("cat", "num", "label")))
+        cat, num, label = (torch.from_numpy(arrays[k]) for k in ("cat", "num", "label"))
+        history = None
+        if "history" in arrays and events is not None:
+            table = EventTable(*(torch.from_numpy(events[k]) for k in _EVENT_KEYS))
+            history = Histories(table, *(torch.from_numpy(arrays["history"][k])
+                                         for k in _HISTORY_KEYS))
+        return _SplitView(cat, num, label, history)
 
 
 def val_losses(model: torch.nn.Module, split: Any, limit: int | None) -> torch.Tensor:
@@ -199,7 +226,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
                      "trial_status": tracker.finished.lower()})
         return
 
-    val = _view(data["val"])
+    val = _view(data["val"], data.get("events"))
     probe = build_model(exp.model, spec)  # the reported weights, for the loss's standard error
 
     def report(metrics: dict[str, float], state: Any) -> bool:
@@ -220,7 +247,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
                         checkpoint=tune.Checkpoint.from_directory(d))
         return False
 
-    result = train(exp.model, train_cfg, spec, _view(data["train"]), val,
+    result = train(exp.model, train_cfg, spec, _view(data["train"], data.get("events")), val,
                    report=report, resume=resume, eval_at=eval_at, device=device)
     if result.status == "diverged":
         last = result.history[-1] if result.history else {

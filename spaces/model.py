@@ -1,6 +1,28 @@
 """The model frame: embeddings -> tokenizer -> L blocks of one family -> head -> logit.
 
-Only the block slot changes between families (the DLRM ``inter_arch`` pattern). The
+Only the block slot changes between families (the DLRM ``inter_arch`` pattern). With
+``seq_len = K > 0`` the frame also reads each example's behaviour history (BLOCKS.md
+section 6) and puts ``T_h`` history tokens before the ``T`` field tokens::
+
+    h_k   = E_item[item_k] + E_action[action_k] (+ E_gap[gap_k])     (B, K, e); E_item is
+            the item field's own embedding rows, so history and target share one table
+    pool  = chunked mean over K / T_h consecutive steps                (B, T_h, e)
+    tok_h = pool W_h + b_h + P                                        (B, T_h, D)
+    blocks see [tok_h (oldest .. newest) ‖ field tokens]              (B, T_h + T, D)
+
+``T_h = K`` (no pooling) for the attention family unless ``seq_tokens`` is set: softmax
+and HSTU attend over every step with the target's field tokens in view, and ASTRO's
+``partitions`` cut the ``K + T`` tokens into contiguous groups, so the last group holds
+the most recent history with the field tokens **(choice)**. TokenMixer, UniMixing(-Lite)
+and Wukong have per-token weights (and TokenMixer needs ``H = T``), so they get the
+history compressed by chunked mean pooling into ``T_h = seq_tokens`` tokens (default
+:data:`DEFAULT_SEQ_TOKENS`, capped at ``K``; it must divide ``K``). Padding steps of a
+short history (all ids 0) are embedded like any step (action 0 is the padding action):
+the token count, hence the cost, is exactly ``K`` whatever the history's true length.
+Cost: ``2·T_h·e·D`` FLOPs for ``W_h`` (pooling and sums are element-wise: 0), and the
+blocks and head at ``T_h + T`` tokens.
+
+The
 frame's own cost is counted here with the same convention as the blocks (matmul FLOPs,
 multiply-add = 2; embedding look-ups and element-wise work cost 0), so
 ``model_cost(cfg, spec)`` gives the whole model's FLOPs and parameters from the config
@@ -30,7 +52,13 @@ from spaces.blocks.base import Block, BlockConfig, BlockCost, BlockDimensionErro
 from spaces.blocks.registry import block_names, get_block
 from spaces.features import FeatureSpec
 
-__all__ = ["ModelConfig", "ModelCost", "RecModel", "build_model", "model_cost"]
+__all__ = ["DEFAULT_SEQ_TOKENS", "ModelConfig", "ModelCost", "RecModel", "build_model",
+           "model_cost"]
+
+#: History tokens of families with per-token weights when ``seq_tokens`` is unset.
+DEFAULT_SEQ_TOKENS = 4
+#: Families that read one token per history step unless ``seq_tokens`` says otherwise.
+_FULL_HISTORY_FAMILIES = ("attention",)
 
 
 class ModelConfig(BaseModel):
@@ -53,6 +81,11 @@ class ModelConfig(BaseModel):
             ``field`` (one token per field).
         pooling: ``mean`` over tokens or ``flatten`` them before the head MLP.
         head_hidden: widths of the head MLP's hidden layers (ReLU); then one logit.
+        seq_len: ``K``, the behaviour-history steps each example reads (0 = none: the
+            model is exactly the history-free one). Needs a dataset with sequences.
+        seq_tokens: ``T_h``, history tokens after chunked mean pooling (must divide
+            ``K``); unset = ``K`` for attention, ``min(K, 4)`` for the other families.
+        seq_gap: add a learned embedding of each step's time-gap bucket.
         mixer: the validated family config (filled from the family's section).
     """
 
@@ -66,6 +99,9 @@ class ModelConfig(BaseModel):
     tokenizer: Literal["grouped", "field"] = "grouped"
     pooling: Literal["mean", "flatten"] = "mean"
     head_hidden: tuple[int, ...] = (64,)
+    seq_len: int = Field(0, ge=0, le=4096)
+    seq_tokens: int | None = Field(None, ge=1, le=4096)
+    seq_gap: bool = True
     mixer: BlockConfig
 
     @model_validator(mode="before")
@@ -99,11 +135,21 @@ class ModelConfig(BaseModel):
         return self
 
     def tokens_for(self, spec: FeatureSpec) -> int:
-        """The token count ``T`` the blocks see for this dataset."""
+        """The field-token count ``T`` of this dataset (history tokens not included)."""
         if self.tokenizer == "field":
             return spec.n_fields
         assert self.n_tokens is not None
         return self.n_tokens
+
+    def history_tokens(self) -> int:
+        """``T_h``: tokens the history becomes (0 without one; see the module docstring)."""
+        if self.seq_len == 0:
+            return 0
+        if self.seq_tokens is not None:
+            return self.seq_tokens
+        if self.block in _FULL_HISTORY_FAMILIES:
+            return self.seq_len
+        return min(self.seq_len, DEFAULT_SEQ_TOKENS)
 
     def check(self, spec: FeatureSpec) -> None:
         """Raise ``BlockDimensionError`` if this config cannot be built for ``spec``."""
@@ -112,8 +158,20 @@ class ModelConfig(BaseModel):
                 f"tokenizer 'field' makes one token per field ({spec.n_fields}); "
                 f"n_tokens={self.n_tokens} contradicts it (leave it unset)"
             )
+        if self.seq_len:
+            if spec.sequence is None:
+                raise BlockDimensionError(
+                    f"seq_len={self.seq_len} reads behaviour histories, but the dataset has "
+                    "none: load it with sequences=True (data needs user, item and time "
+                    "columns), or set seq_len=0")
+            if self.seq_len % self.history_tokens():
+                raise BlockDimensionError(
+                    f"seq_tokens={self.history_tokens()} does not divide seq_len="
+                    f"{self.seq_len} (the history is pooled in equal chunks)")
+        elif self.seq_tokens is not None:
+            raise BlockDimensionError("seq_tokens is set but seq_len is 0 (no history)")
         block_cls = get_block(self.block)
-        t = self.tokens_for(spec)
+        t = self.tokens_for(spec) + self.history_tokens()
         for _ in range(self.n_layers):
             block_cls.check(self.mixer, t, self.d_model)
             t = block_cls.output_tokens(self.mixer, t, self.d_model)
@@ -131,6 +189,8 @@ class ModelConfig(BaseModel):
             "head_hidden": list(self.head_hidden),
             self.block: self.mixer.model_dump(),
         }
+        if self.seq_len:  # only with a history, so a history-free config reads as before
+            out.update(seq_len=self.seq_len, seq_tokens=self.seq_tokens, seq_gap=self.seq_gap)
         return out
 
 
@@ -170,7 +230,10 @@ def model_cost(cfg: ModelConfig, spec: FeatureSpec) -> ModelCost:
 
     Frame terms (per example): tokenizer ``2·T·s·D`` (grouped, slice width
     ``s = ceil(F·e/T)``) or ``2·F·e·D`` (field); head MLP ``2·Σ d_in·d_out``; numeric
-    embeddings are element-wise (``x_f · w_f + b_f``) and cost 0, like look-ups.
+    embeddings are element-wise (``x_f · w_f + b_f``) and cost 0, like look-ups. With a
+    history: ``2·T_h·e·D`` for its projection, and the blocks and head at ``T + T_h``
+    tokens; its action and gap tables count as embedding parameters, ``W_h``, ``b_h``
+    and the position table ``P`` (``T_h × D``) as dense ones.
     """
     cfg.check(spec)
     block_cls = get_block(cfg.block)
@@ -185,6 +248,14 @@ def model_cost(cfg: ModelConfig, spec: FeatureSpec) -> ModelCost:
     else:
         flops = 2 * spec.n_fields * e * d
         dense += spec.n_fields * (e * d + d)
+    th = cfg.history_tokens()
+    if th:
+        assert spec.sequence is not None  # cfg.check
+        params_embedding += e * (spec.sequence.action_rows
+                                 + (spec.sequence.gap_rows if cfg.seq_gap else 0))
+        flops += 2 * th * e * d
+        dense += e * d + d + th * d
+        t += th
     cost = BlockCost(flops)
     for _ in range(cfg.n_layers):
         cost = cost + block_cls.count_flops(cfg.mixer, t, d)
@@ -207,6 +278,8 @@ class RecModel(nn.Module):
     Forward:
         cat: ``(B, F_cat)`` int64 ids, field ``f`` in ``[0, spec.cardinalities[f])``.
         num: ``(B, F_num)`` float32 normalised numeric fields.
+        seq: ``(B, K, 3)`` int64 history steps (item id, action, gap bucket; all 0 =
+            padding), oldest first, when ``cfg.seq_len = K > 0``; else omitted.
         returns ``(B,)`` logits.
     """
 
@@ -232,6 +305,18 @@ class RecModel(nn.Module):
         nn.init.normal_(w, std=1.0 / math.sqrt(w.shape[1]))
         self.tok_weight = nn.Parameter(w)  # (T, s, D): one projection per token
         self.tok_bias = nn.Parameter(torch.zeros(w.shape[0], d))
+        self.seq_len = cfg.seq_len
+        self.history_tokens = th = cfg.history_tokens()
+        if th:  # created after every history-free weight: K = 0 draws the same init
+            assert spec.sequence is not None  # cfg.check
+            self.seq_action = nn.Embedding(spec.sequence.action_rows, e)
+            nn.init.normal_(self.seq_action.weight, std=0.05)
+            if cfg.seq_gap:
+                self.seq_gap = nn.Embedding(spec.sequence.gap_rows, e)
+                nn.init.normal_(self.seq_gap.weight, std=0.05)
+            self.seq_proj = nn.Linear(e, d)  # W_h, b_h
+            self.seq_pos = nn.Parameter(torch.zeros(th, d))  # P
+            t += th
         block_cls = get_block(cfg.block)
         blocks: list[Block] = []
         for _ in range(cfg.n_layers):
@@ -271,8 +356,30 @@ class RecModel(nn.Module):
             x = flat.view(flat.shape[0], self.n_tokens, self.slice)  # (B, T, s)
         return torch.einsum("bts,tsd->btd", x, self.tok_weight) + self.tok_bias  # (B, T, D)
 
-    def forward(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
+    def history(self, seq: torch.Tensor) -> torch.Tensor:
+        """History tokens ``(B, T_h, D)`` of ``seq`` ``(B, K, 3)`` (module docstring)."""
+        assert self.spec.sequence is not None
+        b, k, _ = seq.shape
+        if k != self.seq_len:
+            raise ValueError(f"the model reads {self.seq_len} history steps, got {k}")
+        offsets: torch.Tensor = self.offsets  # type: ignore[assignment]
+        item_offset = offsets[self.spec.sequence.item_field]
+        h = self.embedding(seq[..., 0] + item_offset) + self.seq_action(seq[..., 1])  # (B, K, e)
+        if self.cfg.seq_gap:
+            h = h + self.seq_gap(seq[..., 2])
+        th = self.history_tokens
+        if th != k:  # chunked mean pooling: K / T_h consecutive steps per token
+            h = h.view(b, th, k // th, h.shape[-1]).mean(dim=2)  # (B, T_h, e)
+        out: torch.Tensor = self.seq_proj(h) + self.seq_pos  # (B, T_h, D)
+        return out
+
+    def forward(self, cat: torch.Tensor, num: torch.Tensor,
+                seq: torch.Tensor | None = None) -> torch.Tensor:
         x = self.tokens(cat, num)  # (B, T, D)
+        if self.seq_len:
+            if seq is None:
+                raise ValueError(f"the model reads histories (seq_len={self.seq_len}): pass seq")
+            x = torch.cat([self.history(seq), x], dim=1)  # (B, T_h + T, D)
         for block in self.blocks:
             x = block(x)  # (B, T_i, D)
         pooled = x.mean(dim=1) if self.cfg.pooling == "mean" else x.flatten(1)

@@ -146,7 +146,7 @@ BAD_SCHEMAS = {
                       "e.g. label: click"),
     "unknown key": (GOOD + "weights: w\n",
                     "unknown schema key 'weights' (valid: label, categorical, numeric, "
-                    "timestamp, vocab; see docs/data.md)"),
+                    "timestamp, user, item, vocab; see docs/data.md)"),
     "no features": ("label: click\n", "schema lists no categorical or numeric columns"),
     "vocab a list": (GOOD + "vocab: [user]\n",
                      "schema key 'vocab' must be a mapping from categorical columns to "

@@ -8,9 +8,12 @@ import pytest
 
 from search.space import SearchSpace, SpaceError, bundled_spaces, load_space
 from spaces import BlockDimensionError, FeatureSpec, model_cost
+from spaces.features import SequenceSpec
 from trainers.experiment import ExperimentConfig, experiment_from_flat
 
-SPEC = FeatureSpec(cardinalities=(100, 50, 20, 7, 3, 2, 30, 30), n_numeric=2)
+# with histories (item field 1), so a space's seq_len knob builds too
+SPEC = FeatureSpec(cardinalities=(100, 50, 20, 7, 3, 2, 30, 30), n_numeric=2,
+                   sequence=SequenceSpec(item_field=1))
 SHIPPED = bundled_spaces()
 
 

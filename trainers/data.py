@@ -44,9 +44,17 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-from spaces.features import FeatureSpec
+from spaces.features import FeatureSpec, SequenceSpec
 from trainers.contracts import cache_dir
 from trainers.data_sources import (
     DataError,
@@ -59,6 +67,13 @@ from trainers.data_sources import (
     read_movielens,
 )
 from trainers.data_synthetic import SyntheticConfig, generate_synthetic
+from trainers.sequences import (
+    EventTable,
+    Histories,
+    build_histories,
+    history_facts,
+    user_temporal_split,
+)
 
 __all__ = [
     "DATASETS",
@@ -109,7 +124,10 @@ class DataConfig(BaseModel):
         path: for ``name="file"``: a ``.csv`` (or ``.csv.gz``) or ``.parquet`` file.
         schema_path: for ``name="file"``: its YAML schema (see :func:`read_file`).
         label: MovieLens label rule; ``"rating>3"`` drops rating-3 rows.
-        split: ``"random"`` (seeded) or ``"temporal"`` (train earliest, test latest).
+        split: ``"random"`` (seeded), ``"temporal"`` (train earliest, test latest) or
+            ``"user_temporal"`` (per user: the latest interactions are test, the ones
+            before them val; needs a user column and timestamps). The protocol for
+            behaviour-sequence results is ``"user_temporal"``.
         fractions: train / val / test shares, each > 0, summing to 1.
         seed: subsample and random split.
         max_rows: keep a seeded random subset of this many rows (after label filtering).
@@ -121,6 +139,12 @@ class DataConfig(BaseModel):
             ``vocab.<field>.hash_buckets`` overrides it for that field).
         min_split_rows: each of train / val / test must hold at least this many rows.
         synthetic: the teacher, for ``name="synthetic"``.
+        sequences: build behaviour histories (``trainers.sequences``): one per-user
+            event table and per-example offsets into it, so a model with ``seq_len = K``
+            reads each example's last ``K`` interactions strictly before it. Needs user,
+            item and time columns (MovieLens-1M has them; a user file declares them with
+            the schema keys ``user``, ``item`` and ``timestamp``). ``K`` itself is a model
+            knob: the encoded data does not depend on it.
 
     Example:
         >>> DataConfig(label="rating>3", split="temporal", max_rows=50_000).split
@@ -133,7 +157,7 @@ class DataConfig(BaseModel):
     path: str | None = None
     schema_path: str | None = None
     label: Literal["rating>=4", "rating>3"] = "rating>=4"
-    split: Literal["random", "temporal"] = "random"
+    split: Literal["random", "temporal", "user_temporal"] = "random"
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     seed: int = 0
     max_rows: int | None = Field(default=None, ge=1)
@@ -141,6 +165,7 @@ class DataConfig(BaseModel):
     hash_buckets: int = Field(default=DEFAULT_HASH_BUCKETS, ge=0)
     min_split_rows: int = Field(default=MIN_SPLIT_ROWS, ge=1)
     synthetic: SyntheticConfig = SyntheticConfig()
+    sequences: bool = False
 
     @field_validator("name")
     @classmethod
@@ -155,6 +180,15 @@ class DataConfig(BaseModel):
         if any(not 0.0 < f < 1.0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
             raise ValueError(f"fractions must each lie in (0, 1) and sum to 1, got {fractions}")
         return fractions
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """``sequences`` is written only when on: a history-free config (every config
+        before histories existed) dumps, logs and exports exactly as it did."""
+        out: dict[str, Any] = handler(self)
+        if not self.sequences:
+            out.pop("sequences", None)
+        return out
 
     @model_validator(mode="after")
     def _paths(self) -> DataConfig:
@@ -176,6 +210,8 @@ class Split:
         cat: ``(N, n_categorical)`` int64 ids; field ``f`` in ``[0, card_f)``, 0 = OOV/missing.
         num: ``(N, n_numeric)`` float32, z-scored with train statistics, NaN -> 0.
         label: ``(N,)`` float32 in ``{0, 1}``.
+        history: the examples' behaviour histories (offsets into the dataset's event
+            table), or ``None`` when the data was loaded without ``sequences``.
 
     Example:
         >>> s = Split(torch.zeros(4, 2, dtype=torch.int64), torch.zeros(4, 0), torch.ones(4))
@@ -186,9 +222,12 @@ class Split:
     cat: torch.Tensor
     num: torch.Tensor
     label: torch.Tensor
+    history: Histories | None = None
 
     def __post_init__(self) -> None:
         n = self.label.shape[0]
+        if self.history is not None and len(self.history) != n:
+            raise ValueError(f"Split has {n} rows but histories for {len(self.history)}")
         if self.label.dim() != 1 or self.cat.dim() != 2 or self.num.dim() != 2:
             raise ValueError("Split needs cat (N, C), num (N, M) and label (N,)")
         if self.cat.shape[0] != n or self.num.shape[0] != n:
@@ -464,21 +503,26 @@ def _binary_entropy(p: float) -> float:
 
 def encode_table(
     table: RawTable,
-    split: Literal["random", "temporal"] = "random",
+    split: Literal["random", "temporal", "user_temporal"] = "random",
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     seed: int = 0,
     min_count: int = 1,
     hash_buckets: int = DEFAULT_HASH_BUCKETS,
     min_split_rows: int = MIN_SPLIT_ROWS,
+    sequences: bool = False,
 ) -> tuple[FeatureSpec, dict[str, Split], dict[str, Any]]:
     """Check and split a raw table, build train vocabularies and statistics, encode.
 
     ``min_count`` and ``hash_buckets`` are the defaults of every categorical field; a
-    field's ``table.field_options`` (the schema's ``vocab``) override them.
+    field's ``table.field_options`` (the schema's ``vocab``) override them. With
+    ``sequences`` every split also gets its behaviour histories (``Split.history``,
+    offsets into one event table of all rows; item ids there are the item field's
+    encoded ids) and the spec a :class:`SequenceSpec`.
 
     Raises:
         DataError: the label has one class, or a split has too few rows, no positives
-            or no negatives (:func:`check_splits`).
+            or no negatives (:func:`check_splits`); ``user_temporal`` or ``sequences``
+            without user / item / time columns.
 
     Returns:
         the FeatureSpec, ``{"train", "val", "test"} -> Split`` and a JSON-able meta dict.
@@ -493,17 +537,29 @@ def encode_table(
         raise DataError(
             f"{table.source}: split='temporal' needs timestamps (schema key 'timestamp')"
         )
+    needs = (["split='user_temporal'"] if split == "user_temporal" else []) + (
+        ["sequences"] if sequences else [])
+    for what in needs:
+        missing = [k for k, v in (("timestamp", table.time), ("user", table.user_field),
+                                  ("item", table.item_field if what == "sequences" else ""))
+                   if v is None]
+        if missing:
+            raise DataError(
+                f"{table.source}: {what} needs user, item and time columns; "
+                f"missing: {', '.join(missing)} (schema keys {', '.join(missing)})"
+            )
     _check_label(table)
-    parts = dict(
-        zip(
-            SPLIT_NAMES,
-            split_indices(
-                len(table), fractions, seed,
-                table.time if split == "temporal" else None, table.label,
-            ),
-            strict=True,
-        )
-    )
+    if split == "user_temporal":
+        assert table.time is not None and table.user_field is not None
+        user_codes = table.cat_codes[:, table.cat_names.index(table.user_field)]
+        indices = user_temporal_split(user_codes, table.time, fractions)
+        if min(len(i) for i in indices) < 1:
+            raise DataError(f"{len(table)} rows are too few for train/val/test fractions "
+                            f"{tuple(fractions)} per user")
+    else:
+        indices = split_indices(len(table), fractions, seed,
+                                table.time if split == "temporal" else None, table.label)
+    parts = dict(zip(SPLIT_NAMES, indices, strict=True))
     rows = {name: len(idx) for name, idx in parts.items()}
     positives = {name: int(table.label[idx].sum(dtype=np.float64)) for name, idx in parts.items()}
     check_splits(rows, positives, table.source, split, fractions, min_split_rows)
@@ -558,11 +614,24 @@ def encode_table(
         "numeric_std": [float(x) for x in std],
         **table.info,
     }
+    histories: dict[str, Histories | None] = dict.fromkeys(parts)
+    sequence = None
+    if sequences:
+        assert table.time is not None and table.user_field and table.item_field
+        item_f = table.cat_names.index(table.item_field)
+        events, built = build_histories(
+            table.cat_codes[:, table.cat_names.index(table.user_field)], table.time,
+            cat_ids[:, item_f], table.label, parts)
+        histories.update(built)
+        sequence = SequenceSpec(item_field=item_f)
+        meta["sequences"] = {"user_field": table.user_field, "item_field": table.item_field,
+                             **history_facts(events, built)}
     for name, idx in parts.items():
         s = Split(
             cat=torch.from_numpy(np.ascontiguousarray(cat_ids[idx])),
             num=torch.from_numpy(np.ascontiguousarray(num_z[idx])),
             label=torch.from_numpy(np.ascontiguousarray(table.label[idx], dtype=np.float32)),
+            history=histories[name],
         )
         splits[name] = s
         rate = float(table.label[idx].mean(dtype=np.float64))
@@ -585,6 +654,7 @@ def encode_table(
         cardinalities=tuple(cards),
         n_numeric=num.shape[1],
         field_names=(*table.cat_names, *table.num_names),
+        sequence=sequence,
     )
     return spec, splits, json.loads(json.dumps(meta))
 
@@ -624,18 +694,17 @@ def dataset_fingerprint(cfg: DataConfig) -> str:
     else:
         assert cfg.path is not None and cfg.schema_path is not None
         source |= file_identity(cfg.path, cfg.schema_path)
-    key = {
-        "format_version": FORMAT_VERSION,
-        "source": source,
-        "options": {
-            "split": cfg.split,
-            "fractions": list(cfg.fractions),
-            "seed": cfg.seed,
-            "max_rows": cfg.max_rows,
-            "min_count": cfg.min_count,
-            "hash_buckets": cfg.hash_buckets,
-        },
+    options: dict[str, Any] = {
+        "split": cfg.split,
+        "fractions": list(cfg.fractions),
+        "seed": cfg.seed,
+        "max_rows": cfg.max_rows,
+        "min_count": cfg.min_count,
+        "hash_buckets": cfg.hash_buckets,
     }
+    if cfg.sequences:  # only when on, so every fingerprint without histories stays as it was
+        options["sequences"] = True
+    key = {"format_version": FORMAT_VERSION, "source": source, "options": options}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -664,15 +733,19 @@ def _save(entry: Path, ds: EncodedDataset, cfg: DataConfig) -> None:
             arrays[f"{name}_cat"] = s.cat.numpy().astype(np.int32 if small else np.int64)
             arrays[f"{name}_num"] = s.num.numpy()
             arrays[f"{name}_label"] = s.label.numpy()
+            if s.history is not None:
+                arrays[f"{name}_hist_start"] = s.history.start.numpy()
+                arrays[f"{name}_hist_end"] = s.history.end.numpy()
+                arrays[f"{name}_time"] = s.history.time.numpy()
+                events = s.history.events
+                arrays["events_item"] = events.item.numpy()
+                arrays["events_action"] = events.action.numpy()
+                arrays["events_time"] = events.time.numpy()
         np.savez(tmp / "tensors.npz", **arrays)  # type: ignore[arg-type]
         sidecar = {
             "format_version": FORMAT_VERSION,
             "fingerprint": ds.fingerprint,
-            "spec": {
-                "cardinalities": list(ds.spec.cardinalities),
-                "n_numeric": ds.spec.n_numeric,
-                "field_names": list(ds.spec.field_names),
-            },
+            "spec": ds.spec.to_dict(),
             "meta": ds.meta,
             "config": cfg.model_dump(mode="json"),
         }
@@ -690,20 +763,27 @@ def _load(entry: Path, fingerprint: str) -> EncodedDataset:
     sidecar = json.loads((entry / "meta.json").read_text())
     if sidecar.get("format_version") != FORMAT_VERSION or sidecar.get("fingerprint") != fingerprint:
         raise ValueError("cache entry does not match the fingerprint or format version")
-    spec = FeatureSpec(
-        cardinalities=tuple(int(c) for c in sidecar["spec"]["cardinalities"]),
-        n_numeric=int(sidecar["spec"]["n_numeric"]),
-        field_names=tuple(sidecar["spec"]["field_names"]),
-    )
+    seq = sidecar["spec"].get("sequence")
+    spec = FeatureSpec.from_dict(sidecar["spec"])
     splits: dict[str, Split] = {}
     with np.load(entry / "tensors.npz", allow_pickle=False) as z:
+        events = None
+        if seq is not None:
+            events = EventTable(item=torch.from_numpy(z["events_item"]),
+                                action=torch.from_numpy(z["events_action"]),
+                                time=torch.from_numpy(z["events_time"]))
         for name in SPLIT_NAMES:
             cat = torch.from_numpy(z[f"{name}_cat"].astype(np.int64))
             num = torch.from_numpy(z[f"{name}_num"].astype(np.float32, copy=False))
             label = torch.from_numpy(z[f"{name}_label"].astype(np.float32, copy=False))
             if cat.shape[1] != spec.n_categorical or num.shape[1] != spec.n_numeric:
                 raise ValueError(f"cache split {name} does not match its spec")
-            splits[name] = Split(cat=cat, num=num, label=label)
+            history = None
+            if events is not None:
+                history = Histories(events, torch.from_numpy(z[f"{name}_hist_start"]),
+                                    torch.from_numpy(z[f"{name}_hist_end"]),
+                                    torch.from_numpy(z[f"{name}_time"]))
+            splits[name] = Split(cat=cat, num=num, label=label, history=history)
     return EncodedDataset(spec=spec, fingerprint=fingerprint, meta=sidecar["meta"], **splits)
 
 
@@ -735,7 +815,7 @@ def _build(cfg: DataConfig, fingerprint: str) -> EncodedDataset:
     """Read, subsample, split and encode ``cfg`` (the work the cache saves)."""
     table = _subsample(_read_source(cfg), cfg.max_rows, cfg.seed)
     spec, splits, meta = encode_table(table, cfg.split, cfg.fractions, cfg.seed, cfg.min_count,
-                                      cfg.hash_buckets, cfg.min_split_rows)
+                                      cfg.hash_buckets, cfg.min_split_rows, cfg.sequences)
     meta = {"name": cfg.name, "fingerprint": fingerprint, "max_rows": cfg.max_rows, **meta}
     return EncodedDataset(spec=spec, fingerprint=fingerprint, meta=meta, **splits)
 

@@ -111,6 +111,8 @@ class RawTable:
             ``c`` means ``cat_values[f][c]``), so a hashed field hashes the value, not its
             code; ``None`` when the codes are the values (the synthetic teacher).
         field_options: per-field vocabulary options from the schema (``vocab``).
+        user_field, item_field: the categorical fields naming the user and the item of
+            each interaction (behaviour histories need both and ``time``), or ``None``.
 
     Example:
         >>> t = RawTable(("f",), np.zeros((2, 1), np.int64), (), np.zeros((2, 0)),
@@ -131,6 +133,8 @@ class RawTable:
     info: dict[str, Any] = field(default_factory=dict)
     cat_values: tuple[np.ndarray, ...] | None = None
     field_options: dict[str, FieldOptions] = field(default_factory=dict)
+    user_field: str | None = None
+    item_field: str | None = None
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -270,6 +274,8 @@ def read_movielens(label: LabelRule = "rating>=4") -> RawTable:
         label_rule=label + (" (rating 3 dropped)" if label == "rating>3" else ""),
         info={"rows_before_label_filter": n_ratings, "rows_after_label_filter": n},
         cat_values=tuple(values for (_, values), _ in factorised),
+        user_field="user_id",
+        item_field="item_id",
     )
 
 
@@ -282,6 +288,8 @@ SCHEMA_KEYS: dict[str, str] = {
     "categorical": "a list of column names, e.g. [user_id, item_id]",
     "numeric": "a list of column names, e.g. [price, age]",
     "timestamp": "one column name, e.g. timestamp: ts (or leave the key out)",
+    "user": "one categorical column naming the user, e.g. user: user_id (for histories)",
+    "item": "one categorical column naming the item, e.g. item: item_id (for histories)",
     "vocab": (
         "a mapping from categorical columns to options, "
         "e.g. {user_id: {min_count: 5, hash_buckets: 1048576}}"
@@ -330,6 +338,8 @@ class FileSchema(BaseModel):
     categorical: tuple[str, ...] = Field(default=(), strict=True)
     numeric: tuple[str, ...] = Field(default=(), strict=True)
     timestamp: str | None = Field(default=None, strict=True)
+    user: str | None = Field(default=None, strict=True)
+    item: str | None = Field(default=None, strict=True)
     vocab: dict[str, FieldOptions] = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -353,6 +363,13 @@ class FileSchema(BaseModel):
             if col in seen:
                 raise ValueError(f"column {col!r} is listed twice")
             seen.add(col)
+        for key, named in (("user", self.user), ("item", self.item)):
+            if named is not None and named not in self.categorical:
+                shown = ", ".join(self.categorical) or "none"
+                raise ValueError(
+                    f"schema key {key!r}: {named!r} is not a categorical column "
+                    f"(categorical: {shown})"
+                )
         for col in self.vocab:
             if col not in self.categorical:
                 shown = ", ".join(self.categorical) or "none"
@@ -481,7 +498,10 @@ def file_identity(path: str | Path, schema_path: str | Path) -> dict[str, Any]:
         content = {"sha256": digest.hexdigest()}
     else:
         content = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    return {"schema": schema.model_dump(mode="json"), "format": suffix, "content": content}
+    # the history keys only when set, so a schema without them keeps its old identity
+    unset = {k for k in ("user", "item") if getattr(schema, k) is None}
+    return {"schema": schema.model_dump(mode="json", exclude=unset), "format": suffix,
+            "content": content}
 
 
 @contextmanager
@@ -606,6 +626,8 @@ def read_file(path: str | Path, schema_path: str | Path) -> RawTable:
         categorical: [user, ad]   # any values; empty / missing -> the OOV id
         numeric: [price]          # numbers; missing -> NaN (0 after normalisation)
         timestamp: ts             # optional: numbers or dates, for split="temporal"
+        user: user                # optional: with item and timestamp, for histories
+        item: ad                  #   (both must be categorical columns)
         vocab:                    # optional per-field vocabulary options
           ad: {min_count: 2, hash_buckets: 1048576}
 
@@ -653,4 +675,6 @@ def read_file(path: str | Path, schema_path: str | Path) -> RawTable:
         info={"rows_in_file": n},
         cat_values=tuple(values for _, values in factorised),
         field_options=dict(schema.vocab),
+        user_field=schema.user,
+        item_field=schema.item,
     )

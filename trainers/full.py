@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from trainers.contracts import (
 from trainers.data import EncodedDataset, load_dataset
 from trainers.experiment import ExperimentConfig, load_experiment
 from trainers.loop import TrainResult, evaluate, predict_logits, train
+from trainers.sequences import Histories
 
 __all__ = ["FullRunResult", "describe_where", "load_model", "predict", "train_full"]
 
@@ -87,7 +88,7 @@ def describe_where(where: dict[str, float]) -> str:
 def save_model(model: RecModel, exp: ExperimentConfig, out: Path, metrics: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     exp.to_yaml(out / "config.yaml")
-    (out / "spec.json").write_text(json.dumps(asdict(model.spec)))
+    (out / "spec.json").write_text(json.dumps(model.spec.to_dict()))
     torch.save(model.state_dict(), out / "weights.pt")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
@@ -97,19 +98,32 @@ def load_model(model_dir: str | os.PathLike[str]) -> RecModel:
     d = Path(model_dir)
     exp = load_experiment(d / "config.yaml")
     raw = json.loads((d / "spec.json").read_text())
-    spec = FeatureSpec(tuple(raw["cardinalities"]), raw["n_numeric"], tuple(raw["field_names"]))
+    spec = FeatureSpec.from_dict(raw)
     model = build_model(exp.model, spec)
     model.load_state_dict(torch.load(d / "weights.pt", weights_only=True, map_location="cpu"))
     model.eval()
     return model
 
 
-def predict(model: RecModel, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
-    """Click probabilities for encoded examples ``cat (N, F_cat)``, ``num (N, F_num)``."""
+def predict(model: RecModel, cat: torch.Tensor, num: torch.Tensor,
+            history: Histories | None = None) -> torch.Tensor:
+    """Click probabilities for encoded examples ``cat (N, F_cat)``, ``num (N, F_num)``.
+
+    A model that reads behaviour histories (``seq_len > 0``) also needs the examples'
+    ``history`` (offsets into an event table, e.g. ``dataset.test.history`` of a
+    dataset loaded with ``sequences=True``); a history-free model ignores it.
+
+    Raises:
+        ValueError: the model reads histories and none were given, or their count is
+            not the examples'.
+    """
+    if history is not None and len(history) != len(cat):
+        raise ValueError(f"{len(cat)} examples but histories for {len(history)}")
 
     class _Split:
         def __init__(self) -> None:
             self.cat, self.num, self.label = cat, num, torch.zeros(len(cat))
+            self.history = history
 
         def __len__(self) -> int:
             return len(self.cat)

@@ -33,6 +33,7 @@ from torch import nn
 
 from spaces import FeatureSpec, ModelConfig, RecModel, build_model
 from trainers.contracts import OBJECTIVE
+from trainers.sequences import eval_batch_size, model_inputs
 
 __all__ = [
     "Metrics",
@@ -175,8 +176,8 @@ def predict_logits(model: nn.Module, split: SplitLike, batch_size: int = 8192,
     model.eval()
     device = next(model.parameters()).device
     n = len(split) if limit is None else min(limit, len(split))
-    out = [model(split.cat[i : min(i + batch_size, n)].to(device),
-                 split.num[i : min(i + batch_size, n)].to(device)).cpu()
+    batch_size = eval_batch_size(model, batch_size)  # smaller for long histories
+    out = [model(*model_inputs(model, split, slice(i, min(i + batch_size, n)), device)).cpu()
            for i in range(0, n, batch_size)]
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
@@ -366,7 +367,7 @@ def train(
         idx = order[pos : pos + take]
         t0 = time.perf_counter()
         model.set_progress(seen / total)
-        logits = model(train_split.cat[idx].to(device), train_split.num[idx].to(device))
+        logits = model(*model_inputs(model, train_split, idx, device))
         loss = nn.functional.binary_cross_entropy_with_logits(logits, train_split.label[idx].to(device))
         if not torch.isfinite(loss):
             status, message = "diverged", f"loss became {float(loss.detach())} after {seen} examples"

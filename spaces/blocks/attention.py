@@ -21,6 +21,17 @@ order or time, so there is no relative position bias and no causal mask)**. Only
 ``N_b`` diagonal ``T_g × T_g`` blocks of the ``T × T`` bias are ever used, so only they are
 stored: ``N_b · T_g² = T² / N_b`` parameters.
 
+Over a behaviour history (``ModelConfig.seq_len = K``, ``spaces.model``) the block sees
+``T = K + T_f`` tokens laid out ``[history oldest .. newest ‖ field tokens]``: softmax and
+HSTU attend over every step with the target item's field tokens in view, and ``b`` is
+then a learned *position*-pair bias over that fixed layout (it subsumes a relative
+position bias; the time gap enters each step's token as a bucketed embedding instead of
+a bias) **(choice: no causal mask: a history is all in the past of the target, and a
+non-causal pass costs the same matmuls)**. ASTRO's partitions cut that sequence into
+``N_b`` contiguous groups, so attention costs ``4T²D/N_b`` and the last group holds the
+most recent steps with the field tokens; the dynamic temperature summarises each group
+of the history.
+
 Temperature: ``fixed`` is ``τ = 1``. ``dynamic`` is ``τ = softplus(wᵀ c + s) + ε`` per
 head, ``w ∈ ℝ^{D×H}`` learned (no bias), ``c`` the mean of the normalised tokens
 ``LN(X)`` **of the token's group** **(choice: a per-group summary keeps the groups fully

@@ -1,0 +1,248 @@
+"""Behaviour histories on MovieLens-1M: what they cost to store, what they add, how fast.
+
+Three parts, one JSON (``bench/results/sequences.json``):
+
+1. **Data.** MovieLens-1M, label ``rating >= 4``, ``split: user_temporal`` (per user:
+   last 10 % test, previous 10 % val), ``sequences: true``: encode seconds, the event
+   table's and the offsets' bytes (no ``K`` in either) and the process's peak RSS.
+2. **Quality.** One family (HSTU attention, 1 layer) with no history and with
+   ``K`` in ``--ks``, every run trained on the same ``--examples`` examples (same
+   seed, order and schedule) and scored on the first ``--eval`` validation examples.
+   ``K = 256`` runs as ASTRO (``partitions = 4``, dynamic temperature) unless
+   ``--full-256``. Short runs: the figures compare K's, they are not converged AUCs.
+3. **Throughput.** Forward+backward examples/s of a 2-layer softmax stack at
+   ``K`` in ``{16, 64, 256}``: full attention (``partitions = 1``) against partitions
+   alone (``partitions = 4``) and ASTRO (``partitions = 4``, dynamic temperature),
+   beside the analytic FLOPs.
+
+4. **Equal FLOPs.** Softmax attention, HSTU and ASTRO (softmax, ``partitions = 4``,
+   dynamic temperature), one layer each, at ``K`` in ``--ks``, each sized (``d_model``)
+   to the FLOPs per example nearest ``--equal-flops`` (within ``EQUAL_TOLERANCE``; a
+   variant that cannot get that cheap at a ``K``, e.g. full attention over 256 steps,
+   is recorded as infeasible with its smallest cost), all trained on the same
+   ``--equal-examples`` examples: loss vs ``K`` at equal FLOPs per example, hence equal
+   training FLOPs.
+
+The machine may be shared (the JSON records the load average before and after): read
+examples/s as this machine at that moment. An existing ``--out`` file is updated: the
+parts skipped this time keep their earlier figures.
+
+    .venv/bin/python bench/sequences.py [--examples 60000] [--eval 20000] [--threads 2]
+    .venv/bin/python bench/sequences.py --skip-throughput --skip-quality \
+        --equal-flops 1e6 --equal-examples 10000 --eval 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spaces import ModelConfig, build_model, model_cost
+from spaces.blocks import BlockDimensionError
+from trainers.data import DataConfig, load_dataset
+from trainers.loop import TrainConfig, train
+from trainers.sequences import model_inputs
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def hstu(k: int, partitions: int = 1, temperature: str = "fixed") -> ModelConfig:
+    return ModelConfig(**{"block": "attention", "n_layers": 1, "d_model": 32, "n_tokens": 4,
+                          "embed_dim": 16, "head_hidden": (64,), "seq_len": k,
+                          "attention": {"kind": "hstu", "n_heads": 2, "partitions": partitions,
+                                        "temperature": temperature}})
+
+
+def quality(ds: Any, ks: list[int], examples: int, n_eval: int, full_256: bool,
+            save: Any) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    train_cfg = TrainConfig(lr=3e-3, optimizer="adamw_split", embedding_lr=1e-2, batch_size=512,
+                            max_examples=examples, eval_every=examples, eval_max_examples=n_eval,
+                            seed=0)
+    for k in [0, *ks]:
+        astro = k >= 256 and not full_256
+        cfg = hstu(k, 4, "dynamic") if astro else hstu(k)
+        t0 = time.perf_counter()
+        res = train(cfg, train_cfg, ds.spec, ds.train, ds.val)
+        row = {"K": k, "variant": "astro p4 dynamic" if astro else "hstu p1",
+               "val_auc": res.metrics["val_auc"], "val_logloss": res.metrics["val_logloss"],
+               "flops_per_example": model_cost(cfg, ds.spec).flops_per_example,
+               "examples": examples, "seconds": time.perf_counter() - t0,
+               "examples_per_s": res.metrics["examples_per_s"]}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        save(rows)  # a run cut short keeps what it measured
+    return rows
+
+
+def throughput(ds: Any, ks: list[int], batch: int = 256, steps: int = 3) -> list[dict[str, Any]]:
+    rows = []
+    idx = torch.arange(batch)
+    for k in ks:
+        for name, parts, temp in (("full", 1, "fixed"), ("partitions4", 4, "fixed"),
+                                  ("astro", 4, "dynamic")):
+            cfg = ModelConfig(**{"block": "attention", "n_layers": 2, "d_model": 64,
+                                 "n_tokens": 4, "embed_dim": 16, "seq_len": k,
+                                 "attention": {"kind": "softmax", "n_heads": 4,
+                                               "partitions": parts, "temperature": temp}})
+            torch.manual_seed(0)
+            model = build_model(cfg, ds.spec)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            inputs = model_inputs(model, ds.train, idx, "cpu")
+            label = ds.train.label[:batch]
+            times = []
+            for step in range(steps + 1):
+                t0 = time.perf_counter()
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(model(*inputs), label)
+                opt.zero_grad()
+                loss.backward()  # type: ignore[no-untyped-call]
+                opt.step()
+                if step:  # the first step warms up
+                    times.append(time.perf_counter() - t0)
+            fpe = model_cost(cfg, ds.spec).flops_per_example
+            eps = batch / statistics.median(times)
+            row = {"K": k, "attention": name, "examples_per_s": eps, "flops_per_example": fpe,
+                   "achieved_gflops": 3 * fpe * eps / 1e9}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+#: how far (as a ratio) a sized model's FLOPs per example may be from the target
+EQUAL_TOLERANCE = 1.3
+EQUAL_VARIANTS = {"softmax": ("softmax", 1, "fixed"), "hstu": ("hstu", 1, "fixed"),
+                  "astro": ("softmax", 4, "dynamic")}
+
+
+def sized(variant: str, k: int, target: float, spec: Any) -> tuple[ModelConfig | None, float]:
+    """The ``variant`` at history length ``k`` whose FLOPs per example are nearest
+    ``target`` over ``d_model`` in 4..256 (step 4), and its cost; None (with the smallest
+    cost found) when none is within ``EQUAL_TOLERANCE`` of it."""
+    kind, parts, temp = EQUAL_VARIANTS[variant]
+    best: tuple[float, ModelConfig, float] | None = None
+    cheapest = float("inf")
+    for d in range(4, 257, 4):
+        cfg = ModelConfig(**{"block": "attention", "n_layers": 1, "d_model": d, "n_tokens": 4,
+                             "embed_dim": 16, "head_hidden": (64,), "seq_len": k,
+                             "attention": {"kind": kind, "n_heads": 2, "partitions": parts,
+                                           "temperature": temp, "ffn_mult": 1}})
+        try:
+            fpe = float(model_cost(cfg, spec).flops_per_example)
+        except (ValueError, BlockDimensionError):  # a width the block refuses
+            continue
+        cheapest = min(cheapest, fpe)
+        gap = abs(math.log(fpe / target))
+        if best is None or gap < best[0]:
+            best = (gap, cfg, fpe)
+    if best is None or best[0] > math.log(EQUAL_TOLERANCE):
+        return None, cheapest
+    return best[1], best[2]
+
+
+def equal_flops(ds: Any, ks: list[int], target: float, examples: int, n_eval: int,
+                save: Any, previous: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Train every variant at every ``K`` of ``ks``; the ``previous`` rows of other
+    ``(K, variant, target)`` are kept (a later run can add ``K = 0``, say)."""
+    redo = {(k, v, target) for k in ks for v in EQUAL_VARIANTS}
+    rows = [r for r in previous
+            if (r["K"], r["variant"], r["target_flops_per_example"]) not in redo]
+    train_cfg = TrainConfig(lr=3e-3, optimizer="adamw_split", embedding_lr=1e-2, batch_size=512,
+                            max_examples=examples, eval_every=examples, eval_max_examples=n_eval,
+                            seed=0)
+    for k in ks:
+        for variant in EQUAL_VARIANTS:
+            if k == 0 and variant == "astro":  # no history to partition
+                continue
+            cfg, fpe = sized(variant, k, target, ds.spec)
+            row: dict[str, Any] = {"K": k, "variant": variant, "target_flops_per_example": target}
+            if cfg is None:
+                row.update(status="infeasible", cheapest_flops_per_example=fpe)
+            else:
+                t0 = time.perf_counter()
+                res = train(cfg, train_cfg, ds.spec, ds.train, ds.val)
+                row.update(status=res.status, d_model=cfg.d_model, flops_per_example=fpe,
+                           val_auc=res.metrics["val_auc"], val_logloss=res.metrics["val_logloss"],
+                           examples=examples, eval_examples=n_eval,
+                           seconds=time.perf_counter() - t0,
+                           examples_per_s=res.metrics["examples_per_s"])
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            rows.sort(key=lambda r: (r["target_flops_per_example"], r["K"],
+                                     list(EQUAL_VARIANTS).index(r["variant"])))
+            save(equal=rows)  # a run cut short keeps what it measured
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--examples", type=int, default=60_000)
+    ap.add_argument("--eval", type=int, default=20_000)
+    ap.add_argument("--ks", type=int, nargs="+", default=[16, 64, 256])
+    ap.add_argument("--full-256", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--skip-equal", action="store_true")
+    ap.add_argument("--equal-flops", type=float, default=1e6,
+                    help="FLOPs per example every model of the equal-FLOPs part is sized to")
+    ap.add_argument("--equal-examples", type=int, default=10_000)
+    ap.add_argument("--equal-ks", type=int, nargs="+", default=None,
+                    help="the K's of the equal-FLOPs part (default --ks; K = 0: no history, "
+                         "every variant the same model)")
+    ap.add_argument("--out", default="bench/results/sequences.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    rss0 = peak_rss_mb()
+    t0 = time.perf_counter()
+    ds = load_dataset(DataConfig(split="user_temporal", sequences=True))
+    data = {"load_seconds": time.perf_counter() - t0, "peak_rss_mb_before": rss0,
+            "peak_rss_mb_after_load": peak_rss_mb(), "rows": ds.meta["rows"],
+            "base_rate": ds.meta["base_rate"], "sequences": ds.meta["sequences"],
+            "fingerprint": ds.fingerprint}
+    print(json.dumps(data), flush=True)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    run = {"argv": sys.argv[1:], "threads": args.threads, "loadavg_before": load_before}
+    out.update({"machine": out.get("machine") or platform.processor() or platform.machine(),
+                "threads": args.threads, "torch": torch.__version__, "data": data})
+    out.setdefault("runs", []).append(run)
+
+    def save(quality_rows: list[dict[str, Any]] | None = None,
+             equal: list[dict[str, Any]] | None = None) -> None:
+        if quality_rows is not None:
+            out["quality"] = quality_rows
+        if equal is not None:
+            out["equal_flops"] = equal
+        run["peak_rss_mb"] = peak_rss_mb()
+        run["loadavg_after"] = os.getloadavg()
+        path.write_text(json.dumps(out, indent=1))
+
+    if not args.skip_throughput:
+        out["throughput"] = throughput(ds, args.ks)
+        save()
+    if not args.skip_quality:
+        quality(ds, args.ks, args.examples, args.eval, args.full_256, save)
+    if not args.skip_equal:
+        equal_flops(ds, args.equal_ks or args.ks, args.equal_flops, args.equal_examples,
+                    args.eval, save, list(out.get("equal_flops", [])))
+    save()
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
