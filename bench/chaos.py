@@ -8,7 +8,13 @@ command, until it ends by itself. Faults, in a shuffled schedule:
 * ``ctrl-c``: SIGINT to the driver (it must exit 130, parent KILLED, state saved);
 * ``trial``: one trial's worker process killed with SIGKILL (Tune retries the trial);
 * ``truncate``: after a ``kill``, the newest checkpoint file of an unfinished trial cut
-  in half (the resume must fall back to the trial's previous checkpoint).
+  in half (the resume must fall back to the trial's previous checkpoint);
+* ``oom``: one trial's worker process runs out of memory: its address space is capped
+  at what it holds (``RLIMIT_AS``), so its next allocation fails as it would on a full
+  machine (Tune retries the trial on a fresh worker from its last checkpoint);
+* ``mlflow-down`` (with ``--server``: the search logs to an MLflow server on 127.0.0.1
+  that the harness runs): the server killed, kept down for ``--outage`` seconds (30),
+  then started again on the same port, while the search goes on.
 
 Then :func:`analysis.audit.audit_search` checks the result (one run per trial, nothing
 RUNNING, no duplicate or backward steps, spent FLOPs within the budget's bound and
@@ -18,8 +24,8 @@ compared.
 
     .venv/bin/python bench/chaos.py --kills 10 --out bench/results/chaos.json
 
-Not covered yet (issue 13): a trial that runs out of memory, the MLflow server stopped
-for 30 s, a worker node removed and added back.
+Not covered here: a worker node removed and added back (``tests/test_cluster.py`` kills
+one node of a two-node cluster).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -55,16 +62,60 @@ class Chaos:
     trial_flops: float = 8e9
     rows: int = 6000
     seed: int = 0
+    server: bool = False
+    outage: float = 30.0
     log: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.raytmp = tempfile.mkdtemp(prefix="ch", dir="/tmp")
         self.rng = random.Random(self.seed)
+        self.mlflow: subprocess.Popen[bytes] | None = None
+        self.port = _free_port() if self.server else 0
+        if self.server:
+            self.start_server()
 
     @property
     def uri(self) -> str:
+        if self.server:
+            return f"http://127.0.0.1:{self.port}"
         return f"sqlite:///{self.workdir / 'mlflow.db'}"
+
+    def start_server(self) -> None:
+        """The MLflow server the search logs to (127.0.0.1, its own process group)."""
+        log = open(self.workdir / "mlflow-server.log", "ab")  # noqa: SIM115 - lives with it
+        self.mlflow = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.workdir / 'mlflow.db'}",
+             "--artifacts-destination", str(self.workdir / "artifacts")],
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                 "MLFLOW_DISABLE_TELEMETRY": "true"},
+            stdout=log, stderr=log, start_new_session=True)
+        deadline = time.time() + 120
+        while not _listening(self.port):
+            if time.time() > deadline or self.mlflow.poll() is not None:
+                raise RuntimeError(f"the MLflow server did not start (see {log.name})")
+            time.sleep(0.5)
+
+    def stop_server(self) -> None:
+        if self.mlflow is not None and self.mlflow.poll() is None:
+            os.killpg(self.mlflow.pid, signal.SIGKILL)
+            self.mlflow.wait(30)
+        self.mlflow = None
+
+    def memory_cap_a_trial(self) -> int | None:
+        """Cap one trial worker's address space at what it holds now; returns its PID."""
+        victims = self.trial_processes()
+        if not victims:
+            return None
+        victim = self.rng.choice(victims)
+        try:
+            vms = victim.memory_info().vms
+            victim.rlimit(psutil.RLIMIT_AS, (vms, vms))
+        except (psutil.Error, OSError):
+            return None
+        return int(victim.pid)
 
     @property
     def storage(self) -> Path:
@@ -170,11 +221,32 @@ class Chaos:
             err = proc.stderr.read() if proc.stderr else ""
             entry["last_line"] = ([ln for ln in err.splitlines() if ln.strip()] or [""])[-1]
             self.cleanup()
-        elif fault == "trial":
-            victims = self.trial_processes()
-            entry["trial_processes"] = len(victims)
-            if victims:
-                self.rng.choice(victims).kill()
+        elif fault in ("trial", "oom", "mlflow-down"):
+            if fault == "trial":
+                victims = self.trial_processes()
+                entry["trial_processes"] = len(victims)
+                if victims:
+                    self.rng.choice(victims).kill()
+            else:
+                before = self.reports()
+                if fault == "oom":
+                    entry["capped_pid"] = pid = self.memory_cap_a_trial()
+                    if pid is not None:  # until the capped worker has failed
+                        while proc.poll() is None and psutil.pid_exists(pid) and \
+                                time.time() < started + wait + 300:
+                            time.sleep(0.5)
+                else:
+                    self.stop_server()
+                    time.sleep(self.outage)
+                    self.start_server()
+                    entry["outage_s"] = self.outage
+                # the search carries on by itself: two new reports (or its end) show it
+                while proc.poll() is None and self.reports() < before + 2 and \
+                        time.time() < started + wait + 600:
+                    time.sleep(0.5)
+                entry["reports_after"] = self.reports() - before
+                entry["errored_trials"] = len(list(
+                    self.storage.glob(f"{self.name}/*/error.txt")))
             try:  # the search goes on: let it end or be hit by the next fault
                 proc.wait(timeout=wait)
             except subprocess.TimeoutExpired:
@@ -204,10 +276,24 @@ class Chaos:
         return -1
 
 
-def schedule(kills: int, seed: int) -> list[str]:
-    faults = ["kill"] * max(0, kills - 1) + ["truncate", "ctrl-c", "trial"]
+def schedule(kills: int, seed: int, server: bool = False) -> list[str]:
+    faults = ["kill"] * max(0, kills - 1) + ["truncate", "ctrl-c", "trial", "oom"]
+    if server:
+        faults.append("mlflow-down")
     random.Random(seed).shuffle(faults)
     return faults
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def main() -> None:
@@ -218,18 +304,25 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=10, help="driver SIGKILLs (one truncates)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget-flops", type=float, default=1.5e11)
+    ap.add_argument("--server", action="store_true",
+                    help="log to an MLflow server the harness runs (adds the mlflow-down fault)")
+    ap.add_argument("--outage", type=float, default=30.0, help="mlflow-down: seconds down")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "chaos.json"))
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="chaos"))
     t0 = time.time()
-    reference = Chaos(work / "reference", budget_flops=args.budget_flops, seed=args.seed)
+    reference = Chaos(work / "reference", budget_flops=args.budget_flops, seed=args.seed,
+                      server=args.server)
     ref_rc = reference.run([])
     ref_audit = audit_search(reference.name, reference.uri)
-    chaos = Chaos(work / "chaos", budget_flops=args.budget_flops, seed=args.seed)
-    faults = schedule(args.kills, args.seed)
+    reference.stop_server()
+    chaos = Chaos(work / "chaos", budget_flops=args.budget_flops, seed=args.seed,
+                  server=args.server, outage=args.outage)
+    faults = schedule(args.kills, args.seed, args.server)
     rc = chaos.run(faults)
     audit = audit_search(chaos.name, chaos.uri)
+    chaos.stop_server()
     result = {
         "command": " ".join(sys.argv), "seed": args.seed, "faults": faults,
         "segments": chaos.log, "exit": rc, "audit": {"ok": audit.ok, "problems": audit.problems,

@@ -149,6 +149,33 @@ def test_a_search_survives_kills_ctrl_c_a_killed_trial_and_a_truncated_checkpoin
     assert time.time() - start < 1200
 
 
+@pytest.mark.slow
+def test_a_search_survives_an_mlflow_server_outage_and_a_trial_out_of_memory(
+        tmp_path: Path) -> None:
+    """Logging to an MLflow server (127.0.0.1) that goes down for 20 s mid-search, then a
+    trial worker whose address space is capped (its next allocation fails): the search
+    goes on by itself after each, ends with exit 0, and the audit is clean."""
+    from analysis.audit import audit_search
+
+    chaos_mod = _bench_chaos()
+    chaos = chaos_mod.Chaos(tmp_path / "chaos", budget_flops=4e10, trial_flops=6e9, seed=5,
+                            server=True, outage=20.0)
+    try:
+        rc = chaos.run(["mlflow-down", "oom"], wait=(1.0, 3.0))
+        report = audit_search(chaos.name, chaos.uri)
+    finally:
+        chaos.cleanup()
+        chaos.stop_server()
+    assert rc == 0, chaos.log
+    down = chaos.log[0]
+    assert down["fault"] == "mlflow-down" and down["outage_s"] == 20.0, chaos.log
+    # after the outage the same driver kept training and logging (or finished)
+    assert down["reports_after"] >= 2 or down.get("ended") == 0, chaos.log
+    assert report.ok, (report.problems, chaos.log)
+    n = report.numbers
+    assert n["trained_flops"] <= n["spent_flops"] <= n["overshoot_bound"]
+
+
 def test_a_state_cut_short_by_a_kill_is_set_aside(tmp_path: Path) -> None:
     """Tune rewrites its state files in place; a kill mid-write leaves one empty. The
     newest whole session is restored instead; with none whole the search starts afresh."""
