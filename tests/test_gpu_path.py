@@ -170,7 +170,7 @@ def test_batches_equal_the_host_path_with_histories(placement: str) -> None:
                                     seq_len=4, attention={"n_heads": 2}), spec)
     src = BatchSource(split, torch.device("cpu"), placement, max_batch=64)  # type: ignore[arg-type]
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(1))
-    kept = []
+    sizes = []
     for i in range(0, len(split), 64):
         idx = order[i:i + 64]
         inputs, label = src.batch(model, idx)
@@ -179,8 +179,8 @@ def test_batches_equal_the_host_path_with_histories(placement: str) -> None:
         for a, b in zip(inputs, expected, strict=True):
             assert torch.equal(a, b)
         assert torch.equal(label, split.label[idx])
-        kept.append((idx, inputs[0].clone()))
-    assert [len(i) for i, _ in kept][-1] == 300 - 4 * 64
+        sizes.append(len(label))
+    assert sizes == [64] * 4 + [300 - 4 * 64]
 
 
 def test_a_history_model_without_histories_is_one_clear_error() -> None:
@@ -194,25 +194,28 @@ def test_a_history_model_without_histories_is_one_clear_error() -> None:
         BatchSource(bare, torch.device("cpu"), "pinned", 8).batch(model, torch.arange(8))
 
 
+@pytest.mark.slow
 def test_gpu_bench_check_and_quick_run_on_cpu(tmp_path: Path) -> None:
-    """``bench/gpu.py --device cpu --quick`` writes its JSON; ``--check`` passes on a CPU."""
+    """``bench/gpu.py --device cpu --quick`` writes its JSON; ``--check`` passes on a CPU.
+    (slow: ~30 s on two idle cores, more on shared ones; the two runs start processes.)"""
     out = tmp_path / "gpu.json"
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
     run = subprocess.run([sys.executable, "bench/gpu.py", "--device", "cpu", "--quick",
                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     res = json.loads(out.read_text())
-    assert res["device"] == "cpu" and res["peak_flops"] > 0 and res["peak_source"] == "measured"
+    assert res["device"] == "cpu" and res["peak_source"] == "measured"
+    assert res["peak_flops"]["fp32"] > 0 and res["peak_flops"]["bf16"] > 0
     fams = {r["family"] for r in res["throughput"]}
     assert {"attention", "tokenmixer"} <= fams
     for r in res["throughput"]:
-        assert r["examples_per_s"] > 0 and 0 < r["mfu"] < 1
+        assert r["examples_per_s"] > 0 and r["mfu"] > 0
         assert r["precision"] in ("fp32", "bf16") and r["placement"] in ("host", "resident",
                                                                          "pinned")
     assert {r["trials_per_device"] for r in res["packing"]} >= {1, 2}
     assert all(r["trials_per_hour"] > 0 for r in res["packing"])
     check = subprocess.run([sys.executable, "bench/gpu.py", "--device", "cpu", "--check"],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert check.returncode == 0, check.stdout[-2000:] + check.stderr[-2000:]
     assert "all checks passed" in check.stdout
