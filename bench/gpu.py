@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import multiprocessing as mp
+import os
 import platform
 import statistics
 import sys
@@ -62,7 +63,7 @@ PLANS: dict[str, dict[str, Any]] = {
     "cuda": {"widths": (128, 256, 512), "tokens": 16, "layers": 4, "batch": 4096, "steps": 30,
              "families": ("attention", "tokenmixer", "wukong", "unimixing", "unimixing_lite"),
              "ks": (1, 2, 4, 8), "trials_each": 2, "pack_examples": 200_000, "matmul_n": 8192},
-    "cpu": {"widths": (64, 128), "tokens": 8, "layers": 2, "batch": 256, "steps": 8,
+    "cpu": {"widths": (64, 128), "tokens": 8, "layers": 2, "batch": 256, "steps": 5,
             "families": ("attention", "tokenmixer", "wukong", "unimixing"),
             "ks": (1, 2), "trials_each": 2, "pack_examples": 6_000, "matmul_n": 1024},
     "quick": {"widths": (32,), "tokens": 4, "layers": 1, "batch": 128, "steps": 4,
@@ -237,9 +238,10 @@ def _reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
 
 def run_checks(device: torch.device, log: Any) -> bool:
     """The GPU path's correctness checks on ``device``; True if all pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from spaces.blocks.attention import Attention, AttentionConfig, softmax_attention
     from spaces.flops import torch_flops
-    from torch.utils.flop_counter import FlopCounterMode
 
     results: list[tuple[str, bool, str]] = []
 
@@ -340,13 +342,14 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {
         "device": device.type, "device_name": name, "threads": args.threads,
         "torch": torch.__version__, "quick": args.quick, "peak_flops": peaks,
-        "peak_source": source, "plan": {k: list(v) if isinstance(v, tuple) else v
+        "peak_source": source, "load_average_start": list(os.getloadavg()), "plan": {k: list(v) if isinstance(v, tuple) else v
                                         for k, v in plan.items()},
     }
     out["throughput"] = throughput(device, plan, peaks, log)
     out["placement"] = placements(device, plan, peaks, log)
     out["packing"] = packing(device, plan, args.threads, log)
     out["wall_s"] = time.perf_counter() - started
+    out["load_average_end"] = list(os.getloadavg())  # shared cores: read the figures with it
     path = Path(args.out or f"bench/results/gpu_{device.type}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
