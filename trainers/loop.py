@@ -21,6 +21,7 @@ The metrics reported are exactly ``trainers.contracts.METRICS`` (ARCHITECTURE.md
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +34,13 @@ from torch import nn
 
 from spaces import FeatureSpec, ModelConfig, RecModel, build_model
 from trainers.contracts import OBJECTIVE
+from trainers.placement import (
+    BatchSource,
+    PlacementMode,
+    choose_placement,
+    device_free_bytes,
+    split_bytes,
+)
 from trainers.sequences import eval_batch_size, model_inputs
 
 __all__ = [
@@ -98,6 +106,19 @@ class TrainConfig(BaseModel):
             the validation log loss improving on the best so far by more than
             ``min_delta`` (None: never stop early).
         min_delta: the improvement of the validation log loss that counts as one.
+        precision: ``fp32`` (default) or ``bf16``: the training step's forward pass runs
+            under ``torch.autocast(dtype=bfloat16)`` on the trial's device (matmuls in
+            bfloat16, norms, softmax and the loss in float32; weights, gradients and the
+            optimiser stay float32, so no loss scaling is needed). Evaluation stays
+            float32, so the metrics of two precisions compare.
+        placement: where the training split lives while training
+            (``trainers.placement``): ``host`` (default: batches copied from ordinary
+            host memory each step), ``resident`` (copied to the device once),
+            ``pinned`` (page-locked host buffers, asynchronous copies) or ``auto``
+            (``resident`` when it fits, else ``pinned``; ``host`` on a CPU). Placement
+            changes speed only: the batches, and so the results, are the same.
+        resident_max_fraction: ``auto`` keeps the split resident when it takes at most
+            this share of the device's free memory at the start of the trial.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -120,6 +141,9 @@ class TrainConfig(BaseModel):
     stop_after_examples: int | None = Field(None, ge=1)
     early_stopping_patience: int | None = Field(None, ge=1)
     min_delta: float = Field(0.0, ge=0.0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    placement: PlacementMode = "host"
+    resident_max_fraction: float = Field(0.25, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _phases(self) -> TrainConfig:
@@ -251,6 +275,15 @@ def _optimizer(model: RecModel, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
+def _autocast(precision: Literal["fp32", "bf16"],
+              device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """The forward pass's precision context: nothing for ``fp32`` (today's path, bit for
+    bit), ``torch.autocast`` to bfloat16 on ``device``'s type for ``bf16`` (CPU too)."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=gen)
@@ -296,6 +329,10 @@ def train(
         raise ValueError("the training split is empty")
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg, spec).to(device)
+    dev = next(model.parameters()).device
+    placement = choose_placement(train_cfg.placement, dev.type, split_bytes(train_split),
+                                 device_free_bytes(dev), train_cfg.resident_max_fraction)
+    batches = BatchSource(train_split, dev, placement, train_cfg.batch_size)
     cost = model.cost()
     extra_evals = sorted(int(e) for e in eval_at if e > 0)
     opt = _optimizer(model, train_cfg)
@@ -367,8 +404,10 @@ def train(
         idx = order[pos : pos + take]
         t0 = time.perf_counter()
         model.set_progress(seen / total)
-        logits = model(*model_inputs(model, train_split, idx, device))
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, train_split.label[idx].to(device))
+        inputs, labels = batches.batch(model, idx)
+        with _autocast(train_cfg.precision, dev):
+            logits = model(*inputs)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
         if not torch.isfinite(loss):
             status, message = "diverged", f"loss became {float(loss.detach())} after {seen} examples"
             break
