@@ -10,10 +10,12 @@ trials (the first half is warm-up: imports, Ray's and MLflow's caches, the arena
 settling) and reported with its standard error.
 
 ``--keep-trial-history`` runs the same search with the product's trimming of finished
-trials switched off (``search.monitor.TrimFinishedTrials``), for a before/after in two
-runs of this script; ``--debug`` also records what the driver holds (Tune's cached trial JSON, ``log_once``
-keys, Python objects by type; ``--trace`` adds the ``tracemalloc`` heap and the sites
-that grow).
+trials switched off (``search.monitor.TrimFinishedTrials``,
+``BudgetedOptunaSearch.forget_finished``, and Tune's TensorBoard logger back in place of
+``search.monitor.NoTensorBoardEvents``), for a before/after in two runs of this
+script; ``--debug`` also records what the driver holds (Tune's cached trial JSON,
+``log_once`` keys, Python objects by type; ``--trace`` adds the ``tracemalloc`` heap and
+the sites that grow).
 
     .venv/bin/python bench/driver_memory.py [--trials 220] [--keep-trial-history]
         [--debug] [--out bench/results/driver_memory.json]
@@ -160,11 +162,11 @@ def _config(trials: int, seed: int) -> Any:
     data = DataConfig(name="synthetic", synthetic=SyntheticConfig(
         n_rows=2_000, n_cat_fields=4, cardinality=10, seed=seed))
     trial_flops = 4e7
-    # ASHA (rf 3, grace = trial/9) stops most trials at the first rung: a trial spends
-    # ~0.26 trial_flops on average; 0.4 leaves room for the reference models' share.
+    # ASHA (rf 3, grace = trial/9) stops many trials at its first rung; with these tiny
+    # trials (and the reference models' share) a trial costs ~0.75 trial_flops of budget
     return SearchConfig(name=f"driver-memory-{seed}", space="unified", data=data,
-                        budget_flops=trials * 0.4 * trial_flops, trial_flops=trial_flops,
-                        max_flops_per_example=1e4, reports_per_grace=1, eval_max_examples=200,
+                        budget_flops=trials * 0.75 * trial_flops, trial_flops=trial_flops,
+                        max_flops_per_example=2e4, reports_per_grace=1, eval_max_examples=200,
                         max_concurrent=2, seed=seed, resources=ResourceConfig(gpus="off"))
 
 
@@ -185,9 +187,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import ray
+    from ray.tune.logger import TBXLoggerCallback
 
     import search.monitor as monitor
     import search.runner as runner
+    from search.searcher import BudgetedOptunaSearch
     from trainers.data import load_dataset
 
     diagnostics = _Diagnostics(trace=args.trace) if args.debug else None
@@ -210,6 +214,8 @@ def main() -> None:
                 return None
 
         runner.TrimFinishedTrials = KeepAll  # type: ignore[misc]
+        BudgetedOptunaSearch.forget_finished = False
+        runner.NoTensorBoardEvents = TBXLoggerCallback  # type: ignore[misc]  # Tune's own
 
     label = args.label or ("untrimmed" if args.keep_trial_history else "trimmed")
     cfg = _config(args.trials, args.seed)

@@ -6,10 +6,12 @@ from typing import Any
 
 import psutil
 from ray import tune
+from ray.tune.logger import TBXLoggerCallback
 
 from trainers.contracts import SEARCH_PREFIX
 
-__all__ = ["DriverMemory", "TrimFinishedTrials", "forget_encoder_log_keys", "trim_finished_trial"]
+__all__ = ["DriverMemory", "NoTensorBoardEvents", "TrimFinishedTrials", "forget_encoder_log_keys",
+           "trim_finished_trial"]
 
 
 class DriverMemory(tune.Callback):
@@ -137,3 +139,29 @@ class TrimFinishedTrials(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         trim_finished_trial(trial)
         forget_encoder_log_keys()
+
+
+class NoTensorBoardEvents(TBXLoggerCallback):
+    """Takes the place of the TensorBoard logger Tune 2.60 adds to every search unless
+    one is given (``ray.tune.utils.callback._create_default_callbacks``), and writes
+    nothing.
+
+    recscale's record of a trial is its MLflow run; nothing reads Tune's TensorBoard
+    event files. And each trial's ``tensorboardX.FileWriter`` (2.6.5) registers an
+    ``atexit`` closure that holds the writer, its event queue and its thread until the
+    driver exits: a few KB per finished trial that never return. (Tune's CSV and JSON
+    loggers, which ``ExperimentAnalysis`` reads, are still added.)
+    """
+
+    def __init__(self) -> None:  # no SummaryWriter: nothing is written
+        self._trial_writer = {}
+        self._trial_result = {}
+
+    def log_trial_start(self, trial: Any) -> None:
+        return None
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
+        return None
+
+    def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+        return None

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import optuna
 import pytest
 from ray.train import Checkpoint
 from ray.train._internal.session import _TrainingResult
@@ -186,3 +187,70 @@ def test_results_file_holds_both_runs_over_200_trials() -> None:
         assert len(row["driver_rss_mb"]) >= 150
         fit = _bench().fit_slope([tuple(p) for p in row["driver_rss_mb"]])
         assert fit["slope"] == pytest.approx(row["slope_mb_per_trial"])
+
+
+def _searcher() -> Any:
+    from search.budget import BudgetPolicy
+    from search.searcher import BudgetedOptunaSearch
+
+    def space(trial: optuna.Trial) -> dict[str, int]:
+        trial.suggest_int("x", 0, 3)
+        return {}
+
+    return BudgetedOptunaSearch(space=space, feasibility=lambda flat: (True, -1.0, "ok"),
+                                policy=BudgetPolicy(1e9, 1e6, (1e6, 1e7)),
+                                metric="loss", mode="min", seed=0)
+
+
+def test_searcher_forgets_a_finished_trials_handle_but_the_study_keeps_it() -> None:
+    search = _searcher()
+    for i in range(3):
+        assert search.suggest(f"t{i}") is not None
+    search.on_trial_result("t0", {"train_flops": 1e6, "loss": 0.5, "training_iteration": 1})
+    search.on_trial_complete("t0", {"train_flops": 2e6, "loss": 0.4})
+    search.on_trial_complete("t1", error=True)
+    assert set(search._ot_trials) == {"t2"}  # the running trial keeps its handle
+    assert "t0" in search._completed_trials  # OptunaSearch's record of told trials (private)
+    done = {t.number: t for t in search._ot_study.trials}
+    assert done[0].value == 0.4 and done[0].intermediate_values == {1: 0.5}
+    assert done[1].state == optuna.trial.TrialState.FAIL
+    # a late result or completion of a forgotten trial is ignored, not a KeyError
+    search.on_trial_result("t0", {"train_flops": 3e6, "loss": 0.3, "training_iteration": 2})
+    search.on_trial_complete("t0", {"train_flops": 3e6, "loss": 0.3})
+    assert search._ot_study.trials[0].value == 0.4
+    assert search.spent == 3e6  # t0: its latest report; t1, t2: nothing
+    search.on_trial_complete("t2", {"train_flops": 1e6, "loss": 0.2})
+    assert search._ot_trials == {}
+
+
+def test_searcher_keeps_handles_when_told_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    from search.searcher import BudgetedOptunaSearch
+
+    monkeypatch.setattr(BudgetedOptunaSearch, "forget_finished", False)
+    search = _searcher()
+    assert search.suggest("t0") is not None
+    search.on_trial_complete("t0", {"train_flops": 2e6, "loss": 0.4})
+    assert set(search._ot_trials) == {"t0"}
+
+
+def test_tune_adds_no_tensorboard_writer_when_given_the_stand_in(tmp_path: Path) -> None:
+    """Tune 2.60 adds a TensorBoard logger unless one is given (private helper
+    ``_create_default_callbacks``); the stand-in takes its place and writes nothing,
+    while the CSV and JSON loggers ExperimentAnalysis reads are still added."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+    from ray.tune.utils.callback import _create_default_callbacks
+
+    from search.monitor import NoTensorBoardEvents
+
+    callbacks = _create_default_callbacks([NoTensorBoardEvents()])
+    tbx = [c for c in callbacks if isinstance(c, TBXLoggerCallback)]
+    assert len(tbx) == 1 and type(tbx[0]) is NoTensorBoardEvents
+    assert any(isinstance(c, CSVLoggerCallback) for c in callbacks)
+    assert any(isinstance(c, JsonLoggerCallback) for c in callbacks)
+    trial = _finished_trial(tmp_path)  # no storage: Tune's own logger could not start it
+    for hook in (lambda: tbx[0].on_trial_start(iteration=1, trials=[trial], trial=trial),
+                 lambda: tbx[0].on_trial_result(iteration=1, trials=[trial], trial=trial,
+                                                result=_report(0)),
+                 lambda: tbx[0].on_trial_complete(iteration=1, trials=[trial], trial=trial)):
+        hook()
+    assert tbx[0]._trial_writer == {} and not list(tmp_path.rglob("events.out.tfevents*"))
