@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import psutil
 from ray import tune
 from ray.tune.logger import TBXLoggerCallback
 
-from trainers.contracts import SEARCH_PREFIX
+from trainers.contracts import SEARCH_PREFIX, TIME_ATTR
 
 __all__ = ["DriverMemory", "NoTensorBoardEvents", "TrimFinishedTrials", "forget_encoder_log_keys",
            "trim_finished_trial"]
@@ -72,7 +73,9 @@ class DriverMemory(tune.Callback):
 #   report) per report. A finished trial is never restored, and
 #   ``search.checkpoints.DropFinishedCheckpoints`` deletes every checkpoint directory
 #   of it but the last: only ``latest_checkpoint_result`` is kept (``trial.checkpoint``,
-#   the winner's weights for the paired lift in ``search.references``).
+#   the winner's weights for the paired lift in ``search.references``), and of the report
+#   it carries (a copy of the whole result, pickled into the JSON) only the keys that
+#   say which report it is (:data:`CHECKPOINT_KEYS`); the result itself is last_result.
 # * ``trial.run_metadata.metric_analysis``/``metric_n_steps``: min/max/mean and two
 #   ``deque`` windows per numeric metric, read only by
 #   ``ExperimentAnalysis.get_best_trial(scope=...)``, which recscale never calls
@@ -82,7 +85,6 @@ class DriverMemory(tune.Callback):
 #   experiment state): invalidated after the trim, so Tune rebuilds them once, small
 #   (the controller marks the trial for its next save right after this callback, when it
 #   stops the trial's actor).
-#
 # * one entry per report and numeric metric in ``ray.util.debug._logged``, the set behind
 #   ``log_once``: Tune's JSON encoder (``TuneFunctionEncoder.default``) falls back to
 #   cloudpickle for the ``deque`` windows and the checkpoint manager and calls
@@ -92,6 +94,10 @@ class DriverMemory(tune.Callback):
 #
 # Trials that errored keep everything: a resumed search retries them from their
 # checkpoints (``resume_errored=True``).
+
+
+#: what a finished trial's last checkpoint keeps of the report it was saved with
+CHECKPOINT_KEYS = (TIME_ATTR, "training_iteration")  # training_iteration: Tune's report count
 
 
 def trim_finished_trial(trial: Any) -> None:
@@ -108,8 +114,13 @@ def trim_finished_trial(trial: Any) -> None:
     meta.metric_analysis = {}
     meta.metric_n_steps = {}
     manager = getattr(meta, "checkpoint_manager", None)
-    latest = getattr(manager, "_latest_checkpoint_result", None)
     if manager is not None:
+        latest = manager._latest_checkpoint_result
+        if latest is not None:  # a copy: the report it came with may be last_result itself
+            latest = copy.copy(latest)
+            latest.metrics = {k: latest.metrics[k] for k in CHECKPOINT_KEYS
+                              if k in latest.metrics}
+            manager._latest_checkpoint_result = latest
         manager._checkpoint_results = [latest] if latest is not None else []
     meta.invalidate_cache()
     trial.invalidate_json_state()

@@ -79,6 +79,9 @@ def test_trim_keeps_the_result_and_the_last_checkpoint(tmp_path: Path) -> None:
     assert trial.checkpoint is not None and trial.checkpoint.path.endswith("checkpoint_000004")
     manager = trial.run_metadata.checkpoint_manager
     assert manager._checkpoint_results == [manager._latest_checkpoint_result]
+    # the checkpoint says which report it is; the report itself is last_result
+    assert manager._latest_checkpoint_result.metrics == {"train_flops": 5e6,
+                                                         "training_iteration": 5}
     assert trial.metric_analysis == {} and trial.metric_n_steps == {}
     after = _json_size(trial)  # the caches were rebuilt, not served stale
     assert after < before / 2, (before, after)
@@ -254,3 +257,24 @@ def test_tune_adds_no_tensorboard_writer_when_given_the_stand_in(tmp_path: Path)
                  lambda: tbx[0].on_trial_complete(iteration=1, trials=[trial], trial=trial)):
         hook()
     assert tbx[0]._trial_writer == {} and not list(tmp_path.rglob("events.out.tfevents*"))
+
+
+def test_encoder_log_keys_are_forgotten_and_others_kept(tmp_path: Path) -> None:
+    """Each save of a running trial's state adds log_once keys (``ray.util.debug._logged``,
+    private) for its deque windows; the trim forgets those, not the others."""
+    from ray.util import debug
+    from ray.util.debug import log_once
+
+    from search.monitor import forget_encoder_log_keys
+
+    log_once("recscale-test-key")
+    forget_encoder_log_keys()
+    trial = _finished_trial(tmp_path, reports=1)
+    for i in range(1, 4):  # three more reports, each saved
+        trial.update_last_result(_report(i))
+        trial.get_json_state()
+    added = [k for k in debug._logged if k.startswith("tune_func_encode:")]
+    assert len(added) > 3 * 30  # two windows per numeric metric per report
+    assert forget_encoder_log_keys() == len(added)
+    assert not [k for k in debug._logged if k.startswith("tune_func_encode:")]
+    assert "recscale-test-key" in debug._logged
