@@ -86,8 +86,7 @@ class _Diagnostics:
 
     Cheap enough to leave the figure meaningful: at each sample the size of the JSON
     Tune has cached for its trials (what every experiment-state save writes) and the
-    number of ``log_once`` keys; Python objects by type at the first sample and at the
-    end; with ``trace``, also the Python heap ``tracemalloc`` sees (slow: two to three
+    number of ``log_once`` keys; Python objects by type before and after the search; with ``trace``, also the Python heap ``tracemalloc`` sees (slow: two to three
     times the wall time, for finding what grows, not for the figure).
     """
 
@@ -99,7 +98,6 @@ class _Diagnostics:
             tracemalloc.start(1)
         self.series: list[dict[str, float]] = []
         self.first_counts: Counter[str] | None = None
-        self.last_counts: tuple[float, Counter[str]] | None = None
         self.first_snapshot: Any = None
 
     @staticmethod
@@ -119,26 +117,28 @@ class _Diagnostics:
 
             row["traced_mb"] = tracemalloc.get_traced_memory()[0] / 2**20
         self.series.append(row)
-        if self.first_counts is None:
-            self.first_counts = self._counts()
-            self.first_finished = float(finished)
-        elif len(self.series) % 50 == 0:
-            self.last_counts = (float(finished), self._counts())
         if len(self.series) == 1 and self.trace:
             import tracemalloc
 
             self.first_snapshot = tracemalloc.take_snapshot()
 
-    def report(self) -> dict[str, Any]:
-        base = self.first_counts or Counter()
-        at, counts = self.last_counts or (0.0, base)
+    def baseline(self) -> None:
+        """Object counts before the search starts. (``gc.get_objects`` is only called
+        while no other thread runs Python: a tuple another thread is still building
+        would be handed out too, and that thread would fail with a SystemError.)"""
+        self.first_counts = self._counts()
+
+    def report(self, finished: int) -> dict[str, Any]:
+        """Everything recorded; object counts grown from before the search to after it
+        (``finished`` trials; the outcome the search builds at its end is included)."""
+        gc.collect()
+        base, counts = self.first_counts or Counter(), self._counts()
         grown = {k: counts[k] - base.get(k, 0) for k in counts}
         out: dict[str, Any] = {
             "series": self.series,
-            # from the first finished trial to the last 50th sample (before the end
-            # of the search builds its outcome)
-            "objects_grown_between": [getattr(self, "first_finished", 0.0), at],
-            "objects_grown": dict(sorted(grown.items(), key=lambda kv: -kv[1])[: 2 * self.top]),
+            "objects_grown_per_finished_trial": {
+                k: round(v / max(finished, 1), 2)
+                for k, v in sorted(grown.items(), key=lambda kv: -kv[1])[: 2 * self.top]},
         }
         for key in ("tune_json_kb", "log_once_keys", "traced_mb"):
             pts = [(r["finished"], r[key]) for r in self.series if key in r]
@@ -224,6 +224,8 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              _temp_dir=str(tmp / "ray-tmp"))
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    if diagnostics is not None:
+        diagnostics.baseline()
     t0 = time.perf_counter()
     out = runner.run_search(cfg, tracking_uri=uri, storage=tmp / "ray", verbose=0, dataset=ds)
     wall = time.perf_counter() - t0
@@ -247,13 +249,13 @@ def main() -> None:
         "settings": json.loads(cfg.model_dump_json()),
     }
     if diagnostics is not None:
-        row["debug"] = diagnostics.report()
+        row["debug"] = diagnostics.report(row["finished_trials"])
     print(json.dumps({k: v for k, v in row.items()
                       if k not in ("driver_rss_mb", "settings", "debug")}), flush=True)
     if diagnostics is not None:
         debug = row["debug"]
         print(json.dumps({k: v for k, v in debug.items() if k.startswith("slope_")}))
-        print(json.dumps(debug["objects_grown_between"]), json.dumps(debug["objects_grown"]))
+        print(json.dumps(debug["objects_grown_per_finished_trial"]))
         for site in debug.get("sites", []):
             print(f"{site['kb']:9.1f} KB {site['count']:7d}  {site['where']}")
     path = Path(args.out)

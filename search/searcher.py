@@ -82,8 +82,9 @@ class BudgetedOptunaSearch(OptunaSearch):
     # and optuna 5.0.0; tests/test_private_apis.py fails loudly if they change):
     # OptunaSearch._ot_trials (trial id -> optuna Trial) and OptunaSearch._ot_study, to
     # tell Optuna a rejected sample as PRUNED; OptunaSearch._completed_trials (ids told
-    # as finished), to forget a finished trial's handle; optuna Trial._trial_id, to read the
-    # enqueued point's "fixed_params" system attribute and enqueue it again.
+    # as finished; tests/test_driver_memory.py), to forget a finished trial's handle;
+    # optuna Trial._trial_id, to read the enqueued point's "fixed_params" system attribute
+    # and enqueue it again.
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
         if trial_id not in self._ot_trials:
             decision = self._policy.decide(self._spent, self._live)
