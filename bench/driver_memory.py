@@ -235,6 +235,9 @@ def main() -> None:
     t = out.trials
     row: dict[str, Any] = {
         "label": label, "trimming": not args.keep_trial_history, "seed": args.seed,
+        # glibc's per-thread malloc arenas: memory freed in one thread's arena is not
+        # reused by another's, which shows in RSS and not in the Python heap
+        "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX"),
         "trials": len(t), "finished_trials": samples[-1][0] if samples else 0,
         "wall_s": wall, "spent_flops": out.spent_flops, "budget_flops": cfg.budget_flops,
         "rss_mb_first": samples[0][1], "rss_mb_last": samples[-1][1],
