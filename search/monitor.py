@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import psutil
 from ray import tune
+from ray.tune.logger import TBXLoggerCallback
 
-from trainers.contracts import SEARCH_PREFIX
+from trainers.contracts import SEARCH_PREFIX, TIME_ATTR
 
-__all__ = ["DriverMemory"]
+__all__ = ["DriverMemory", "NoTensorBoardEvents", "TrimFinishedTrials", "forget_encoder_log_keys",
+           "trim_finished_trial"]
 
 
 class DriverMemory(tune.Callback):
@@ -57,3 +60,119 @@ class DriverMemory(tune.Callback):
         new = [(n, v) for n, v in self.samples if n not in logged]
         if new:
             log_metric_series(client, self.parent_run_id, self.METRIC, new)
+
+
+# What Tune 2.60 keeps of every trial for the whole search, in the driver, and what a
+# finished (TERMINATED) trial still needs of it:
+#
+# * ``trial.run_metadata.last_result``: its last report. Kept: it is the trial's result
+#   (``search.runner.collect_outcome`` reads it back from the saved experiment state;
+#   the budget stopper and the status callback read ``train_flops``/``trial_status``).
+# * ``trial.run_metadata.checkpoint_manager``: with ``CheckpointConfig(num_to_keep=None)``
+#   (the runner's, for exact resume) a ``_TrainingResult`` (checkpoint + the whole
+#   report) per report. A finished trial is never restored, and
+#   ``search.checkpoints.DropFinishedCheckpoints`` deletes every checkpoint directory
+#   of it but the last: only ``latest_checkpoint_result`` is kept (``trial.checkpoint``,
+#   the winner's weights for the paired lift in ``search.references``), and of the report
+#   it carries (a copy of the whole result, pickled into the JSON) only the keys that
+#   say which report it is (:data:`CHECKPOINT_KEYS`); the result itself is last_result.
+# * ``trial.run_metadata.metric_analysis``/``metric_n_steps``: min/max/mean and two
+#   ``deque`` windows per numeric metric, read only by
+#   ``ExperimentAnalysis.get_best_trial(scope=...)``, which recscale never calls
+#   (the outcome is the last report). Emptied.
+# * the trial's two JSON caches (``Trial._state_json``, ``run_metadata._cached_json``,
+#   indented JSON, also held by ``TuneController._trial_metadata`` and written into every
+#   experiment state): invalidated after the trim, so Tune rebuilds them once, small
+#   (the controller marks the trial for its next save right after this callback, when it
+#   stops the trial's actor).
+# * one entry per report and numeric metric in ``ray.util.debug._logged``, the set behind
+#   ``log_once``: Tune's JSON encoder (``TuneFunctionEncoder.default``) falls back to
+#   cloudpickle for the ``deque`` windows and the checkpoint manager and calls
+#   ``log_once(f"tune_func_encode:{obj}")`` with the object's text, new at every report
+#   (``deque([0.61, 0.6], maxlen=5)``), only to log a DEBUG line once. Those keys are
+#   forgotten (:func:`forget_encoder_log_keys`); the other ``log_once`` keys stay.
+#
+# Trials that errored keep everything: a resumed search retries them from their
+# checkpoints (``resume_errored=True``).
+
+
+#: what a finished trial's last checkpoint keeps of the report it was saved with
+CHECKPOINT_KEYS = (TIME_ATTR, "training_iteration")  # training_iteration: Tune's report count
+
+
+def trim_finished_trial(trial: Any) -> None:
+    """Drop what Tune keeps of a finished trial that neither the search nor a resume
+    reads again (see the notes above); the trial's last result and last checkpoint stay.
+
+    Private attributes, for want of a public API (ray 2.60.0;
+    ``tests/test_driver_memory.py`` checks they exist):
+    ``_CheckpointManager._checkpoint_results`` and ``_latest_checkpoint_result``.
+    """
+    meta = getattr(trial, "run_metadata", None)
+    if meta is None:
+        return
+    meta.metric_analysis = {}
+    meta.metric_n_steps = {}
+    manager = getattr(meta, "checkpoint_manager", None)
+    if manager is not None:
+        latest = manager._latest_checkpoint_result
+        if latest is not None:  # a copy: the report it came with may be last_result itself
+            latest = copy.copy(latest)
+            latest.metrics = {k: latest.metrics[k] for k in CHECKPOINT_KEYS
+                              if k in latest.metrics}
+            manager._latest_checkpoint_result = latest
+        manager._checkpoint_results = [latest] if latest is not None else []
+    meta.invalidate_cache()
+    trial.invalidate_json_state()
+
+
+_ENCODER_LOG_KEY = "tune_func_encode:"
+
+
+def forget_encoder_log_keys() -> int:
+    """Forget the ``log_once`` keys Tune's JSON encoder adds at each report (see the notes
+    above); returns how many. Private: ``ray.util.debug._logged`` (ray 2.60.0)."""
+    from ray.util import debug
+
+    logged = getattr(debug, "_logged", None)
+    if not isinstance(logged, set):
+        return 0
+    stale = [key for key in list(logged) if key.startswith(_ENCODER_LOG_KEY)]
+    logged.difference_update(stale)
+    return len(stale)
+
+
+class TrimFinishedTrials(tune.Callback):
+    """Trims each trial that finishes (:func:`trim_finished_trial`), so the driver's
+    memory, and the experiment state Tune writes every few seconds, do not grow with the
+    reports of finished trials. Stateless: nothing to save or restore."""
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        trim_finished_trial(trial)
+        forget_encoder_log_keys()
+
+
+class NoTensorBoardEvents(TBXLoggerCallback):
+    """Takes the place of the TensorBoard logger Tune 2.60 adds to every search unless
+    one is given (``ray.tune.utils.callback._create_default_callbacks``), and writes
+    nothing.
+
+    recscale's record of a trial is its MLflow run; nothing reads Tune's TensorBoard
+    event files. And each trial's ``tensorboardX.FileWriter`` (2.6.5) registers an
+    ``atexit`` closure that holds the writer, its event queue and its thread until the
+    driver exits: a few KB per finished trial that never return. (Tune's CSV and JSON
+    loggers, which ``ExperimentAnalysis`` reads, are still added.)
+    """
+
+    def __init__(self) -> None:  # no SummaryWriter: nothing is written
+        self._trial_writer = {}
+        self._trial_result = {}
+
+    def log_trial_start(self, trial: Any) -> None:
+        return None
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
+        return None
+
+    def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+        return None

@@ -23,7 +23,7 @@ from search.budget import BudgetPolicy, BudgetStopper, set_untracked_spend
 from search.checkpoints import prune_finished
 from search.checks import ConfigCheck
 from search.lock import SearchLock
-from search.monitor import DriverMemory
+from search.monitor import DriverMemory, NoTensorBoardEvents, TrimFinishedTrials
 from search.references import (
     Lift,
     is_reference,
@@ -465,7 +465,9 @@ def build_tuner(plan: SearchPlan, tracking: Tracking, verbose: int = 1) -> Any:
     callbacks = [stopper, TrialStatusCallback(tracking.uri, tracking.experiment_id,
                                               tracking.parent_run_id),
                  DriverMemory(tracking.uri, tracking.parent_run_id),
-                 DropFinishedCheckpoints(plan.exp_path)]  # finished trials: last one only
+                 DropFinishedCheckpoints(plan.exp_path),  # finished trials: last one only
+                 TrimFinishedTrials(),  # ... and in the driver's memory too
+                 NoTensorBoardEvents()]  # instead of Tune's TensorBoard logger (a leak)
     run_config = tune.RunConfig(
         name=cfg.name, storage_path=str(plan.storage_path), stop=stopper,
         callbacks=callbacks,

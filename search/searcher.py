@@ -81,8 +81,10 @@ class BudgetedOptunaSearch(OptunaSearch):
     # Private attributes used below, for want of a public API (checked against ray 2.60.0
     # and optuna 5.0.0; tests/test_private_apis.py fails loudly if they change):
     # OptunaSearch._ot_trials (trial id -> optuna Trial) and OptunaSearch._ot_study, to
-    # tell Optuna a rejected sample as PRUNED; optuna Trial._trial_id, to read the
-    # enqueued point's "fixed_params" system attribute and enqueue it again.
+    # tell Optuna a rejected sample as PRUNED; OptunaSearch._completed_trials (ids told
+    # as finished; tests/test_driver_memory.py), to forget a finished trial's handle;
+    # optuna Trial._trial_id, to read the enqueued point's "fixed_params" system attribute
+    # and enqueue it again.
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
         if trial_id not in self._ot_trials:
             decision = self._policy.decide(self._spent, self._live)
@@ -110,13 +112,17 @@ class BudgetedOptunaSearch(OptunaSearch):
         log.error("no feasible config in %d samples; last reason: %s", MAX_RESAMPLES, reason)
         return Searcher.FINISHED
 
+    #: Drop a finished trial's ``optuna.Trial`` handle once its result is told (see
+    #: :meth:`on_trial_complete`); a class attribute so a benchmark can measure without.
+    forget_finished = True
+
     # Tune (ray 2.60 ``TuneController.save_to_dir``) writes the experiment state, then the
     # searcher state: a driver killed between the two resumes trials that the restored
     # searcher never suggested. Their spend still counts; Optuna is simply not told about
     # them (OptunaSearch would raise KeyError and end the search).
     def _knows(self, trial_id: str) -> bool:
-        if trial_id in self._ot_trials:
-            return True
+        if trial_id in self._ot_trials or trial_id in self._completed_trials:
+            return True  # a completed one: OptunaSearch ignores it with a warning
         log.warning("trial %s is not in the restored searcher state (saved before it was "
                     "suggested); its result is not told to Optuna", trial_id)
         return False
@@ -134,6 +140,12 @@ class BudgetedOptunaSearch(OptunaSearch):
         self._live.discard(trial_id)
         if self._knows(trial_id):
             super().on_trial_complete(trial_id, result=result, error=error)
+        if self.forget_finished and trial_id in self._completed_trials:
+            # Told to the study, which keeps the trial (TPE needs it); the handle holds
+            # only a stale copy of it (``Trial._cached_frozen_trial``) and the sampler's
+            # relative search space, and nothing asks for it again: OptunaSearch answers
+            # a late result or completion of a completed trial from ``_completed_trials``.
+            self._ot_trials.pop(trial_id, None)
 
     @property
     def spent(self) -> float:

@@ -38,7 +38,10 @@ class TrialStatusCallback(tune.Callback):
         return state
 
     def _submit(self, trial: Any, status: str) -> None:
-        self._done.add(trial.trial_id)
+        self._done.add(trial.trial_id)  # the ids only: on_experiment_end skips them
+        # writes that went through are forgotten (the driver must not grow with finished
+        # trials); one that failed is kept, so on_experiment_end still raises its error
+        self._futures = [f for f in self._futures if not f.done() or f.exception() is not None]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-status")
         self._futures.append(self._pool.submit(self._write, trial.trial_id, status))

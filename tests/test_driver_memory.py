@@ -1,0 +1,280 @@
+"""Driver memory: the trimming of finished trials (search.monitor) and the slope the
+benchmark fits (bench/driver_memory.py). No Ray cluster: Tune's Trial objects are built
+as stubs, as Tune itself builds them when it reads an experiment back."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import optuna
+import pytest
+from ray.train import Checkpoint
+from ray.train._internal.session import _TrainingResult
+from ray.tune import CheckpointConfig, PlacementGroupFactory
+from ray.tune.experiment import Trial
+
+from search.monitor import TrimFinishedTrials, trim_finished_trial
+from search.tracking import TrialStatusCallback
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():  # bench/ is not a package: load the script by path
+    spec = importlib.util.spec_from_file_location("bench_driver_memory",
+                                                  ROOT / "bench" / "driver_memory.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_driver_memory"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _report(i: int) -> dict[str, Any]:
+    metrics = {f"metric_{k}": 0.5 + 0.01 * i + k for k in range(30)}
+    return {**metrics, "val_logloss": 0.7 - 0.01 * i, "train_flops": 1e6 * (i + 1),
+            "trial_status": "completed" if i == 4 else "running",
+            "training_iteration": i + 1, "config": {"model.block": "wukong"}}
+
+
+def _finished_trial(tmp_path: Path, reports: int = 5) -> Trial:
+    """A stub trial as Tune holds one that reported ``reports`` times with a checkpoint
+    at each report and then finished."""
+    trial = Trial("fake_trainable", stub=True, trial_id="t0001",
+                  config={"model.block": "wukong", "model.d_model": 16},
+                  checkpoint_config=CheckpointConfig(num_to_keep=None))
+    trial.placement_group_factory = PlacementGroupFactory([{"CPU": 1}])  # set when it ran
+    manager = trial.run_metadata.checkpoint_manager
+    for i in range(reports):
+        result = _report(i)
+        trial.update_last_result(result)
+        folder = tmp_path / f"checkpoint_{i:06d}"
+        folder.mkdir()
+        manager.register_checkpoint(_TrainingResult(Checkpoint.from_directory(str(folder)),
+                                                    dict(result)))
+    trial.status = Trial.TERMINATED
+    return trial
+
+
+def _json_size(trial: Trial) -> int:
+    state, meta = trial.get_json_state()
+    return len(state) + len(meta)
+
+
+def test_trim_keeps_the_result_and_the_last_checkpoint(tmp_path: Path) -> None:
+    trial = _finished_trial(tmp_path)
+    last = dict(trial.last_result)
+    assert len(trial.run_metadata.checkpoint_manager._checkpoint_results) == 5
+    assert trial.metric_analysis  # what Tune 2.60 keeps per metric
+    before = _json_size(trial)  # fills Tune's JSON caches, as its state saves do
+
+    TrimFinishedTrials().on_trial_complete(iteration=1, trials=[trial], trial=trial)
+
+    assert trial.last_result == last
+    assert trial.checkpoint is not None and trial.checkpoint.path.endswith("checkpoint_000004")
+    manager = trial.run_metadata.checkpoint_manager
+    assert manager._checkpoint_results == [manager._latest_checkpoint_result]
+    # the checkpoint says which report it is; the report itself is last_result
+    assert manager._latest_checkpoint_result.metrics == {"train_flops": 5e6,
+                                                         "training_iteration": 5}
+    assert trial.metric_analysis == {} and trial.metric_n_steps == {}
+    after = _json_size(trial)  # the caches were rebuilt, not served stale
+    assert after < before / 2, (before, after)
+
+
+def test_a_trimmed_trial_restores_from_its_saved_state(tmp_path: Path) -> None:
+    """What Tune writes into the experiment state for a trimmed trial reads back with its
+    config, status, result and checkpoint (what a resume and collect_outcome read)."""
+    trial = _finished_trial(tmp_path)
+    trim_finished_trial(trial)
+    state, meta = trial.get_json_state()
+    back = Trial.from_json_state(state, stub=True)
+    back.restore_run_metadata(meta)
+    assert back.trial_id == "t0001" and back.status == Trial.TERMINATED
+    assert back.config == {"model.block": "wukong", "model.d_model": 16}
+    assert back.last_result["val_logloss"] == pytest.approx(0.66)
+    assert back.last_result["trial_status"] == "completed"
+    assert back.checkpoint is not None and back.checkpoint.path.endswith("checkpoint_000004")
+
+
+def test_an_errored_trial_keeps_its_history(tmp_path: Path) -> None:
+    """A trial that errored is retried on resume from its checkpoints: not trimmed."""
+    trial = _finished_trial(tmp_path)
+    trial.status = Trial.ERROR
+    TrimFinishedTrials().on_trial_error(iteration=1, trials=[trial], trial=trial)
+    assert len(trial.run_metadata.checkpoint_manager._checkpoint_results) == 5
+    assert trial.metric_analysis
+
+
+def test_a_trial_without_checkpoints_or_metadata_is_left_alone(tmp_path: Path) -> None:
+    trial = Trial("fake_trainable", stub=True, trial_id="t0002")
+    trim_finished_trial(trial)
+    assert trial.checkpoint is None
+    assert trial.run_metadata.checkpoint_manager._checkpoint_results == []
+    trim_finished_trial(SimpleNamespace(trial_id="t0003"))  # no run_metadata: no error
+
+
+def test_status_callback_does_not_keep_finished_writes() -> None:
+    written: list[tuple[str, str]] = []
+
+    class Recording(TrialStatusCallback):
+        def _write(self, trial_id: str, status: str) -> None:
+            written.append((trial_id, status))
+
+    cb = Recording("sqlite:///unused.db", "1", "parent")
+    for i in range(50):
+        trial = SimpleNamespace(trial_id=f"t{i}", last_result={"trial_status": "completed"},
+                                status="TERMINATED")
+        cb.on_trial_complete(iteration=i, trials=[], trial=trial)
+        cb._futures[-1].result()  # this write went through: the next submit forgets it
+    assert len(cb._futures) == 1
+    cb.on_experiment_end(trials=[])
+    assert len(written) == 50 and all(s == "COMPLETED" for _, s in written)
+
+
+def test_status_callback_still_raises_a_failed_write() -> None:
+    class Failing(TrialStatusCallback):
+        def _write(self, trial_id: str, status: str) -> None:
+            raise RuntimeError("store down")
+
+    cb = Failing("sqlite:///unused.db", "1", "parent")
+    for i in range(5):
+        cb.on_trial_complete(iteration=i, trials=[], trial=SimpleNamespace(
+            trial_id=f"t{i}", last_result={}, status="TERMINATED"))
+    with pytest.raises(RuntimeError, match="store down"):
+        cb.on_experiment_end(trials=[])
+
+
+def test_slope_fit_recovers_a_known_slope_after_warm_up() -> None:
+    bench = _bench()
+    rng = np.random.default_rng(0)
+    x = np.arange(1, 241)
+    # a warm-up jump over the first trials, then 0.02 MB per trial plus noise
+    y = 500 + 30 * (1 - np.exp(-x / 15)) + 0.02 * x + rng.normal(0, 0.3, len(x))
+    fit = bench.fit_slope(list(zip(x, y, strict=True)))
+    assert fit["n"] == 120 and fit["x_from"] == 121 and fit["x_to"] == 240
+    assert fit["lo"] < 0.02 < fit["hi"]
+    assert abs(fit["slope"] - 0.02) < 3 * fit["se"]
+    assert fit["hi"] - fit["lo"] < 0.02
+    whole = bench.fit_slope(list(zip(x, y, strict=True)), skip_fraction=0.0)
+    assert whole["slope"] > fit["slope"] + 0.02  # the warm-up biases a fit over everything
+
+
+def test_slope_fit_of_a_flat_series_is_zero_within_its_interval() -> None:
+    bench = _bench()
+    samples = [(n, 600.0 + (0.5 if n % 2 else -0.5)) for n in range(1, 201)]
+    fit = bench.fit_slope(samples)
+    assert fit["lo"] <= 0.0 <= fit["hi"] and fit["hi"] < bench.TARGET_MB_PER_TRIAL
+
+
+def test_slope_fit_needs_enough_samples() -> None:
+    bench = _bench()
+    with pytest.raises(ValueError, match="at least 3"):
+        bench.fit_slope([(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)])
+    with pytest.raises(ValueError, match="same number"):
+        bench.fit_slope([(5, 1.0)] * 10)
+
+
+def test_results_file_holds_both_runs_over_200_trials() -> None:
+    """The recorded benchmark: before and after over >= 200 finished trials."""
+    record = json.loads((ROOT / "bench" / "results" / "driver_memory.json").read_text())
+    runs = record["runs"]
+    assert {"trimmed", "untrimmed"} <= set(runs)
+    for row in runs.values():
+        assert row["finished_trials"] >= 200
+        assert len(row["driver_rss_mb"]) >= 150
+        fit = _bench().fit_slope([tuple(p) for p in row["driver_rss_mb"]])
+        assert fit["slope"] == pytest.approx(row["slope_mb_per_trial"])
+
+
+def _searcher() -> Any:
+    from search.budget import BudgetPolicy
+    from search.searcher import BudgetedOptunaSearch
+
+    def space(trial: optuna.Trial) -> dict[str, int]:
+        trial.suggest_int("x", 0, 3)
+        return {}
+
+    return BudgetedOptunaSearch(space=space, feasibility=lambda flat: (True, -1.0, "ok"),
+                                policy=BudgetPolicy(1e9, 1e6, (1e6, 1e7)),
+                                metric="loss", mode="min", seed=0)
+
+
+def test_searcher_forgets_a_finished_trials_handle_but_the_study_keeps_it() -> None:
+    search = _searcher()
+    for i in range(3):
+        assert search.suggest(f"t{i}") is not None
+    search.on_trial_result("t0", {"train_flops": 1e6, "loss": 0.5, "training_iteration": 1})
+    search.on_trial_complete("t0", {"train_flops": 2e6, "loss": 0.4})
+    search.on_trial_complete("t1", error=True)
+    assert set(search._ot_trials) == {"t2"}  # the running trial keeps its handle
+    assert "t0" in search._completed_trials  # OptunaSearch's record of told trials (private)
+    done = {t.number: t for t in search._ot_study.trials}
+    assert done[0].value == 0.4 and done[0].intermediate_values == {1: 0.5}
+    assert done[1].state == optuna.trial.TrialState.FAIL
+    # a late result or completion of a forgotten trial is ignored, not a KeyError
+    search.on_trial_result("t0", {"train_flops": 3e6, "loss": 0.3, "training_iteration": 2})
+    search.on_trial_complete("t0", {"train_flops": 3e6, "loss": 0.3})
+    assert search._ot_study.trials[0].value == 0.4
+    assert search.spent == 3e6  # t0: its latest report; t1, t2: nothing
+    search.on_trial_complete("t2", {"train_flops": 1e6, "loss": 0.2})
+    assert search._ot_trials == {}
+
+
+def test_searcher_keeps_handles_when_told_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    from search.searcher import BudgetedOptunaSearch
+
+    monkeypatch.setattr(BudgetedOptunaSearch, "forget_finished", False)
+    search = _searcher()
+    assert search.suggest("t0") is not None
+    search.on_trial_complete("t0", {"train_flops": 2e6, "loss": 0.4})
+    assert set(search._ot_trials) == {"t0"}
+
+
+def test_tune_adds_no_tensorboard_writer_when_given_the_stand_in(tmp_path: Path) -> None:
+    """Tune 2.60 adds a TensorBoard logger unless one is given (private helper
+    ``_create_default_callbacks``); the stand-in takes its place and writes nothing,
+    while the CSV and JSON loggers ExperimentAnalysis reads are still added."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+    from ray.tune.utils.callback import _create_default_callbacks
+
+    from search.monitor import NoTensorBoardEvents
+
+    callbacks = _create_default_callbacks([NoTensorBoardEvents()])
+    tbx = [c for c in callbacks if isinstance(c, TBXLoggerCallback)]
+    assert len(tbx) == 1 and type(tbx[0]) is NoTensorBoardEvents
+    assert any(isinstance(c, CSVLoggerCallback) for c in callbacks)
+    assert any(isinstance(c, JsonLoggerCallback) for c in callbacks)
+    trial = _finished_trial(tmp_path)  # no storage: Tune's own logger could not start it
+    for hook in (lambda: tbx[0].on_trial_start(iteration=1, trials=[trial], trial=trial),
+                 lambda: tbx[0].on_trial_result(iteration=1, trials=[trial], trial=trial,
+                                                result=_report(0)),
+                 lambda: tbx[0].on_trial_complete(iteration=1, trials=[trial], trial=trial)):
+        hook()
+    assert tbx[0]._trial_writer == {} and not list(tmp_path.rglob("events.out.tfevents*"))
+
+
+def test_encoder_log_keys_are_forgotten_and_others_kept(tmp_path: Path) -> None:
+    """Each save of a running trial's state adds log_once keys (``ray.util.debug._logged``,
+    private) for its deque windows; the trim forgets those, not the others."""
+    from ray.util import debug
+    from ray.util.debug import log_once
+
+    from search.monitor import forget_encoder_log_keys
+
+    log_once("recscale-test-key")
+    forget_encoder_log_keys()
+    trial = _finished_trial(tmp_path, reports=1)
+    for i in range(1, 4):  # three more reports, each saved
+        trial.update_last_result(_report(i))
+        trial.get_json_state()
+    added = [k for k in debug._logged if k.startswith("tune_func_encode:")]
+    assert len(added) > 3 * 30  # two windows per numeric metric per report
+    assert forget_encoder_log_keys() == len(added)
+    assert not [k for k in debug._logged if k.startswith("tune_func_encode:")]
+    assert "recscale-test-key" in debug._logged
