@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from search.references import is_reference_id, reference_result
 from trainers.contracts import (
     CONFIG_ARTIFACT,
     CONSTANT_METRICS,
@@ -246,7 +247,10 @@ def _trial_row(run: Run, client: MlflowClient) -> dict[str, Any]:
                            "block": tags.get(TAG_BLOCK, config.get("model.block")),
                            "status": tags.get(TAG_STATUS), "run_status": run.info.status,
                            CONFIG_COLUMN: config, **config}
-    row.update(run.data.metrics)
+    # a reference model's result is its best evaluation (search.references), as the
+    # search's own end table and lift have it
+    row.update(reference_result(run.data.metrics) if is_reference_id(row["trial_id"])
+               else run.data.metrics)
     return row
 
 

@@ -74,7 +74,8 @@ if TYPE_CHECKING:
 
 __all__ = ["REFERENCE_EPOCHS", "REFERENCE_SHARE", "SIGNIFICANCE", "Comparison", "Lift",
            "auc_delong", "auc_se", "base_rate_losses", "base_rate_stats", "best_reference", "compare", "compare_unpaired",
-           "is_reference", "reference_rows", "reference_train_config", "search_lift",
+           "is_reference", "is_reference_id", "reference_result", "reference_rows",
+           "reference_train_config", "search_lift",
            "train_references"]
 
 log = logging.getLogger(__name__)
@@ -418,6 +419,16 @@ def _train_one(plan: SearchPlan, tracking: Tracking, family: str, model_cfg: Mod
     return float(last.get(TIME_ATTR, 0.0))
 
 
+def reference_result(metrics: Mapping[str, float]) -> dict[str, float]:
+    """A reference run's metrics with its result in place: the best evaluation (its
+    ``best.*`` metrics, the weights it keeps) rather than its last report."""
+    out = dict(metrics)
+    for key in (*RESULT_KEYS, VAL_SE):
+        if f"{BEST_PREFIX}{key}" in out:
+            out[key] = out[f"{BEST_PREFIX}{key}"]
+    return out
+
+
 def reference_rows(runs: Iterable[Run]) -> pd.DataFrame:
     """One row per reference run among ``runs`` (a search's child runs): its trial id,
     family (``model.block``), status and last report (MLflow's latest metrics)."""
@@ -427,12 +438,8 @@ def reference_rows(runs: Iterable[Run]) -> pd.DataFrame:
         trial_id = str(tags.get(TAG_TRIAL_ID, ""))
         if not trial_id.startswith(REFERENCE_TRIAL_PREFIX):
             continue
-        metrics = dict(run.data.metrics)
-        for key in (*RESULT_KEYS, VAL_SE):  # the result: the best evaluation
-            if f"{BEST_PREFIX}{key}" in metrics:
-                metrics[key] = metrics[f"{BEST_PREFIX}{key}"]
         rows.append({"trial_id": trial_id, "model.block": tags.get(TAG_BLOCK),
-                     **metrics,
+                     **reference_result(run.data.metrics),
                      "trial_status": str(tags.get(TAG_STATUS, "")).lower(),
                      "mlflow_run_id": run.info.run_id, "reference": True})
     return pd.DataFrame(rows)

@@ -330,3 +330,30 @@ def test_a_resumed_search_does_not_train_the_references_again(linear_search) -> 
     assert again.lift is not None and again.lift.reference is not None
     assert re.sub(r"\s+", " ", again.lift.reference.sentence()) == re.sub(
         r"\s+", " ", out.lift.reference.sentence())
+
+
+def test_analysis_reads_a_reference_result_at_its_best_evaluation(monkeypatch) -> None:
+    """The report and summary show a reference's best evaluation (the weights it keeps),
+    as the search's end table and lift do, not its last report."""
+    from types import SimpleNamespace
+
+    import analysis.runs as runs_mod
+    from search.references import reference_result
+    from trainers.contracts import TAG_STATUS, TAG_TRIAL_ID
+
+    metrics = {"val_logloss": 0.5502, "best.val_logloss": 0.5493, "val_auc": 0.7851,
+               "best.val_auc": 0.7833, "train_flops": 4.2e9}
+    assert reference_result(metrics)["val_logloss"] == 0.5493
+    assert reference_result(metrics)["train_flops"] == 4.2e9  # its spend stays all it trained
+    monkeypatch.setattr(runs_mod, "run_config", lambda run, client: {"model.block": "fm"})
+
+    def row(trial_id: str) -> dict:
+        run = SimpleNamespace(info=SimpleNamespace(run_id="r", status="FINISHED"),
+                              data=SimpleNamespace(metrics=dict(metrics), tags={
+                                  TAG_TRIAL_ID: trial_id, TAG_STATUS: "COMPLETED"}))
+        return runs_mod._trial_row(run, None)  # type: ignore[arg-type]
+
+    ref = row("reference-fm")
+    assert (ref["val_logloss"], ref["val_auc"]) == (0.5493, 0.7833)
+    searched = row("abc123")  # a searched trial's result is its last report
+    assert (searched["val_logloss"], searched["val_auc"]) == (0.5502, 0.7851)
