@@ -94,7 +94,7 @@ def data_dict(data: DataConfig, relative_to: str | Path | None = None) -> dict[s
 
     Example:
         >>> sorted(data_dict(DataConfig(name="synthetic")))
-        ['fractions', 'max_rows', 'min_count', 'name', 'seed', 'split', 'synthetic']
+        ['fractions', 'hash_buckets', 'max_rows', 'min_count', 'min_split_rows', 'name', 'seed', 'split', 'synthetic']
     """
     out: dict[str, Any] = {k: v for k, v in data.model_dump(mode="json").items()
                            if _DATA_KEYS_OF.get(k, data.name) == data.name}
