@@ -22,6 +22,19 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x.strip())
 
 
+def _ints(flag: str, text: str) -> tuple[int, ...]:
+    """A comma-separated list of positive integers, or one line naming ``flag``."""
+    from search.study import StudyError
+
+    try:
+        out = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1:
+        raise StudyError(f"scale: {flag} takes comma-separated positive integers, got {text!r}")
+    return out
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register ``scale`` and ``verify`` on the ``recscale`` sub-command parser."""
     s = sub.add_parser("scale", help="isoFLOP scaling study: a budget ladder x sizes, "
@@ -86,13 +99,13 @@ def _config(args: argparse.Namespace) -> Any:
         lrs = _floats(args.lr)
         budgets = (_floats(args.budgets) if args.budgets
                    else ladder(args.min_budget, args.n_budgets, args.ratio))
-        grid = {k: tuple(int(x) for x in getattr(args, k).split(",") if x.strip())
-                for k in ("widths", "depths") if getattr(args, k)}
-        frame = {"n_tokens": args.n_tokens, "embed_dim": args.embed_dim,
-                 "head_hidden": ([int(x) for x in args.head_hidden.split(",") if x.strip()]
-                                 if args.head_hidden else None)}
     except ValueError as err:
         raise StudyError(f"scale: {err}") from None
+    grid = {k: _ints(f"--{k}", getattr(args, k)) for k in ("widths", "depths")
+            if getattr(args, k)}
+    frame = {"n_tokens": args.n_tokens, "embed_dim": args.embed_dim,
+             "head_hidden": (list(_ints("--head-hidden", args.head_hidden))
+                             if args.head_hidden else None)}
     # frame knobs given on the command line replace the study's default frame's
     model = {**StudyConfig.model_fields["model"].get_default(call_default_factory=True),
              **{k: v for k, v in frame.items() if v is not None}}
