@@ -7,7 +7,9 @@ storage the parent run names) and lists every broken promise:
 
 * one MLflow child run per trial, none left RUNNING, the parent FINISHED;
 * every child's metric series with strictly increasing steps, in the order logged (no
-  duplicates, nothing going backwards, so nothing re-logged after a restore);
+  duplicates, nothing going backwards, so nothing re-logged after a restore), and no
+  gaps: two consecutive reports never further apart than the trial's evaluation
+  interval (``report_every_flops`` in whole batches), so no report was dropped;
 * the parent's spent FLOPs within the budget's documented overshoot (one report
   interval per concurrent trial), and not below what the children's runs show they
   trained (work lost to faults is spent, not hidden);
@@ -18,6 +20,10 @@ Example::
 
     report = audit_search("my-search", "sqlite:///mlflow.db")
     assert report.ok, report.problems
+
+:func:`report_structure` reduces a ``recscale analyze`` summary to its shape (the keys a
+reader finds and the files written), to compare a faulted search's report with a
+fault-free one's.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from trainers.contracts import (
     default_tracking_uri,
 )
 
-__all__ = ["AuditReport", "audit_search"]
+__all__ = ["AuditReport", "audit_search", "report_structure"]
 
 #: The series checked for duplicate or backward steps.
 SERIES = (OBJECTIVE, STEP_AXIS)
@@ -61,10 +67,30 @@ class AuditReport:
         return not self.problems
 
 
-def _series_problems(client: Any, run_id: str, trial_id: str) -> list[str]:
+def eval_interval(report_every_flops: float, flops_per_example: float,
+                  batch_size: int) -> float:
+    """The training FLOPs between two of a trial's evaluations, as the trial plans them
+    (``trainers.loop.trial_train_config``: ``report_every_flops`` to the nearest whole
+    batch, at least one). Reports at ASHA milestones fall in between, never beyond.
+
+    Example:
+        >>> eval_interval(2e4, 10.0, 100)  # 7 batches of 3 * 10 * 100 FLOPs
+        21000.0
+    """
+    per_batch = 3.0 * flops_per_example * batch_size
+    return per_batch * max(1, round(report_every_flops / per_batch))
+
+
+def _series_problems(client: Any, run: Any, trial_id: str,
+                     report_every_flops: float | None) -> list[str]:
     out = []
+    gap = None
+    fpe = run.data.metrics.get("flops_per_example")
+    bs = run.data.params.get("train.batch_size")
+    if report_every_flops and fpe and bs:
+        gap = eval_interval(report_every_flops, float(fpe), int(bs)) * (1 + 1e-9)
     for key in SERIES:
-        points = sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
+        points = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.timestamp)
         steps = [int(m.step) for m in points]
         if len(set(steps)) != len(steps):
             out.append(f"trial {trial_id}: {key} logged twice at "
@@ -72,6 +98,11 @@ def _series_problems(client: Any, run_id: str, trial_id: str) -> list[str]:
         back = sum(b < a for a, b in zip(steps, steps[1:]))
         if back:
             out.append(f"trial {trial_id}: {key} went backwards {back} time(s)")
+        if gap is not None:
+            wide = sum(b - a > gap for a, b in zip([0, *sorted(steps)], sorted(steps)))
+            if wide:
+                out.append(f"trial {trial_id}: {key} has {wide} gap(s) wider than its "
+                           f"evaluation interval ({gap:.4g} FLOPs): a report is missing")
     return out
 
 
@@ -132,10 +163,19 @@ def audit_search(name: str, tracking_uri: str | None = None) -> AuditReport:
     running = [str(r.data.tags.get(TAG_TRIAL_ID)) for r in children if r.info.status == "RUNNING"]
     if running:
         problems.append(f"{len(running)} trial run(s) left RUNNING: {', '.join(running)}")
+    try:
+        cfg: Any = SearchConfig.model_validate(load_search(name, uri).settings)
+    except (AnalysisError, ValueError):
+        cfg = None
+        problems.append("the search's settings (search.json) cannot be read back")
+    interval = None if cfg is None else cfg.report_every_flops
     trained = 0.0
     lost_runs = 0
     for r in children:
-        problems += _series_problems(client, r.info.run_id, str(r.data.tags.get(TAG_TRIAL_ID)))
+        trial_id = str(r.data.tags.get(TAG_TRIAL_ID))
+        # the reference models evaluate once per epoch, not at the search's interval
+        problems += _series_problems(client, r, trial_id,
+                                     None if is_reference_id(trial_id) else interval)
         steps = [int(m.step) for m in client.get_metric_history(r.info.run_id, OBJECTIVE)]
         trained += max(steps, default=0)
         lost_runs += r.data.tags.get(TAG_STATUS) == "LOST"
@@ -144,13 +184,8 @@ def audit_search(name: str, tracking_uri: str | None = None) -> AuditReport:
     report.numbers.update({"trial_runs": len(children), "lost_runs": lost_runs,
                            "trained_flops": trained, "spent_flops": spent,
                            "lost_flops": float(m.get(f"{SEARCH_PREFIX}{LOST_FLOPS}", 0.0))})
-    try:
-        cfg = SearchConfig.model_validate(load_search(name, uri).settings)
-    except (AnalysisError, ValueError):
-        problems.append("the search's settings (search.json) cannot be read back")
-    else:
-        interval = min(cfg.grace, cfg.trial_budget) / cfg.reports_per_grace
-        bound = cfg.budget_flops + cfg.max_concurrent * interval
+    if cfg is not None:
+        bound = cfg.budget_flops + cfg.max_concurrent * cfg.report_every_flops
         report.numbers.update({"budget_flops": cfg.budget_flops, "overshoot_bound": bound})
         if not spent <= bound:
             problems.append(f"spent {spent:.4g} FLOPs, over the budget's bound {bound:.4g}")
@@ -163,3 +198,20 @@ def audit_search(name: str, tracking_uri: str | None = None) -> AuditReport:
         problems += found
         report.numbers["tune_trials_run"] = n_ran
     return report
+
+
+def report_structure(summary: dict[str, Any]) -> dict[str, Any]:
+    """The shape of a ``recscale analyze`` summary: its top-level keys, the keys one level
+    down (``"fits.joint"``), and the files the report wrote. Two searches of the same
+    settings, one faulted and one not, must give the same structure (the numbers differ).
+
+    Example:
+        >>> report_structure({"n_trials": 3, "fits": {"joint": {}}, "files": ["a.png"]})
+        {'keys': ['files', 'fits', 'fits.joint', 'n_trials'], 'files': ['a.png']}
+    """
+    keys = set()
+    for key, value in summary.items():
+        keys.add(key)
+        if isinstance(value, dict):
+            keys.update(f"{key}.{sub}" for sub in value)
+    return {"keys": sorted(keys), "files": sorted(summary.get("files", []))}

@@ -9,23 +9,32 @@ command, until it ends by itself. Faults, in a shuffled schedule:
 * ``trial``: one trial's worker process killed with SIGKILL (Tune retries the trial);
 * ``truncate``: after a ``kill``, the newest checkpoint file of an unfinished trial cut
   in half (the resume must fall back to the trial's previous checkpoint);
-* ``oom``: one trial's worker process runs out of memory: its address space is capped
-  at what it holds (``RLIMIT_AS``), so its next allocation fails as it would on a full
-  machine (Tune retries the trial on a fresh worker from its last checkpoint);
+* ``oom``: the node runs out of memory mid-trial, as Ray sees it: Ray's memory monitor
+  is given a kill threshold ``--oom-headroom`` GiB above what the machine used when the
+  harness started (``RAY_memory_usage_threshold``), and a balloon process fills memory
+  past it, so Ray kills a trial's worker with ``OutOfMemoryError`` (Tune retries the
+  trial from its last checkpoint); the balloon is freed once a trial worker has died;
 * ``mlflow-down`` (with ``--server``: the search logs to an MLflow server on 127.0.0.1
   that the harness runs): the server killed, kept down for ``--outage`` seconds (30),
-  then started again on the same port, while the search goes on.
+  then started again on the same port, while the search goes on;
+* ``node`` (with ``--cluster``: the search runs on a two-node Ray cluster on 127.0.0.1,
+  head and worker with one CPU each, that the harness starts): every process of the
+  worker node killed (its raylet and the trials on it), the node started again after
+  ``--outage`` seconds; trials it ran are retried.
 
 Then :func:`analysis.audit.audit_search` checks the result (one run per trial, nothing
 RUNNING, no duplicate or backward steps, spent FLOPs within the budget's bound and
 covering every trained FLOP, Tune and MLflow agreeing), and the same search run once
 without faults gives the reference: both audits and ``recscale analyze`` summaries are
-compared.
+compared: both audits, and the structure of both ``recscale analyze`` reports
+(:func:`analysis.audit.report_structure`).
 
-    .venv/bin/python bench/chaos.py --kills 10 --out bench/results/chaos.json
+    .venv/bin/python bench/chaos.py --kills 10 --server --out bench/results/chaos.json
+    .venv/bin/python bench/chaos.py --kills 3 --cluster --out bench/results/chaos_cluster.json
 
-Not covered here: a worker node removed and added back (``tests/test_cluster.py`` kills
-one node of a two-node cluster).
+Every process the harness starts carries its own ``RAY_TMPDIR`` (and, for cluster
+nodes, a marker in its environment) and is stopped by PID: nothing here runs
+``ray stop`` or touches another Ray on the machine.
 """
 
 from __future__ import annotations
@@ -47,6 +56,10 @@ from typing import Any
 
 import psutil
 
+GIB = 2**30
+#: the environment variable that marks the processes of a harness-started Ray node
+NODE_MARK = "RECSCALE_CHAOS_NODE"
+
 ROOT = Path(__file__).resolve().parents[1]
 if sys.path[0] != str(ROOT):  # run as a script: bench/search.py must not shadow `search`
     sys.path.insert(0, str(ROOT))
@@ -64,6 +77,8 @@ class Chaos:
     seed: int = 0
     server: bool = False
     outage: float = 30.0
+    cluster: bool = False
+    oom_headroom: float = 6.0
     log: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -72,8 +87,16 @@ class Chaos:
         self.rng = random.Random(self.seed)
         self.mlflow: subprocess.Popen[bytes] | None = None
         self.port = _free_port() if self.server else 0
+        vm = psutil.virtual_memory()  # Ray's own measure: total - available
+        self.oom_threshold = min(0.9, (vm.total - vm.available + self.oom_headroom * GIB)
+                                 / vm.total)
+        self.mark = f"{os.getpid()}-{self.raytmp.rsplit('/', 1)[-1]}"
+        self.gcs_port = _free_port() if self.cluster else 0
         if self.server:
             self.start_server()
+        if self.cluster:
+            self.start_node("head")
+            self.start_node("worker")
 
     @property
     def uri(self) -> str:
@@ -104,24 +127,113 @@ class Chaos:
             self.mlflow.wait(30)
         self.mlflow = None
 
-    def memory_cap_a_trial(self) -> int | None:
-        """Cap one trial worker's address space at what it holds now; returns its PID."""
-        victims = self.trial_processes()
-        if not victims:
-            return None
-        victim = self.rng.choice(victims)
+    # ------------------------------------------------------------------ cluster nodes
+
+    def _node_env(self, role: str) -> dict[str, str]:
+        return {**os.environ, "RAY_TMPDIR": self.raytmp, "RAY_ADDRESS": "",
+                "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+                "RAY_memory_usage_threshold": f"{self.oom_threshold:.4f}",
+                NODE_MARK: f"{self.mark}-{role}"}
+
+    def start_node(self, role: str) -> None:
+        """Start the head or the worker node (1 CPU, 127.0.0.1, ports of its own) and
+        wait until the cluster counts it."""
+        ray = str(Path(sys.executable).parent / "ray")
+        common = ["--num-cpus=1", "--memory=2500000000", "--object-store-memory=250000000",
+                  "--node-ip-address=127.0.0.1", "--block",
+                  f"--dashboard-agent-listen-port={_free_port()}"]
+        if role == "head":
+            cmd = [ray, "start", "--head", f"--port={self.gcs_port}", "--include-dashboard=false",
+                   f"--ray-client-server-port={_free_port()}", f"--temp-dir={self.raytmp}",
+                   *common]
+        else:
+            cmd = [ray, "start", f"--address=127.0.0.1:{self.gcs_port}", *common]
+        log = open(self.workdir / f"node-{role}.log", "ab")  # noqa: SIM115 - lives with it
+        subprocess.Popen(cmd, env=self._node_env(role), stdout=log, stderr=log,
+                         start_new_session=True)
+        want = 1 if role == "head" else 2
+        deadline = time.time() + 180
+        while self.alive_nodes() < want:
+            if time.time() > deadline:
+                raise RuntimeError(f"the {role} node did not join (see {log.name})")
+            time.sleep(2)
+
+    def alive_nodes(self) -> int:
+        """Nodes the cluster's GCS counts alive (0 when it does not answer)."""
+        code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR', "
+                "log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))")
         try:
-            vms = victim.memory_info().vms
-            victim.rlimit(psutil.RLIMIT_AS, (vms, vms))
-        except (psutil.Error, OSError):
-            return None
-        return int(victim.pid)
+            out = subprocess.run([sys.executable, "-c", code, f"127.0.0.1:{self.gcs_port}"],
+                                 env=self._node_env("probe"), capture_output=True, text=True,
+                                 timeout=60)
+            return int(out.stdout.strip().splitlines()[-1])
+        except (subprocess.TimeoutExpired, ValueError, IndexError):
+            return 0
+
+    def node_processes(self, role: str = "") -> list[psutil.Process]:
+        """The processes of one harness-started node (of all of them with ``role=""``)."""
+        want = f"{self.mark}-{role}"
+        out = []
+        for p in psutil.process_iter():
+            try:
+                mark = p.environ().get(NODE_MARK, "")
+            except (psutil.Error, OSError):
+                continue
+            if (mark == want if role else mark.startswith(want)) and p.pid != os.getpid():
+                out.append(p)
+        return out
+
+    def kill_node(self, role: str = "") -> int:
+        """SIGKILL every process of a node (all nodes with ``role=""``); how many."""
+        procs = self.node_processes(role)
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(procs, timeout=15)
+        return len(procs)
+
+    def stop(self) -> None:
+        """Stop everything the harness started: cluster nodes, Ray, the MLflow server."""
+        if self.cluster:
+            self.kill_node()
+        self.cleanup()
+        self.stop_server()
+
+    # ------------------------------------------------------------------ out of memory
+
+    def fill_memory_until_a_trial_dies(self, timeout: float = 120.0) -> dict[str, Any]:
+        """Fill memory past Ray's kill threshold with a balloon process, until one of the
+        trial workers running now has died (Ray's memory monitor kills it), then free it."""
+        victims = {p.pid: p for p in self.trial_processes()}
+        vm = psutil.virtual_memory()
+        need = self.oom_threshold * vm.total - (vm.total - vm.available) + GIB / 2
+        chunks = int(max(0.0, min(need, vm.available - 2 * GIB)) // (GIB / 4)) + 1
+        code = ("import sys, time\nkeep = []\nfor _ in range(int(sys.argv[1])):\n"
+                "    keep.append(bytearray(2**28))\n    time.sleep(0.05)\ntime.sleep(900)\n")
+        balloon = subprocess.Popen([sys.executable, "-c", code, str(chunks)])
+        t0 = time.time()
+        dead: list[int] = []
+        try:
+            while time.time() < t0 + timeout and not dead:
+                dead = [pid for pid, p in victims.items() if not p.is_running()
+                        or p.status() == psutil.STATUS_ZOMBIE]
+                time.sleep(0.25)
+        finally:
+            balloon.kill()
+            balloon.wait(30)
+        oom = [str(p) for p in self.storage.glob(f"{self.name}/*/error*.txt")
+               if "OutOfMemoryError" in p.read_text(errors="replace")]
+        return {"trial_workers": len(victims), "balloon_gib": round(chunks / 4, 2),
+                "oom_threshold": round(self.oom_threshold, 4),
+                "killed_workers": len(dead), "after_s": round(time.time() - t0, 1),
+                "oom_errors": len(oom)}
 
     @property
     def storage(self) -> Path:
         return self.workdir / "ray"
 
     def command(self) -> list[str]:
+        """The ``recscale search`` command, the same at every resume."""
         return [sys.executable, "-m", "recscale", "search", "--space", "unified",
                 "--data", "synthetic", "--max-rows", str(self.rows), "--name", self.name,
                 "--budget-flops", str(self.budget_flops), "--trial-flops", str(self.trial_flops),
@@ -129,17 +241,28 @@ class Chaos:
                 "--tracking-uri", self.uri, "--max-concurrent", "2", "--gpus", "off",
                 "--seed", "0", "-v", "0"]
 
-    def env(self) -> dict[str, str]:
-        return {**os.environ, "RAY_TMPDIR": self.raytmp, "RAY_ADDRESS": "",
-                "RECSCALE_CACHE": str(self.workdir / "cache"), "PYTHONPATH": str(ROOT)}
+    def env(self, oom: bool = False) -> dict[str, str]:
+        """The driver's environment: a local Ray of its own, or the harness's cluster;
+        with ``oom``, the local Ray's memory monitor kills at the harness's threshold."""
+        env = {**os.environ, "RAY_TMPDIR": self.raytmp, "RAY_ADDRESS": "",
+               "RECSCALE_CACHE": str(self.workdir / "cache"), "PYTHONPATH": str(ROOT)}
+        if self.cluster:
+            env.update(RAY_ADDRESS=f"127.0.0.1:{self.gcs_port}", RAY_AUTH_MODE="disabled")
+        elif oom:
+            env["RAY_memory_usage_threshold"] = f"{self.oom_threshold:.4f}"
+        return env
 
-    def start(self) -> subprocess.Popen[str]:
-        return subprocess.Popen(self.command(), env=self.env(), cwd=self.workdir,
+    def start(self, oom: bool = False) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.command(), env=self.env(oom), cwd=self.workdir,
                                 start_new_session=True, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
 
     def cleanup(self) -> None:
-        """Ray processes a killed driver leaves behind (they carry our RAY_TMPDIR)."""
+        """Ray processes a killed driver leaves behind (they carry our RAY_TMPDIR). On
+        the harness's cluster Ray itself ends a dead driver's job; the nodes stay."""
+        if self.cluster and self.node_processes():
+            time.sleep(1)
+            return
         subprocess.run(["pkill", "-9", "-f", self.raytmp], check=False)
         for p in psutil.process_iter(["cmdline"]):
             try:
@@ -188,7 +311,7 @@ class Chaos:
         """Run the command; inject ``fault`` after ``wait`` seconds (if it still runs).
         Returns the exit code when the search ended by itself, else None."""
         t0 = time.time()
-        proc = self.start()
+        proc = self.start(oom=fault == "oom")
         if fault is not None:  # the clock starts once the search has reported anew
             start_reports, deadline = self.reports(), time.time() + 300
             while proc.poll() is None and time.time() < deadline and \
@@ -221,7 +344,7 @@ class Chaos:
             err = proc.stderr.read() if proc.stderr else ""
             entry["last_line"] = ([ln for ln in err.splitlines() if ln.strip()] or [""])[-1]
             self.cleanup()
-        elif fault in ("trial", "oom", "mlflow-down"):
+        elif fault in ("trial", "oom", "mlflow-down", "node"):
             if fault == "trial":
                 victims = self.trial_processes()
                 entry["trial_processes"] = len(victims)
@@ -230,11 +353,15 @@ class Chaos:
             else:
                 before = self.reports()
                 if fault == "oom":
-                    entry["capped_pid"] = pid = self.memory_cap_a_trial()
-                    if pid is not None:  # until the capped worker has failed
-                        while proc.poll() is None and psutil.pid_exists(pid) and \
-                                time.time() < started + wait + 300:
-                            time.sleep(0.5)
+                    entry.update(self.fill_memory_until_a_trial_dies())
+                elif fault == "node":
+                    on_worker = [p for p in self.trial_processes()
+                                 if p in self.node_processes("worker")]
+                    entry["trials_on_worker"] = len(on_worker)
+                    entry["killed_processes"] = self.kill_node("worker")
+                    time.sleep(self.outage)
+                    self.start_node("worker")
+                    entry["outage_s"] = self.outage
                 else:
                     self.stop_server()
                     time.sleep(self.outage)
@@ -276,10 +403,15 @@ class Chaos:
         return -1
 
 
-def schedule(kills: int, seed: int, server: bool = False) -> list[str]:
+def schedule(kills: int, seed: int, server: bool = False, cluster: bool = False) -> list[str]:
+    """The shuffled fault schedule: ``kills`` driver kills (one of them truncating a
+    checkpoint), Ctrl-C, a killed trial, an out-of-memory node, and with ``server`` an
+    MLflow outage, with ``cluster`` a worker node lost and added back."""
     faults = ["kill"] * max(0, kills - 1) + ["truncate", "ctrl-c", "trial", "oom"]
     if server:
         faults.append("mlflow-down")
+    if cluster:
+        faults.append("node")
     random.Random(seed).shuffle(faults)
     return faults
 
@@ -296,9 +428,30 @@ def _listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def main() -> None:
+def analyze(chaos: Chaos) -> dict[str, Any]:
+    """``recscale analyze``'s report of the harness's search, reduced to its structure."""
+    from analysis.audit import report_structure
+    from analysis.pipeline import write_report
+
+    out = write_report(chaos.name, chaos.uri, chaos.workdir / "report")
+    return report_structure(json.loads((out / "summary.json").read_text()))
+
+
+def run_and_audit(chaos: Chaos, faults: list[str]) -> dict[str, Any]:
+    """Run ``faults`` (none: the reference), then audit the search and read its report."""
     from analysis.audit import audit_search
 
+    try:
+        rc = chaos.run(faults)
+        audit = audit_search(chaos.name, chaos.uri)
+        structure = analyze(chaos) if rc == 0 else None
+    finally:
+        chaos.stop()
+    return {"exit": rc, "ok": audit.ok, "problems": audit.problems, **audit.numbers,
+            "report_structure": structure}
+
+
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=10, help="driver SIGKILLs (one truncates)")
@@ -306,35 +459,38 @@ def main() -> None:
     ap.add_argument("--budget-flops", type=float, default=1.5e11)
     ap.add_argument("--server", action="store_true",
                     help="log to an MLflow server the harness runs (adds the mlflow-down fault)")
-    ap.add_argument("--outage", type=float, default=30.0, help="mlflow-down: seconds down")
+    ap.add_argument("--cluster", action="store_true",
+                    help="run on a two-node Ray cluster the harness starts (adds the node fault)")
+    ap.add_argument("--outage", type=float, default=30.0,
+                    help="mlflow-down, node: seconds down")
+    ap.add_argument("--oom-headroom", type=float, default=6.0,
+                    help="oom: Ray's kill threshold, GiB above the machine's use at start")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "chaos.json"))
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="chaos"))
     t0 = time.time()
-    reference = Chaos(work / "reference", budget_flops=args.budget_flops, seed=args.seed,
-                      server=args.server)
-    ref_rc = reference.run([])
-    ref_audit = audit_search(reference.name, reference.uri)
-    reference.stop_server()
-    chaos = Chaos(work / "chaos", budget_flops=args.budget_flops, seed=args.seed,
-                  server=args.server, outage=args.outage)
-    faults = schedule(args.kills, args.seed, args.server)
-    rc = chaos.run(faults)
-    audit = audit_search(chaos.name, chaos.uri)
-    chaos.stop_server()
+    common = {"budget_flops": args.budget_flops, "seed": args.seed, "server": args.server,
+              "cluster": args.cluster, "outage": args.outage, "oom_headroom": args.oom_headroom}
+    reference = run_and_audit(Chaos(work / "reference", **common), [])
+    t_ref = time.time() - t0
+    chaos = Chaos(work / "chaos", **common)
+    faults = schedule(args.kills, args.seed, args.server, args.cluster)
+    faulted = run_and_audit(chaos, faults)
     result = {
         "command": " ".join(sys.argv), "seed": args.seed, "faults": faults,
-        "segments": chaos.log, "exit": rc, "audit": {"ok": audit.ok, "problems": audit.problems,
-                                                     **audit.numbers},
-        "reference": {"exit": ref_rc, "ok": ref_audit.ok, "problems": ref_audit.problems,
-                      **ref_audit.numbers},
-        "seconds": round(time.time() - t0),
+        "segments": chaos.log, "exit": faulted.pop("exit"), "audit": faulted,
+        "reference": reference,
+        "same_report_structure": faulted["report_structure"] == reference["report_structure"],
+        "seconds": round(time.time() - t0), "reference_seconds": round(t_ref),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str))
-    print(json.dumps({k: result[k] for k in ("exit", "audit", "reference", "seconds")},
-                     indent=2, default=str))
+    short = {k: result[k] for k in ("exit", "same_report_structure", "seconds")}
+    short["audit"] = {k: v for k, v in faulted.items() if k != "report_structure"}
+    short["reference"] = {k: v for k, v in reference.items() if k != "report_structure"}
+    short["injected"] = [e["fault"] for e in chaos.log if e["fault"]]
+    print(json.dumps(short, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -135,8 +135,9 @@ def test_a_search_survives_kills_ctrl_c_a_killed_trial_and_a_truncated_checkpoin
     start = time.time()
     try:
         rc = chaos.run(["kill", "truncate", "ctrl-c", "trial"])
+        structure = chaos_mod.analyze(chaos) if rc == 0 else None
     finally:
-        chaos.cleanup()
+        chaos.stop()
     assert rc == 0, chaos.log
     faults = [e for e in chaos.log if e["fault"]]
     assert [e["fault"] for e in faults] == ["kill", "truncate", "ctrl-c", "trial"][:len(faults)]
@@ -146,34 +147,115 @@ def test_a_search_survives_kills_ctrl_c_a_killed_trial_and_a_truncated_checkpoin
     assert report.ok, (report.problems, chaos.log)
     n = report.numbers
     assert n["trained_flops"] <= n["spent_flops"] <= n["overshoot_bound"]
+    assert structure is not None and set(structure["keys"]) >= REPORT_KEYS
     assert time.time() - start < 1200
 
 
+#: what every report of a finished search holds, faulted or not
+REPORT_KEYS = {"search", "n_trials", "frontier", "fits", "recommendation", "references"}
+
+
 @pytest.mark.slow
-def test_a_search_survives_an_mlflow_server_outage_and_a_trial_out_of_memory(
+def test_a_search_survives_an_mlflow_server_outage_and_a_node_out_of_memory(
         tmp_path: Path) -> None:
-    """Logging to an MLflow server (127.0.0.1) that goes down for 20 s mid-search, then a
-    trial worker whose address space is capped (its next allocation fails): the search
-    goes on by itself after each, ends with exit 0, and the audit is clean."""
+    """Logging to an MLflow server (127.0.0.1) that goes down for 20 s mid-search, then
+    the node running out of memory (Ray's memory monitor kills a trial's worker): the
+    search goes on by itself after each, ends with exit 0, the audit is clean and
+    ``recscale analyze`` reads it whole."""
     from analysis.audit import audit_search
 
     chaos_mod = _bench_chaos()
     chaos = chaos_mod.Chaos(tmp_path / "chaos", budget_flops=4e10, trial_flops=6e9, seed=5,
-                            server=True, outage=20.0)
+                            server=True, outage=20.0, oom_headroom=3.0)
     try:
         rc = chaos.run(["mlflow-down", "oom"], wait=(1.0, 3.0))
         report = audit_search(chaos.name, chaos.uri)
+        structure = chaos_mod.analyze(chaos) if rc == 0 else None
     finally:
-        chaos.cleanup()
-        chaos.stop_server()
+        chaos.stop()
     assert rc == 0, chaos.log
-    down = chaos.log[0]
+    down, oom = chaos.log[0], chaos.log[1]
     assert down["fault"] == "mlflow-down" and down["outage_s"] == 20.0, chaos.log
     # after the outage the same driver kept training and logging (or finished)
     assert down["reports_after"] >= 2 or down.get("ended") == 0, chaos.log
+    # Ray killed a running trial's worker for memory; Tune recorded the error and retried
+    assert oom["fault"] == "oom" and oom["killed_workers"] >= 1 and oom["oom_errors"] >= 1, oom
     assert report.ok, (report.problems, chaos.log)
     n = report.numbers
     assert n["trained_flops"] <= n["spent_flops"] <= n["overshoot_bound"]
+    assert structure is not None and set(structure["keys"]) >= REPORT_KEYS
+
+
+@pytest.mark.slow
+def test_a_search_survives_losing_a_worker_node_and_getting_it_back(tmp_path: Path) -> None:
+    """A two-node Ray cluster on 127.0.0.1: mid-search every process of the worker node
+    is killed and the node comes back 10 s later. The search ends by itself, the audit
+    is clean (the trials the node ran were retried, no run lost or doubled), and the
+    report reads it whole."""
+    from analysis.audit import audit_search
+
+    chaos_mod = _bench_chaos()
+    chaos = chaos_mod.Chaos(tmp_path / "chaos", budget_flops=4e10, trial_flops=6e9, seed=7,
+                            cluster=True, outage=10.0)
+    try:
+        assert chaos.alive_nodes() == 2
+        rc = chaos.run(["node"], wait=(2.0, 4.0))
+        back = chaos.alive_nodes()
+        report = audit_search(chaos.name, chaos.uri)
+        structure = chaos_mod.analyze(chaos) if rc == 0 else None
+    finally:
+        chaos.stop()
+    assert rc == 0, chaos.log
+    node = chaos.log[0]
+    assert node["fault"] == "node" and node["killed_processes"] >= 2, node
+    assert back == 2  # the worker rejoined
+    assert node["reports_after"] >= 2 or node.get("ended") == 0, chaos.log
+    assert report.ok, (report.problems, chaos.log)
+    n = report.numbers
+    assert n["trained_flops"] <= n["spent_flops"] <= n["overshoot_bound"]
+    assert structure is not None and set(structure["keys"]) >= REPORT_KEYS
+    assert not chaos.node_processes()  # stopped by PID, nothing left
+
+
+def test_the_audit_finds_a_dropped_report(tmp_path: Path) -> None:
+    """Two reports further apart than the trial's evaluation interval mean one was not
+    logged: the audit names the gap; a whole series passes."""
+    from analysis.audit import _series_problems, eval_interval
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    exp_id = client.create_experiment("gaps", artifact_location=str(tmp_path / "art"))
+    every = eval_interval(2e4, 10.0, 100)  # 21000 FLOPs
+    for name, steps in (("whole", [1, 2, 3, 4]), ("dropped", [1, 2, 4])):
+        run = client.create_run(exp_id)
+        client.log_param(run.info.run_id, "train.batch_size", 100)
+        client.log_metric(run.info.run_id, "flops_per_example", 10.0)
+        for k in steps:
+            for key in ("val_logloss", "train_flops"):
+                client.log_metric(run.info.run_id, key, 0.5, step=int(k * every))
+        got = _series_problems(client, client.get_run(run.info.run_id), name, 2e4)
+        if name == "whole":
+            assert got == []
+        else:
+            assert len(got) == 2 and all("1 gap(s)" in g for g in got), got
+            assert _series_problems(client, client.get_run(run.info.run_id), name, None) == []
+
+
+def test_the_report_structure_ignores_numbers_but_not_keys() -> None:
+    from analysis.audit import report_structure
+
+    a = {"n_trials": 3, "fits": {"joint": {"a": 1}}, "files": ["x.png"]}
+    b = {"n_trials": 9, "fits": {"joint": {"a": 2}}, "files": ["x.png"]}
+    assert report_structure(a) == report_structure(b)
+    assert report_structure(a) != report_structure({**b, "fits": {}})
+    assert report_structure(a) != report_structure({**b, "files": []})
+
+
+def test_the_fault_schedule_holds_every_fault_class() -> None:
+    chaos_mod = _bench_chaos()
+    faults = chaos_mod.schedule(10, seed=0, server=True, cluster=True)
+    assert faults.count("kill") == 9 and len(faults) == 15
+    assert {"truncate", "ctrl-c", "trial", "oom", "mlflow-down", "node"} <= set(faults)
+    assert faults == chaos_mod.schedule(10, seed=0, server=True, cluster=True)  # seeded
 
 
 def test_a_state_cut_short_by_a_kill_is_set_aside(tmp_path: Path) -> None:
