@@ -114,7 +114,8 @@ def _tune_problems(storage: str, children: list[Any]) -> tuple[list[str], int | 
     except (ValueError, OSError, RuntimeError) as err:
         return [f"Tune's state in {storage} cannot be read: {err}"], None
     known = {t.trial_id for t in tune_trials}
-    ran = {t.trial_id for t in tune_trials if t.last_result}
+    # a trial stopped before its first report holds only {"trial_id": ...}: it never ran
+    ran = {t.trial_id for t in tune_trials if OBJECTIVE in (t.last_result or {})}
     logged = {str(r.data.tags.get(TAG_TRIAL_ID)) for r in children
               if r.data.tags.get(TAG_STATUS) != "LOST"
               and not is_reference_id(r.data.tags.get(TAG_TRIAL_ID))}

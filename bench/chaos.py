@@ -44,6 +44,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -201,32 +202,43 @@ class Chaos:
 
     # ------------------------------------------------------------------ out of memory
 
-    def fill_memory_until_a_trial_dies(self, timeout: float = 120.0) -> dict[str, Any]:
-        """Fill memory past Ray's kill threshold with a balloon process, until one of the
-        trial workers running now has died (Ray's memory monitor kills it), then free it."""
-        victims = {p.pid: p for p in self.trial_processes()}
+    def oom_kills(self) -> int:
+        """Workers Ray's memory monitor has killed so far (every raylet log of ours)."""
+        total = 0
+        for path in Path(self.raytmp).glob("**/logs/raylet*.out"):
+            with contextlib.suppress(OSError):
+                for line in path.read_text(errors="replace").splitlines():
+                    m = re.search(r"Killing (\d+) worker\(s\), kill details: Memory", line)
+                    total += int(m.group(1)) if m else 0
+        return total
+
+    def fill_memory_until_a_trial_dies(self, driver: subprocess.Popen[str] | None = None,
+                                       timeout: float = 180.0) -> dict[str, Any]:
+        """Fill memory past Ray's kill threshold with a balloon process and hold it until
+        Ray's memory monitor has killed a worker (its raylet log says so) or the
+        ``driver`` has exited, then free it."""
+        before = self.oom_kills()
+        workers = {p.pid: p for p in self.trial_processes()}
         vm = psutil.virtual_memory()
         need = self.oom_threshold * vm.total - (vm.total - vm.available) + GIB / 2
         chunks = int(max(0.0, min(need, vm.available - 2 * GIB)) // (GIB / 4)) + 1
         code = ("import sys, time\nkeep = []\nfor _ in range(int(sys.argv[1])):\n"
-                "    keep.append(bytearray(2**28))\n    time.sleep(0.05)\ntime.sleep(900)\n")
+                "    b = bytearray(2**28)\n    b[::4096] = bytes(2**16)\n"  # touch every page
+                "    b[::4096] = b'x' * 2**16\n    keep.append(b)\n    time.sleep(0.05)\n"
+                "time.sleep(900)\n")
         balloon = subprocess.Popen([sys.executable, "-c", code, str(chunks)])
         t0 = time.time()
-        dead: list[int] = []
         try:
-            while time.time() < t0 + timeout and not dead:
-                dead = [pid for pid, p in victims.items() if not p.is_running()
-                        or p.status() == psutil.STATUS_ZOMBIE]
-                time.sleep(0.25)
+            while time.time() < t0 + timeout and self.oom_kills() <= before and \
+                    (driver is None or driver.poll() is None):
+                time.sleep(0.5)
         finally:
             balloon.kill()
             balloon.wait(30)
-        oom = [str(p) for p in self.storage.glob(f"{self.name}/*/error*.txt")
-               if "OutOfMemoryError" in p.read_text(errors="replace")]
-        return {"trial_workers": len(victims), "balloon_gib": round(chunks / 4, 2),
+        return {"trial_workers": len(workers), "balloon_gib": round(chunks / 4, 2),
                 "oom_threshold": round(self.oom_threshold, 4),
-                "killed_workers": len(dead), "after_s": round(time.time() - t0, 1),
-                "oom_errors": len(oom)}
+                "killed_workers": sum(not p.is_running() for p in workers.values()),
+                "after_s": round(time.time() - t0, 1), "oom_kills": self.oom_kills() - before}
 
     @property
     def storage(self) -> Path:
@@ -353,7 +365,7 @@ class Chaos:
             else:
                 before = self.reports()
                 if fault == "oom":
-                    entry.update(self.fill_memory_until_a_trial_dies())
+                    entry.update(self.fill_memory_until_a_trial_dies(proc))
                 elif fault == "node":
                     on_worker = [p for p in self.trial_processes()
                                  if p in self.node_processes("worker")]

@@ -699,9 +699,61 @@ def run_search(
     # one driver per search: a second command with this name and storage stops here;
     # the holder then repairs and reads Tune's state, which no other driver now writes
     with SearchLock(plan.exp_path):
-        state_lost = repair_tune_state(plan.exp_path)
-        plan = replace(plan_search(cfg, storage, resume, plan.dataset), state_lost=state_lost)
-        return _run_search(plan, tracking_uri, address, verbose)
+        for restart in range(MEMORY_RESTARTS + 1):
+            state_lost = repair_tune_state(plan.exp_path)
+            plan = replace(plan_search(cfg, storage, resume if restart == 0 else "auto",
+                                       plan.dataset), state_lost=state_lost)
+            try:
+                return _run_search(plan, tracking_uri, address, verbose)
+            except Exception as err:
+                if not killed_for_memory(err):
+                    raise
+                _restart_after_memory_kill(err, restart)
+    raise AssertionError("unreachable")  # the last restart raises
+
+
+#: how many times one driver resumes a search that Ray's memory monitor stopped
+MEMORY_RESTARTS = 5
+
+
+def killed_for_memory(err: BaseException) -> bool:
+    """Did Ray's memory monitor kill a trial's worker (``ray.exceptions.OutOfMemoryError``
+    anywhere in the exception's chain)?
+
+    Ray 2.60's Tune does not treat that error as a trial failure: its actor manager
+    raises ``RuntimeError("Caught unexpected exception ...")`` from it and ``fit`` ends,
+    although the trial could simply be retried (a SIGKILLed worker is).
+    """
+    from ray.exceptions import OutOfMemoryError
+
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OutOfMemoryError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _restart_after_memory_kill(err: BaseException, restart: int) -> None:
+    """Resume the search as if its command were run again: Ray is shut down (its trial
+    actors with it) and the next round restores Tune's saved state; the trials the
+    kill interrupted go on from their checkpoints. After ``MEMORY_RESTARTS`` in one
+    driver: one clear line instead."""
+    import ray
+
+    ray.shutdown()
+    first = str(err).split("OOM kill reason", 1)[0].strip().splitlines()
+    detail = first[-1] if first else ""
+    if restart >= MEMORY_RESTARTS:
+        raise SearchError(
+            f"the node ran out of memory {restart + 1} times and Ray killed trial workers "
+            "each time; the search's state is saved: lower --max-concurrent or free memory, "
+            "then run the same command again") from err
+    log.warning("Ray killed trial workers because the node ran low on memory (%s); "
+                "resuming the search from its saved state (%d of %d)",
+                detail[:200], restart + 1, MEMORY_RESTARTS)
 
 
 def _run_search(plan: SearchPlan, tracking_uri: str | None, address: str | None,

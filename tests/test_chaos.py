@@ -178,8 +178,9 @@ def test_a_search_survives_an_mlflow_server_outage_and_a_node_out_of_memory(
     assert down["fault"] == "mlflow-down" and down["outage_s"] == 20.0, chaos.log
     # after the outage the same driver kept training and logging (or finished)
     assert down["reports_after"] >= 2 or down.get("ended") == 0, chaos.log
-    # Ray killed a running trial's worker for memory; Tune recorded the error and retried
-    assert oom["fault"] == "oom" and oom["killed_workers"] >= 1 and oom["oom_errors"] >= 1, oom
+    # Ray's memory monitor killed a running trial's worker; the same driver resumed
+    assert oom["fault"] == "oom" and oom["oom_kills"] >= 1, oom
+    assert oom["reports_after"] >= 2 or oom.get("ended") == 0, chaos.log
     assert report.ok, (report.problems, chaos.log)
     n = report.numbers
     assert n["trained_flops"] <= n["spent_flops"] <= n["overshoot_bound"]
