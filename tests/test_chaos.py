@@ -303,3 +303,61 @@ def test_a_trial_run_killed_before_its_config_is_left_out_of_the_analysis(
             client.log_metric(run.info.run_id, "val_logloss", 0.6, step=100)
     runs = load_search("half", uri)
     assert list(runs.trials["trial_id"]) == ["whole"]
+
+
+def _memory_crash() -> RuntimeError:
+    """What Ray 2.60's Tune raises when Ray's memory monitor kills a trial's worker."""
+    from ray.exceptions import OutOfMemoryError
+
+    try:
+        try:
+            raise OutOfMemoryError("1 worker(s) were killed due to the node running low on "
+                                   "memory.\nOOM kill reason: usage over the threshold")
+        except OutOfMemoryError as err:
+            raise RuntimeError(f"Caught unexpected exception: {err}") from err
+    except RuntimeError as crash:
+        return crash
+
+
+def test_a_search_stopped_by_a_memory_kill_resumes_in_the_same_driver(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tune ends ``fit`` when Ray kills a trial worker for memory; ``run_search`` shuts
+    Ray down and runs the search again from its saved state, as rerunning the command
+    would, and gives up with one line after ``MEMORY_RESTARTS``. Other errors pass."""
+    import ray
+
+    from search import runner
+    from search.settings import SearchConfig
+    from trainers.data import DataConfig, SyntheticConfig
+
+    cfg = SearchConfig(name="oom", budget_flops=1e10, data=DataConfig(
+        name="synthetic", synthetic=SyntheticConfig(n_rows=2000)))
+    calls: list[int] = []
+    shutdowns: list[int] = []
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))
+
+    def crashes_twice(plan, uri, address, verbose):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) <= 2:
+            raise _memory_crash()
+        return "outcome"
+
+    monkeypatch.setattr(runner, "_run_search", crashes_twice)
+    assert runner.run_search(cfg, storage=tmp_path) == "outcome"
+    assert len(calls) == 3 and len(shutdowns) == 2
+
+    calls.clear()
+    monkeypatch.setattr(runner, "_run_search",
+                        lambda *a: (calls.append(1), (_ for _ in ()).throw(_memory_crash())))
+    with pytest.raises(runner.SearchError, match="ran out of memory 6 times"):
+        runner.run_search(cfg, storage=tmp_path)
+    assert len(calls) == runner.MEMORY_RESTARTS + 1
+
+    def other(*a):  # type: ignore[no-untyped-def]
+        raise RuntimeError("Caught unexpected exception: something else")
+
+    monkeypatch.setattr(runner, "_run_search", other)
+    with pytest.raises(RuntimeError, match="something else"):
+        runner.run_search(cfg, storage=tmp_path)
+    assert runner.killed_for_memory(_memory_crash())
+    assert not runner.killed_for_memory(RuntimeError("x"))
