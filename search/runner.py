@@ -394,6 +394,7 @@ def plan_search(cfg: SearchConfig, storage: str | os.PathLike[str] | None = None
     if restoring:
         _check_resume(exp_path, cfg)
     ds = dataset if dataset is not None else load_dataset(cfg.data)
+    _check_histories(space, ds, space_path)
     trial_flops = cfg.trial_budget
     check = ConfigCheck(cfg.data, ds.spec, cfg.max_flops_per_example, trial_flops)
     largest = ensure_feasible(space, check, cfg.seed)
@@ -411,6 +412,31 @@ def plan_search(cfg: SearchConfig, storage: str | os.PathLike[str] | None = None
     policy = BudgetPolicy(cfg.budget_flops, admission, tuple(milestones))
     return SearchPlan(cfg, space_path, space, exp_path, restoring, ds, check,
                       tuple(milestones), policy)
+
+
+def history_lengths(space: SearchSpace) -> list[int]:
+    """The behaviour-history lengths ``K`` (``model.seq_len``) the space can sample."""
+    from search.space import Choice, IntRange
+
+    knob = space.model.get("seq_len", 0)
+    if isinstance(knob, Choice):
+        return sorted({int(k) for k in knob.choice})
+    if isinstance(knob, IntRange):
+        return sorted({knob.bounds[0], knob.bounds[1]})
+    return [int(knob)]
+
+
+def _check_histories(space: SearchSpace, ds: EncodedDataset, space_path: Path) -> None:
+    """A space that samples ``seq_len = K > 0`` on data loaded without behaviour
+    histories would have every such sample rejected as infeasible, quietly narrowing the
+    search to ``K = 0``: refuse it up front, in one line."""
+    with_history = [k for k in history_lengths(space) if k > 0]
+    if with_history and ds.spec.sequence is None:
+        raise SearchError(
+            f"space {space_path.name} samples model.seq_len = {with_history} (behaviour "
+            "histories), but the data was loaded without them: pass --sequences (and "
+            "--split user_temporal) with data that has user, item and time columns, or fix "
+            "model.seq_len to 0")
 
 
 def open_tracking(plan: SearchPlan, tracking_uri: str | None) -> Tracking:

@@ -33,6 +33,21 @@ def test_non_finite_or_negative_budgets_are_refused(tmp_path: Path, monkeypatch:
     assert not ray.is_initialized()
 
 
+def test_a_history_space_on_data_without_histories_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The sequences space samples K > 0; on data loaded without --sequences every such
+    sample would be dropped as infeasible: one line instead, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    args = ["search", "--space", "sequences", "--data", "synthetic", "--max-rows", "2000",
+            "--budget-flops", "1e10", "--name", "noseq",
+            "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--storage", str(tmp_path / "ray")]
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "model.seq_len = [16, 64, 256]" in lines[0], lines
+    assert "--sequences" in lines[0]
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "ray" / "noseq").exists()
+
+
 def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
