@@ -262,6 +262,11 @@ def _joint_png(runs: SearchRuns, joint: JointFit, out: Path, budget_flops: float
         if cap is not None and (max_n is None or cap < max_n):  # else the same curve twice
             capped = cap
             limits.append((capped, ":", "dimgray", f"… with N ≤ {capped:.3g} FLOPs/example"))
+        if joint.status != "converged":  # a law at a bound predicts nothing: not drawn
+            limits = []
+            right.text(0.5, 0.5, f"joint fit {joint.status}: no compute-optimal prediction\n"
+                       f"({joint.message})", ha="center", va="center",
+                       transform=right.transAxes, fontsize=9, wrap=True)
         for limit, style, colour, label in limits:
             cs, ls = _optimal_curve(joint, c_lo, c_hi, limit)
             right.plot(cs, ls, style, color=colour, lw=2, label=label)

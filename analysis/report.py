@@ -244,11 +244,18 @@ def recommend_size(joint: JointFit, history: pd.DataFrame, budget_flops: float,
 def _measured(joint: JointFit, history: pd.DataFrame, budget_flops: float, examples: float,
               loss: float) -> tuple[str, str]:
     """``("ok", "")`` when a compute-optimal point lies inside what the search measured,
-    else ``("extrapolated", sentence)``: when ``examples`` is more than any trial trained
+    else ``("extrapolated", sentence)``: when the joint fit did not converge (a parameter
+    at its bound, ``hit_bound``: its fitted law is not determined by the data), when ``examples`` is more than any trial trained
     on (every trial trains on the same split, so it means more passes over the training
     split than were ever measured), or when ``loss`` is below the best observed validation
     loss by more than the fit's 95% interval (1.96 × the root-mean-square residual of the
     fit on the reports: deterministic, so the report and export always agree)."""
+    if joint.status != "converged":  # e.g. E pinned at 0: the law's shape is not measured
+        return "extrapolated", (
+            f"For a budget of {budget_flops:.3g} training FLOPs the joint fit would be "
+            f"read beyond its data, but it did not converge ({joint.message}): a law with "
+            "a parameter at its bound is not a prediction, so no size is recommended; "
+            "search with more budget or a wider spread of sizes.")
     cols = ["flops_per_example", "examples_seen", OBJECTIVE]
     if not set(cols) <= set(history.columns):
         return "ok", ""  # nothing measured to compare with

@@ -193,6 +193,23 @@ def test_recommend_size_limits_extrapolation_and_reports_intervals() -> None:
     assert lo <= capped.flops_per_example * (1 + 1e-9) and hi <= 1e5 * (1 + 1e-9)
 
 
+def test_a_joint_fit_at_a_bound_recommends_no_size() -> None:
+    """The same parameters, once converged and once flagged at a bound (E pinned at 0):
+    only the converged law sizes a model; the other says why, and export refuses it."""
+    from dataclasses import replace as dc_replace
+
+    n, d, loss = _planted_joint(2)
+    fit = fit_joint(n, d, loss, n_boot=0)
+    assert fit.status == "converged"
+    hist = pd.DataFrame({"flops_per_example": n, "examples_seen": d, "val_logloss": loss})
+    budget = float(np.median(3 * n * d))
+    assert recommend_size(fit, hist, budget).status == "ok"
+    at_bound = dc_replace(fit, status="hit_bound", message="optimum at a bound (E=0)")
+    rec = recommend_size(at_bound, hist, budget)
+    assert rec.status == "extrapolated" and "did not converge" in rec.message
+    assert "E=0" in rec.message and not rec.trusted
+
+
 # ---- honest statuses ------------------------------------------------------------------
 
 
