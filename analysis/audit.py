@@ -14,7 +14,10 @@ storage the parent run names) and lists every broken promise:
   interval per concurrent trial), and not below what the children's runs show they
   trained (work lost to faults is spent, not hidden);
 * every trial Tune ran has its MLflow run, and every trial run (besides those closed
-  as ``LOST`` and the reference models the driver trains) is a trial Tune knows.
+  as ``LOST`` and the reference models the driver trains) is a trial Tune knows;
+* the searcher was told every trial MLflow shows finished with a result, and of no
+  trial that neither MLflow nor Tune ran (``searcher.json`` on the parent run, written
+  at the search's end).
 
 Example::
 
@@ -39,6 +42,7 @@ from trainers.contracts import (
     LOST_FLOPS,
     OBJECTIVE,
     SEARCH_PREFIX,
+    SEARCHER_ARTIFACT,
     STEP_AXIS,
     TAG_KIND,
     TAG_PARENT,
@@ -127,6 +131,28 @@ def _tune_problems(storage: str, children: list[Any]) -> tuple[list[str], int | 
     return out, len(ran)
 
 
+def _searcher_problems(client: Any, parent: Any, children: list[Any],
+                       report: AuditReport) -> list[str]:
+    """The searcher's record of finished trials against MLflow's (see the module doc)."""
+    try:
+        told = set(client.load_dict(f"runs:/{parent.info.run_id}/{SEARCHER_ARTIFACT}")["completed"])
+    except Exception:  # noqa: BLE001 - mlflow raises several kinds for a missing artifact
+        return [f"the parent run has no {SEARCHER_ARTIFACT} (the searcher's record)"]
+    runs = {str(r.data.tags.get(TAG_TRIAL_ID)): r for r in children
+            if r.data.tags.get(TAG_STATUS) != "LOST"
+            and not is_reference_id(r.data.tags.get(TAG_TRIAL_ID))}
+    ended = {t for t, r in runs.items() if r.info.status != "RUNNING" and OBJECTIVE in r.data.metrics}
+    report.numbers.update({"searcher_completed": len(told), "mlflow_completed": len(ended)})
+    out = []
+    if ended - told:
+        out.append(f"trials finished in MLflow that the searcher was never told: {sorted(ended - told)}")
+    # told without a run: only a trial stopped before its first report (no run, no result)
+    unrun = told - set(runs)
+    if unrun:
+        report.numbers["searcher_told_without_run"] = len(unrun)
+    return out
+
+
 def audit_search(name: str, tracking_uri: str | None = None) -> AuditReport:
     """Check the search ``name`` in the MLflow store ``tracking_uri`` (see the module
     docstring).
@@ -198,6 +224,7 @@ def audit_search(name: str, tracking_uri: str | None = None) -> AuditReport:
         found, n_ran = _tune_problems(storage, children)
         problems += found
         report.numbers["tune_trials_run"] = n_ran
+    problems += _searcher_problems(client, parent, children, report)
     return report
 
 

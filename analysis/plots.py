@@ -264,9 +264,10 @@ def _joint_png(runs: SearchRuns, joint: JointFit, out: Path, budget_flops: float
             limits.append((capped, ":", "dimgray", f"… with N ≤ {capped:.3g} FLOPs/example"))
         if joint.status != "converged":  # a law at a bound predicts nothing: not drawn
             limits = []
-            right.text(0.5, 0.5, f"joint fit {joint.status}: no compute-optimal prediction\n"
-                       f"({joint.message})", ha="center", va="center",
-                       transform=right.transAxes, fontsize=9, wrap=True)
+            right.text(0.03, 0.04, f"joint fit {joint.status}: no compute-optimal prediction\n"
+                       f"({joint.message})", ha="left", va="bottom",
+                       transform=right.transAxes, fontsize=9, wrap=True,
+                       bbox={"facecolor": "white", "edgecolor": "gray", "alpha": 0.9})
         for limit, style, colour, label in limits:
             cs, ls = _optimal_curve(joint, c_lo, c_hi, limit)
             right.plot(cs, ls, style, color=colour, lw=2, label=label)

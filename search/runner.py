@@ -46,6 +46,7 @@ from trainers.contracts import (
     OBJECTIVE_MODE,
     SEARCH_ARTIFACT,
     SEARCH_PREFIX,
+    SEARCHER_ARTIFACT,
     SECONDARY_OBJECTIVE,
     TAG_DATA_FINGERPRINT,
     TAG_STATUS,
@@ -656,7 +657,9 @@ def collect_outcome(plan: SearchPlan, tracking: Tracking, wall: float) -> Search
     winner = search_winner(trials)
     lift = search_lift(plan, analysis.trials, winner, references)
     prune_finished(analysis.trials, None if winner is None else str(winner["trial_id"]))
-    rejected = rejected_samples(plan)
+    rejected, told = settle_searcher(plan, runs)
+    client.log_dict(tracking.parent_run_id, {"completed": sorted(told), "rejected": rejected},
+                    SEARCHER_ARTIFACT)
     memory = [(int(m.step), float(m.value))
               for m in client.get_metric_history(tracking.parent_run_id, DriverMemory.METRIC)]
     total_wall = wall
@@ -682,15 +685,36 @@ def collect_outcome(plan: SearchPlan, tracking: Tracking, wall: float) -> Search
                          rejected, sorted(memory), total_wall, references, lift)
 
 
-def rejected_samples(plan: SearchPlan) -> int:
-    """Samples the searcher rejected as infeasible, over the whole search: read back
-    from the searcher state Tune saved at the end (``Searcher.restore_from_dir``)."""
+def settle_searcher(plan: SearchPlan, runs: list[Any]) -> tuple[int, set[str]]:
+    """Tell the searcher Tune saved last the trials it still holds as running whose
+    MLflow runs have ended with a result, and save it back; returns the samples it
+    rejected and the trial ids it has been told finished.
+
+    Tune saves its searcher before the last trials' completions reach it (the budget's
+    stop, a trial finished in the instant before a kill and reported again on resume):
+    without this, a search extended later would sample without those results, and the
+    searcher's count of finished trials would disagree with MLflow's.
+    """
     searcher = make_searcher(plan)
     try:
         searcher.restore_from_dir(str(plan.exp_path))
     except (FileNotFoundError, RuntimeError):
-        return 0
-    return len(searcher.rejected)
+        return 0, set()
+    ended = {str(r.data.tags.get(TAG_TRIAL_ID)): r.data.metrics for r in runs
+             if r.info.status != "RUNNING" and r.data.tags.get(TAG_STATUS) != "LOST"
+             and OBJECTIVE in r.data.metrics}
+    # OptunaSearch._ot_trials: the trials it holds as running (tests/test_private_apis.py)
+    late = [t for t in list(searcher._ot_trials) if t in ended]
+    for trial_id in late:
+        metrics = ended[trial_id]
+        searcher.on_trial_complete(trial_id, result={
+            k: metrics[k] for k in (OBJECTIVE, SECONDARY_OBJECTIVE, TIME_ATTR) if k in metrics})
+    if late:
+        newest = max(plan.exp_path.glob(searcher.CKPT_FILE_TMPL.format("*")))
+        session = newest.name[len(searcher.CKPT_FILE_TMPL.format("")):-len(".pkl")]
+        searcher.save_to_dir(str(plan.exp_path), session)  # atomic: temp file, then rename
+        log.info("told the searcher %d trial(s) that ended after its last save", len(late))
+    return len(searcher.rejected), set(searcher._completed_trials)
 
 
 def run_search(

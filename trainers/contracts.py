@@ -40,6 +40,7 @@ __all__ = [
     "RESULT_REPORT",
     "SEARCH_ARTIFACT",
     "DATA_ARTIFACT",
+    "SEARCHER_ARTIFACT",
     "SEARCH_PREFIX",
     "TAG_BEST_BLOCK",
     "TAG_BEST_RUN",
@@ -170,6 +171,9 @@ SEARCH_ARTIFACT: Final = "search.json"
 #: The search's data, as a JSON artifact of its parent run: the dataset fingerprint and,
 #: per split, rows, positives and base rate (``EncodedDataset.split_stats``).
 DATA_ARTIFACT: Final = "data.json"
+#: What the search's searcher was told, as a JSON artifact of its parent run, written at
+#: the end: ``completed`` (the trial ids told as finished) and ``rejected`` (samples).
+SEARCHER_ARTIFACT: Final = "searcher.json"
 TAG_NODE: Final = "ray.node_id"
 
 #: A reference model's child run (logistic regression, factorization machine: trained
