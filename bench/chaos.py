@@ -220,7 +220,7 @@ class Chaos:
         before = self.oom_kills()
         workers = {p.pid: p for p in self.trial_processes()}
         vm = psutil.virtual_memory()
-        need = self.oom_threshold * vm.total - (vm.total - vm.available) + GIB / 2
+        need = self.oom_threshold * vm.total - (vm.total - vm.available) + GIB
         chunks = int(max(0.0, min(need, vm.available - 2 * GIB)) // (GIB / 4)) + 1
         code = ("import sys, time\nkeep = []\nfor _ in range(int(sys.argv[1])):\n"
                 "    b = bytearray(2**28)\n    b[::4096] = bytes(2**16)\n"  # touch every page

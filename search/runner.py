@@ -48,6 +48,7 @@ from trainers.contracts import (
     SEARCH_PREFIX,
     SEARCHER_ARTIFACT,
     SECONDARY_OBJECTIVE,
+    TAG_CHARGED_UPTO,
     TAG_DATA_FINGERPRINT,
     TAG_STATUS,
     TAG_STORAGE,
@@ -563,13 +564,49 @@ def close_lost_runs(client: Any, runs: list[Any], known: set[str]) -> tuple[floa
     return lost, closed
 
 
+def close_stopped_runs(client: Any, runs: list[Any], trials: list[Any]) -> int:
+    """At the search's end, close the runs of trials still open: those the budget stopped
+    together with the experiment (Tune leaves them RUNNING in its state). They get the
+    status their last report says (``STOPPED`` unless it completed or diverged), as
+    finished trials do; returns how many were closed."""
+    from search.tracking import TrialStatusCallback
+
+    by_id = {t.trial_id: t for t in trials}
+    closed = 0
+    for run in runs:
+        trial = by_id.get(str(run.data.tags.get(TAG_TRIAL_ID, "")))
+        if trial is None or run.data.tags.get(TAG_STATUS) != "RUNNING":
+            continue
+        finish_run(client, run.info.run_id, "ERROR" if trial.status == "ERROR"
+                   else TrialStatusCallback.final_status(trial))
+        closed += 1
+    return closed
+
+
+def rerun_to_charge(client: Any, run: Any, trial: Any) -> float:
+    """The FLOPs a restored trial will train again, from the checkpoint Tune restores to
+    the last report its run holds, charged once: a trial killed again before it got
+    past that report (its run's last step still the one an earlier resume charged,
+    ``TAG_CHARGED_UPTO``) re-runs a segment already paid for, and is charged nothing
+    more. (What it redid before that second kill, from its checkpoint to where it was
+    killed, falls inside the segment charged the first time.) Marks the run."""
+    at_checkpoint = float((trial.last_result or {}).get(TIME_ATTR, 0.0))
+    logged = float(last_step(client, run.info.run_id))
+    charged = float(run.data.tags.get(TAG_CHARGED_UPTO, -1.0))
+    if logged <= max(at_checkpoint, charged):
+        return 0.0
+    client.set_tag(run.info.run_id, TAG_CHARGED_UPTO, str(int(logged)))
+    return logged - at_checkpoint
+
+
 def reconcile_resumed(plan: SearchPlan, tracking: Tracking) -> float:
     """Before a resumed search runs: account for the work the interruption wasted and
     return the search's untracked spend so far (:mod:`search.budget`).
 
     Wasted this time: every trial LOST (see :func:`close_lost_runs`), plus, for each
     unfinished trial Tune restores, the segment from its checkpoint to the last report
-    MLflow holds, which it will now train again. The running total is kept on the parent
+    MLflow holds, which it will now train again (charged once: :func:`rerun_to_charge`).
+    The running total is kept on the parent
     run (``search.lost_flops``), so a later interruption adds to it.
     """
     from mlflow.tracking import MlflowClient
@@ -585,8 +622,7 @@ def reconcile_resumed(plan: SearchPlan, tracking: Tracking) -> float:
         run = runs.get(trial_id)
         if run is None or trial.status == "TERMINATED":
             continue
-        at_checkpoint = float((trial.last_result or {}).get(TIME_ATTR, 0.0))
-        wasted += max(0.0, last_step(client, run.info.run_id) - at_checkpoint)
+        wasted += rerun_to_charge(client, run, trial)
     key = f"{SEARCH_PREFIX}{LOST_FLOPS}"
     before = client.get_run(tracking.parent_run_id).data.metrics.get(key, 0.0)
     total = float(before) + wasted
@@ -644,6 +680,7 @@ def collect_outcome(plan: SearchPlan, tracking: Tracking, wall: float) -> Search
     analysis = ExperimentAnalysis(str(plan.exp_path))
     runs = trial_runs(client, tracking.experiment_id, tracking.parent_run_id)
     lost_now, closed = close_lost_runs(client, runs, {t.trial_id for t in analysis.trials})
+    closed += close_stopped_runs(client, runs, analysis.trials)
     if closed:  # read again: the closed runs' status tags changed
         runs = trial_runs(client, tracking.experiment_id, tracking.parent_run_id)
     run_ids = {run.data.tags[TAG_TRIAL_ID]: run.info.run_id for run in runs}

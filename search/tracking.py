@@ -51,7 +51,8 @@ class TrialStatusCallback(tune.Callback):
                          self.parent_run_id, trial_id, status)
 
     @staticmethod
-    def _final_status(trial: Any) -> str:
+    def final_status(trial: Any) -> str:
+        """The status a finished trial's run gets, from its last report."""
         result = trial.last_result or {}
         reported = str(result.get("trial_status", "")).upper()
         if reported in ("COMPLETED", "DIVERGED"):
@@ -59,15 +60,22 @@ class TrialStatusCallback(tune.Callback):
         return "STOPPED"  # ended early by ASHA or by the global budget
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._submit(trial, self._final_status(trial))
+        self._submit(trial, self.final_status(trial))
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._submit(trial, "ERROR")
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
-        for trial in trials:  # trials the budget stopper ended with the experiment
-            if trial.trial_id not in self._done and trial.last_result:
-                self._submit(trial, "ERROR" if trial.status == "ERROR" else self._final_status(trial))
+        # Tune calls this on every exit: the end, but also Ctrl-C and a crash (ray 2.60
+        # ``tune.run``: ``runner.cleanup()``). Only trials Tune has finished get a final
+        # status here; one still RUNNING or PENDING was interrupted and resumes with the
+        # search, so its run must stay open (a STOPPED run would end it on resume). The
+        # trials the budget stopped with the experiment are closed by the driver once
+        # the search has really ended (``search.runner.close_stopped_runs``).
+        for trial in trials:
+            if trial.trial_id not in self._done and trial.last_result and \
+                    trial.status in ("TERMINATED", "ERROR"):
+                self._submit(trial, "ERROR" if trial.status == "ERROR" else self.final_status(trial))
         for fut in self._futures:
             fut.result()
         self._futures.clear()

@@ -222,8 +222,9 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
         # Tune finished this trial (ASHA stopped it, or it completed) after its last saved
         # experiment state, and restores it as unfinished: its run says how it ended, so
         # it reports that result again instead of training on
-        tune.report({**tracker.final_metrics, **extra,
-                     "trial_status": tracker.finished.lower()})
+        if OBJECTIVE in tracker.final_metrics:  # else it ended before its first report
+            tune.report({**tracker.final_metrics, **extra,
+                         "trial_status": tracker.finished.lower()})
         return
 
     val = _view(data["val"], data.get("events"))

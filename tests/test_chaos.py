@@ -361,3 +361,66 @@ def test_a_search_stopped_by_a_memory_kill_resumes_in_the_same_driver(
         runner.run_search(cfg, storage=tmp_path)
     assert runner.killed_for_memory(_memory_crash())
     assert not runner.killed_for_memory(RuntimeError("x"))
+
+
+def test_an_interrupted_trial_keeps_its_run_open_until_the_search_ends(tmp_path: Path) -> None:
+    """Tune calls ``on_experiment_end`` on Ctrl-C and on a crash too: a trial it has not
+    finished keeps an open run (so it resumes and trains on, instead of being read back
+    as STOPPED); a finished one is closed. At the search's real end the driver closes
+    the trials the budget stopped with the experiment."""
+    from types import SimpleNamespace
+
+    from search.runner import close_stopped_runs
+    from search.tracking import TrialStatusCallback
+    from trainers.tracking import trial_runs
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp_id, parent, _ = find_or_create_parent(client, "s", {}, tags={})
+    for trial_id in ("done", "mid", "early"):
+        TrialTracker(uri, exp_id, parent, trial_id, "wukong", {}, "s").log(
+            {"val_logloss": 0.6, "train_flops": 100.0})
+    trials = [SimpleNamespace(trial_id="done", status="TERMINATED",
+                              last_result={"val_logloss": 0.6, "trial_status": "completed"}),
+              SimpleNamespace(trial_id="mid", status="RUNNING",
+                              last_result={"val_logloss": 0.6, "trial_status": "running"}),
+              SimpleNamespace(trial_id="early", status="PENDING", last_result={"trial_id": "x"})]
+    TrialStatusCallback(uri, exp_id, parent).on_experiment_end(trials=trials)
+
+    def statuses() -> dict[str, str]:
+        return {r.data.tags["trial_id"]: r.data.tags["trial_status"]
+                for r in trial_runs(client, exp_id, parent)}
+
+    assert statuses() == {"done": "COMPLETED", "mid": "RUNNING", "early": "RUNNING"}
+    # the search ends (the budget stopped "mid" and "early" with it)
+    assert close_stopped_runs(client, trial_runs(client, exp_id, parent), trials) == 2
+    assert statuses() == {"done": "COMPLETED", "mid": "STOPPED", "early": "STOPPED"}
+
+
+def test_a_rerun_segment_is_charged_once(tmp_path: Path) -> None:
+    """Killed at 300 with a checkpoint at 100: 200 FLOPs will be trained again. Killed
+    again before passing 300 (checkpoint 200): nothing more is charged. Once past 300
+    (to 500) and killed with a checkpoint at 400: 100 more."""
+    from types import SimpleNamespace
+
+    from search.runner import rerun_to_charge
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp_id, parent, _ = find_or_create_parent(client, "s", {}, tags={})
+    tracker = TrialTracker(uri, exp_id, parent, "t", "wukong", {}, "s")
+
+    def charge(checkpoint: float) -> float:
+        run = client.get_run(tracker.run_id)
+        return rerun_to_charge(client, run, SimpleNamespace(last_result={"train_flops": checkpoint}))
+
+    for step in (100, 200, 300):
+        tracker.log({"val_logloss": 0.6, "train_flops": float(step)})
+    tracker.flush()
+    assert charge(100.0) == 200.0
+    assert charge(200.0) == 0.0  # the second kill came before 300
+    for step in (400, 500):
+        tracker.log({"val_logloss": 0.5, "train_flops": float(step)})
+    tracker.flush()
+    assert charge(400.0) == 100.0
+    assert charge(500.0) == 0.0
