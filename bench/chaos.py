@@ -449,12 +449,12 @@ def analyze(chaos: Chaos) -> dict[str, Any]:
     return report_structure(json.loads((out / "summary.json").read_text()))
 
 
-def run_and_audit(chaos: Chaos, faults: list[str]) -> dict[str, Any]:
+def run_and_audit(chaos: Chaos, faults: list[str], max_wait: float = 20.0) -> dict[str, Any]:
     """Run ``faults`` (none: the reference), then audit the search and read its report."""
     from analysis.audit import audit_search
 
     try:
-        rc = chaos.run(faults)
+        rc = chaos.run(faults, wait=(0.0, max_wait))
         audit = audit_search(chaos.name, chaos.uri)
         structure = analyze(chaos) if rc == 0 else None
     finally:
@@ -477,6 +477,8 @@ def main() -> None:
                     help="mlflow-down, node: seconds down")
     ap.add_argument("--oom-headroom", type=float, default=6.0,
                     help="oom: Ray's kill threshold, GiB above the machine's use at start")
+    ap.add_argument("--max-wait", type=float, default=20.0,
+                    help="a fault strikes 0..this many seconds after the search reports anew")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "chaos.json"))
     args = ap.parse_args()
@@ -488,7 +490,7 @@ def main() -> None:
     t_ref = time.time() - t0
     chaos = Chaos(work / "chaos", **common)
     faults = schedule(args.kills, args.seed, args.server, args.cluster)
-    faulted = run_and_audit(chaos, faults)
+    faulted = run_and_audit(chaos, faults, args.max_wait)
     result = {
         "command": " ".join(sys.argv), "seed": args.seed, "faults": faults,
         "segments": chaos.log, "exit": faulted.pop("exit"), "audit": faulted,
