@@ -482,6 +482,9 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "chaos.json"))
     args = ap.parse_args()
+    # SIGTERM (kill, a CI timeout) ends the harness through its finally blocks, so the
+    # cluster nodes and the MLflow server it started are stopped, not orphaned
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="chaos"))
     t0 = time.time()
     common = {"budget_flops": args.budget_flops, "seed": args.seed, "server": args.server,
