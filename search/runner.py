@@ -48,7 +48,7 @@ from trainers.contracts import (
     SEARCH_PREFIX,
     SEARCHER_ARTIFACT,
     SECONDARY_OBJECTIVE,
-    TAG_CHARGED_UPTO,
+    TAG_CHARGED,
     TAG_DATA_FINGERPRINT,
     TAG_STATUS,
     TAG_STORAGE,
@@ -584,19 +584,30 @@ def close_stopped_runs(client: Any, runs: list[Any], trials: list[Any]) -> int:
 
 
 def rerun_to_charge(client: Any, run: Any, trial: Any) -> float:
-    """The FLOPs a restored trial will train again, from the checkpoint Tune restores to
-    the last report its run holds, charged once: a trial killed again before it got
-    past that report (its run's last step still the one an earlier resume charged,
-    ``TAG_CHARGED_UPTO``) re-runs a segment already paid for, and is charged nothing
-    more. (What it redid before that second kill, from its checkpoint to where it was
-    killed, falls inside the segment charged the first time.) Marks the run."""
-    at_checkpoint = float((trial.last_result or {}).get(TIME_ATTR, 0.0))
+    """The FLOPs a restored trial will train again, charged to the budget once.
+
+    It resumes from its latest checkpoint, which may be older than its last result, and
+    re-runs the segment up to the last report its run holds. A trial killed again before
+    it got past that report (its run's last step still the one an earlier resume
+    charged, ``TAG_CHARGED``: ``"<from>:<upto>"``) re-runs a segment already paid for:
+    only what lies below the earlier charge's start (an older checkpoint, or none) is
+    charged then. What it redid before that second kill falls inside the segment charged
+    the first time. Marks the run.
+    """
+    latest = getattr(trial, "latest_checkpoint_result", None)
+    at_checkpoint = float(latest.metrics.get(TIME_ATTR, 0.0)) if latest is not None else 0.0
     logged = float(last_step(client, run.info.run_id))
-    charged = float(run.data.tags.get(TAG_CHARGED_UPTO, -1.0))
-    if logged <= max(at_checkpoint, charged):
+    if logged <= at_checkpoint:
         return 0.0
-    client.set_tag(run.info.run_id, TAG_CHARGED_UPTO, str(int(logged)))
-    return logged - at_checkpoint
+    mark = str(run.data.tags.get(TAG_CHARGED, ""))
+    charged_from, _, charged_upto = mark.partition(":")
+    if charged_upto and logged <= float(charged_upto):  # no progress past the last charge
+        extra = max(0.0, float(charged_from) - at_checkpoint)
+        start = min(float(charged_from), at_checkpoint)
+    else:
+        extra, start = logged - at_checkpoint, at_checkpoint
+    client.set_tag(run.info.run_id, TAG_CHARGED, f"{int(start)}:{int(logged)}")
+    return extra
 
 
 def reconcile_resumed(plan: SearchPlan, tracking: Tracking) -> float:

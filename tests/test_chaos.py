@@ -399,8 +399,9 @@ def test_an_interrupted_trial_keeps_its_run_open_until_the_search_ends(tmp_path:
 
 def test_a_rerun_segment_is_charged_once(tmp_path: Path) -> None:
     """Killed at 300 with a checkpoint at 100: 200 FLOPs will be trained again. Killed
-    again before passing 300 (checkpoint 200): nothing more is charged. Once past 300
-    (to 500) and killed with a checkpoint at 400: 100 more."""
+    again before passing 300 (checkpoint 200): nothing more is charged; with no
+    checkpoint left (it starts over): the 100 below the first charge. Once past 300 (to
+    500) and killed with a checkpoint at 400: 100 more."""
     from types import SimpleNamespace
 
     from search.runner import rerun_to_charge
@@ -410,15 +411,18 @@ def test_a_rerun_segment_is_charged_once(tmp_path: Path) -> None:
     exp_id, parent, _ = find_or_create_parent(client, "s", {}, tags={})
     tracker = TrialTracker(uri, exp_id, parent, "t", "wukong", {}, "s")
 
-    def charge(checkpoint: float) -> float:
+    def charge(checkpoint: float | None) -> float:
         run = client.get_run(tracker.run_id)
-        return rerun_to_charge(client, run, SimpleNamespace(last_result={"train_flops": checkpoint}))
+        latest = None if checkpoint is None else SimpleNamespace(metrics={"train_flops": checkpoint})
+        return rerun_to_charge(client, run, SimpleNamespace(latest_checkpoint_result=latest))
 
     for step in (100, 200, 300):
         tracker.log({"val_logloss": 0.6, "train_flops": float(step)})
     tracker.flush()
     assert charge(100.0) == 200.0
     assert charge(200.0) == 0.0  # the second kill came before 300
+    assert charge(None) == 100.0  # no checkpoint: 0..100 is new re-run work
+    assert charge(50.0) == 0.0
     for step in (400, 500):
         tracker.log({"val_logloss": 0.5, "train_flops": float(step)})
     tracker.flush()

@@ -74,7 +74,7 @@ __all__ = [
     "VAL_SET_METRICS",
     "TAG_SEARCH",
     "TAG_STATUS",
-    "TAG_CHARGED_UPTO",
+    "TAG_CHARGED",
     "TAG_STORAGE",
     "TAG_TRIAL_ID",
     "TAG_VIEW",
@@ -144,9 +144,9 @@ TAG_PARENT: Final = "mlflow.parentRunId"   # MLflow's own nesting tag
 TAG_TRIAL_ID: Final = "trial_id"
 TAG_BLOCK: Final = "block"
 TAG_STATUS: Final = "trial_status"      # a trial's outcome; MLflow's run status is another
-#: on a trial run: the ``train_flops`` up to which a resume has charged its re-run segment
-#: to the budget (``search.lost_flops``), so a later resume does not charge it again
-TAG_CHARGED_UPTO: Final = "recscale.rerun_charged_upto"
+#: on a trial run: ``"<from>:<upto>"``, the re-run segment (``train_flops``) a resume has
+#: charged to the budget (``search.lost_flops``), so a later resume does not charge it again
+TAG_CHARGED: Final = "recscale.rerun_charged"
 TAG_BEST_RUN: Final = "recscale.best_run_id"      # on the parent: the winning trial's run
 TAG_BEST_TRIAL: Final = "recscale.best_trial_id"
 TAG_BEST_BLOCK: Final = "recscale.best_block"
