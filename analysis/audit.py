@@ -11,7 +11,7 @@ storage the parent run names) and lists every broken promise:
   gaps: two consecutive reports never further apart than the trial's evaluation
   interval (``report_every_flops`` in whole batches), so no report was dropped;
 * the parent's spent FLOPs within the budget's documented overshoot (one report
-  interval per concurrent trial), and not below what the children's runs show they
+  interval per concurrent trial, the widest any trial planned in whole batches), and not below what the children's runs show they
   trained (work lost to faults is spent, not hidden);
 * every trial Tune ran has its MLflow run, and every trial run (besides those closed
   as ``LOST`` and the reference models the driver trains) is a trial Tune knows;
@@ -134,10 +134,14 @@ def _tune_problems(storage: str, children: list[Any]) -> tuple[list[str], int | 
 def _searcher_problems(client: Any, parent: Any, children: list[Any],
                        report: AuditReport) -> list[str]:
     """The searcher's record of finished trials against MLflow's (see the module doc)."""
-    try:
-        told = set(client.load_dict(f"runs:/{parent.info.run_id}/{SEARCHER_ARTIFACT}")["completed"])
-    except Exception:  # noqa: BLE001 - mlflow raises several kinds for a missing artifact
+    import json
+
+    from analysis.runs import _artifact_text
+
+    text = _artifact_text(client, parent.info.run_id, SEARCHER_ARTIFACT)
+    if text is None:
         return [f"the parent run has no {SEARCHER_ARTIFACT} (the searcher's record)"]
+    told = set(json.loads(text)["completed"])
     runs = {str(r.data.tags.get(TAG_TRIAL_ID)): r for r in children
             if r.data.tags.get(TAG_STATUS) != "LOST"
             and not is_reference_id(r.data.tags.get(TAG_TRIAL_ID))}
@@ -212,7 +216,16 @@ def audit_search(name: str, tracking_uri: str | None = None) -> AuditReport:
                            "trained_flops": trained, "spent_flops": spent,
                            "lost_flops": float(m.get(f"{SEARCH_PREFIX}{LOST_FLOPS}", 0.0))})
     if cfg is not None:
-        bound = cfg.budget_flops + cfg.max_concurrent * cfg.report_every_flops
+        # one report interval per concurrent trial, as the trials plan it: in whole
+        # batches, so up to half a batch longer than report_every_flops
+        widest = max((eval_interval(cfg.report_every_flops,
+                                    float(r.data.metrics["flops_per_example"]),
+                                    int(r.data.params["train.batch_size"]))
+                      for r in children if "flops_per_example" in r.data.metrics
+                      and "train.batch_size" in r.data.params
+                      and not is_reference_id(r.data.tags.get(TAG_TRIAL_ID))),
+                     default=cfg.report_every_flops)
+        bound = cfg.budget_flops + cfg.max_concurrent * max(widest, cfg.report_every_flops)
         report.numbers.update({"budget_flops": cfg.budget_flops, "overshoot_bound": bound})
         if not spent <= bound:
             problems.append(f"spent {spent:.4g} FLOPs, over the budget's bound {bound:.4g}")
