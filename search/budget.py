@@ -91,8 +91,9 @@ class BudgetStopper(tune.Stopper, tune.Callback):
         return sum(self.spent.values()) + untracked_spend()
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        if TIME_ATTR in result:
-            self.spent[trial_id] = float(result[TIME_ATTR])
+        if TIME_ATTR in result:  # a trial Tune retried from a checkpoint reports lower
+            # FLOPs again for a while; what it trained before the failure stays spent
+            self.spent[trial_id] = max(self.spent.get(trial_id, 0.0), float(result[TIME_ATTR]))
         return self.total >= self.budget_flops
 
     def stop_all(self) -> bool:

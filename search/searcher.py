@@ -128,15 +128,15 @@ class BudgetedOptunaSearch(OptunaSearch):
         return False
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        if TIME_ATTR in result:
-            self._spent[trial_id] = float(result[TIME_ATTR])
+        if TIME_ATTR in result:  # monotone: a retried trial's reports restart lower
+            self._spent[trial_id] = max(self._spent.get(trial_id, 0.0), float(result[TIME_ATTR]))
         if self._knows(trial_id):
             super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
                           error: bool = False) -> None:
         if result and TIME_ATTR in result:
-            self._spent[trial_id] = float(result[TIME_ATTR])
+            self._spent[trial_id] = max(self._spent.get(trial_id, 0.0), float(result[TIME_ATTR]))
         self._live.discard(trial_id)
         if self._knows(trial_id):
             super().on_trial_complete(trial_id, result=result, error=error)

@@ -112,6 +112,16 @@ def test_a_restored_trial_does_not_log_its_reports_twice(tmp_path: Path) -> None
     assert experiment_id(client, "s") == exp_id
 
 
+def test_a_retried_trial_does_not_give_back_its_spend() -> None:
+    """Tune retries a failed trial (killed worker, lost node, memory kill) from its last
+    checkpoint: its reports start lower again, but what it trained before stays spent."""
+    stopper = BudgetStopper(1000.0)
+    assert not stopper("a", {"train_flops": 600.0})
+    assert not stopper("a", {"train_flops": 300.0})  # retried from the 300 checkpoint
+    assert stopper.total == 600.0
+    assert stopper("b", {"train_flops": 400.0})
+
+
 def test_untracked_spend_counts_against_the_budget() -> None:
     stopper = BudgetStopper(1000.0)
     policy = BudgetPolicy(1000.0, 100.0, (100.0, 300.0, 1000.0))
@@ -165,21 +175,21 @@ def test_a_search_survives_an_mlflow_server_outage_and_a_node_out_of_memory(
     from analysis.audit import audit_search
 
     chaos_mod = _bench_chaos()
-    chaos = chaos_mod.Chaos(tmp_path / "chaos", budget_flops=4e10, trial_flops=6e9, seed=5,
+    chaos = chaos_mod.Chaos(tmp_path / "chaos", budget_flops=6e10, trial_flops=6e9, seed=5,
                             server=True, outage=20.0, oom_headroom=3.0)
-    try:
-        rc = chaos.run(["mlflow-down", "oom"], wait=(1.0, 3.0))
+    try:  # the memory kill first: the search must still be running when memory fills
+        rc = chaos.run(["oom", "mlflow-down"], wait=(1.0, 3.0))
         report = audit_search(chaos.name, chaos.uri)
         structure = chaos_mod.analyze(chaos) if rc == 0 else None
     finally:
         chaos.stop()
     assert rc == 0, chaos.log
-    down, oom = chaos.log[0], chaos.log[1]
+    oom, down = chaos.log[0], chaos.log[1]
     assert down["fault"] == "mlflow-down" and down["outage_s"] == 20.0, chaos.log
     # after the outage the same driver kept training and logging (or finished)
     assert down["reports_after"] >= 2 or down.get("ended") == 0, chaos.log
     # Ray's memory monitor killed a running trial's worker; the same driver resumed
-    assert oom["fault"] == "oom" and oom["oom_kills"] >= 1, oom
+    assert oom["fault"] == "oom" and oom["oom_kills"] >= 1, chaos.log
     assert oom["reports_after"] >= 2 or oom.get("ended") == 0, chaos.log
     assert report.ok, (report.problems, chaos.log)
     n = report.numbers
