@@ -334,6 +334,17 @@ def _load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def write_results(path: Path, settings: dict[str, Any], summary: dict[str, Any],
+                  rows: Sequence[dict[str, Any]]) -> None:
+    """``{"settings", "summary", "rows"}``: settings and summary indented, each row (its
+    curve and trial histories included) on one line, so the file stays small and
+    diffable row by row. Python's ``json`` reads it back (inf as ``Infinity``)."""
+    head = json.dumps({"settings": settings, "summary": summary}, indent=1)[:-2]
+    body = ",\n".join(json.dumps(r) for r in rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'{head},\n "rows": [\n{body}\n]\n}}\n')
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -377,10 +388,7 @@ def main() -> None:
             print(json.dumps({k: v for k, v in row.items()
                               if k not in ("driver_rss_mb", "curve", "histories", "best_on_grid")}),
                   flush=True)
-            summary = summarise(rows)
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            out_path.write_text(json.dumps({"settings": settings, "summary": summary,
-                                            "rows": rows}, indent=1))
+            write_results(out_path, settings, summarise(rows), rows)
     print(markdown(summarise(rows)))
     ray.shutdown()
 
