@@ -199,6 +199,7 @@ def summarise(rows: Sequence[dict[str, Any]], baseline: str = BASELINE) -> dict[
                              "wall_s": float(np.mean([r["wall_s"] for r in rs]))}
         for frac in FRACTIONS:
             s[f"best_at_{int(frac * 100)}pct"] = t_interval([r["best_at"][str(frac)] for r in rs])
+        s["winner_test_logloss"] = t_interval([r.get("winner_test_logloss", math.nan) for r in rs])
         reach = [compute_to_reach([tuple(p) for p in r["curve"]], target, r["search_budget"])
                  if math.isfinite(target) else math.nan for r in rs]
         s["reach_target_per_seed"] = reach
@@ -240,15 +241,15 @@ def markdown(summary: dict[str, Any]) -> str:
 
     head = ("| strategy | seeds | trials | best at 25% | best at 50% | best at 75% | best at 100% "
             f"| compute to reach {summary['baseline']}'s final best ({summary['target_loss']:.4f}): "
-            "median [95% CI]; per seed | wall s |")
-    lines = [head, "|" + "---|" * 9]
+            "median [95% CI]; per seed | winner's test loss | wall s |")
+    lines = [head, "|" + "---|" * 10]
     for name, s in summary["strategies"].items():
         med = s["reach_target_median"]
         reach = (f"{frac(med[0])} [{frac(med[1])}, {frac(med[2])}]; "
                  + " ".join(frac(x) for x in s["reach_target_per_seed"]))
         lines.append(f"| {name} | {len(s['seeds'])} | {s['trials']:.1f} | "
                      + " | ".join(ci(s[f"best_at_{p}pct"]) for p in (25, 50, 75, 100))
-                     + f" | {reach} | {s['wall_s']:.0f} |")
+                     + f" | {reach} | {ci(s['winner_test_logloss'])} | {s['wall_s']:.0f} |")
     rungs = [(n, s["rungs"]) for n, s in summary["strategies"].items() if "rungs" in s]
     if rungs:
         lines += ["", "| full-fidelity trials of | ASHA rung (share of trial_flops) | "
@@ -284,6 +285,43 @@ def search_events(client: Any, experiment_id: str) -> tuple[list[Event], float,
     return events, references, histories
 
 
+def winner_test(exp_path: Path, ds: Any) -> dict[str, Any]:
+    """The search's winner (lowest val_logloss in its last report, as the search picks
+    it) scored on the test split, which no search ever looks at: the outcome of a search
+    without the optimism of a minimum over many noisy validation scores."""
+    import torch
+    from ray.tune import ExperimentAnalysis
+
+    from search.trainable import STATE_FILE, standard_error, val_losses
+    from spaces import build_model
+    from trainers.experiment import experiment_from_flat
+
+    def score(t: Any) -> float:
+        v = (t.last_result or {}).get(OBJECTIVE, math.nan)
+        ok = (t.last_result or {}).get("trial_status") != "diverged"
+        return float(v) if ok and v is not None and math.isfinite(v) else math.inf
+
+    trials = ExperimentAnalysis(str(exp_path)).trials
+    best = min(trials, key=score)
+    paths = ([Path(best.checkpoint.path) / STATE_FILE] if best.checkpoint else []) + sorted(
+        Path(best.path).glob(f"checkpoint_*/{STATE_FILE}"), reverse=True)
+    for path in paths:
+        try:
+            state = torch.load(path, weights_only=True, map_location="cpu")
+        except (OSError, RuntimeError):
+            continue
+        if float(state.get("examples_seen", -1)) != float(best.last_result.get("examples_seen", -2)):
+            continue  # not the report that is its result
+        exp = experiment_from_flat(dict(best.config), DATA)
+        model = build_model(exp.model, ds.spec)
+        model.load_state_dict(state["model"])
+        losses = val_losses(model, ds.test, None)
+        return {"winner_val_logloss": score(best), "winner_test_logloss": float(losses.mean()),
+                "winner_test_se": standard_error(losses), "winner_block": exp.model.block,
+                "winner_train_flops": float(best.last_result.get(TIME_ATTR, math.nan))}
+    return {"winner_val_logloss": score(best), "winner_test_logloss": math.nan}
+
+
 def run_one(strategy: str, seed: int, budget: float, n_trials: int, common: dict[str, Any],
             uri: str, storage: Path, ds: Any) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
@@ -305,6 +343,7 @@ def run_one(strategy: str, seed: int, budget: float, n_trials: int, common: dict
     events, ref_flops, histories = search_events(MlflowClient(uri), out.experiment_id)
     search_budget = cfg.budget_flops - ref_flops
     curve = spend_curve(events)
+    storage_exp = storage / cfg.name
     # whole batches: a trial's last report may fall short of trial_flops by part of one
     full = [h for h in histories.values() if max(h, default=0.0) >= cfg.trial_budget * 0.9]
     return {
@@ -325,6 +364,7 @@ def run_one(strategy: str, seed: int, budget: float, n_trials: int, common: dict
         "trial_peak_rss_mb": float(t["peak_rss_mb"].max()),
         "best_at": {str(k): v for k, v in best_at(curve, search_budget).items()},
         "best_on_grid": [best_at(curve, search_budget, (g,))[g] for g in GRID],
+        **winner_test(storage_exp, ds),
         "curve": curve,
         "histories": [sorted(h.items()) for h in histories.values()],
     }
@@ -360,6 +400,9 @@ def main() -> None:
     parser.add_argument("--append", action="store_true",
                         help="keep the rows already in --out (same data and budget)")
     parser.add_argument("--summarise", metavar="JSON", help="print the table of a past run and exit")
+    parser.add_argument("--test-winners", metavar="STORAGE",
+                        help="score the winners of the searches in --out, kept in the Ray "
+                             "storage folder STORAGE, on the test split; rewrite --out and exit")
     args = parser.parse_args()
     if args.summarise:
         summary = summarise(_load(Path(args.summarise))["rows"])
@@ -371,6 +414,14 @@ def main() -> None:
     from trainers.data import load_dataset
 
     out_path = Path(args.out)
+    if args.test_winners:
+        past = _load(out_path)
+        ds = load_dataset(DATA, cache_dir=Path(tempfile.mkdtemp(prefix="rsbench")) / "cache")
+        for r in past["rows"]:
+            r.update(winner_test(Path(args.test_winners) / f"bench-{r['strategy']}-{r['seed']}", ds))
+        write_results(out_path, past["settings"], summarise(past["rows"]), past["rows"])
+        print(markdown(summarise(past["rows"])))
+        return
     common = {"max_flops_per_example": args.cap, "eval_max_examples": args.eval_max_examples,
               "reports_per_grace": 1, "max_concurrent": 2}
     rows: list[dict[str, Any]] = _load(out_path).get("rows", []) if args.append else []
