@@ -418,7 +418,9 @@ def main() -> None:
         past = _load(out_path)
         ds = load_dataset(DATA, cache_dir=Path(tempfile.mkdtemp(prefix="rsbench")) / "cache")
         for r in past["rows"]:
-            r.update(winner_test(Path(args.test_winners) / f"bench-{r['strategy']}-{r['seed']}", ds))
+            if not math.isfinite(r.get("winner_test_logloss", math.nan)):  # not scored yet
+                r.update(winner_test(Path(args.test_winners) / f"bench-{r['strategy']}-{r['seed']}",
+                                     ds))
         write_results(out_path, past["settings"], summarise(past["rows"]), past["rows"])
         print(markdown(summarise(past["rows"])))
         return
@@ -426,6 +428,7 @@ def main() -> None:
               "reports_per_grace": 1, "max_concurrent": 2}
     rows: list[dict[str, Any]] = _load(out_path).get("rows", []) if args.append else []
     tmp = Path(tempfile.mkdtemp(prefix="rsbench"))
+    print(f"Ray storage (for --test-winners): {tmp / 'ray'}", flush=True)
     ds = load_dataset(DATA, cache_dir=tmp / "cache")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
