@@ -32,6 +32,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -44,6 +45,7 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 sys.path[:] = [_ROOT] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -81,6 +83,29 @@ def fit_slope(samples: Sequence[tuple[float, float]], skip_fraction: float = 0.5
             "n": float(len(tail)), "x_from": float(x[0]), "x_to": float(x[-1])}
 
 
+def _smaps_mb() -> dict[str, float]:
+    """The driver's resident memory by kind of mapping (``/proc/self/smaps``), MB:
+    ``heap_mb`` (glibc's main arena, ``[heap]``), ``anon_mb`` (other anonymous mappings:
+    glibc's thread arenas and large blocks, Python's small-object arenas, thread stacks,
+    what native libraries map), ``file_mb`` (mapped files: code, shared memory). Empty
+    where ``/proc`` is absent."""
+    out = {"heap_mb": 0.0, "anon_mb": 0.0, "file_mb": 0.0}
+    try:
+        text = Path("/proc/self/smaps").read_text()
+    except OSError:
+        return {}
+    kind = "anon_mb"
+    for line in text.splitlines():
+        head = line.split(maxsplit=6)
+        if head and "-" in head[0] and len(head) >= 5:  # a mapping's header line
+            name = head[5] if len(head) > 5 else ""
+            kind = ("heap_mb" if name == "[heap]" else
+                    "file_mb" if name.startswith("/") else "anon_mb")
+        elif head and head[0] == "Rss:":
+            out[kind] += float(head[1]) / 1024
+    return out
+
+
 class _Diagnostics:
     """What the driver holds, sampled at each finished trial (``--debug`` only).
 
@@ -107,11 +132,19 @@ class _Diagnostics:
     def sample(self, finished: int, trials: list[Any]) -> None:
         from ray.util import debug
 
+        from search.monitor import malloc_info
+
         json_kb = sum(len(getattr(t, "_state_json", None) or "")
                       + len(getattr(getattr(t, "run_metadata", None), "_cached_json", None) or "")
                       for t in trials) / 1024
         row = {"finished": float(finished), "tune_json_kb": json_kb,
-               "log_once_keys": float(len(getattr(debug, "_logged", ())))}
+               "log_once_keys": float(len(getattr(debug, "_logged", ()))),
+               "py_blocks": float(sys.getallocatedblocks()),
+               "threads": float(threading.active_count()),
+               "os_threads": float(psutil.Process().num_threads()), **_smaps_mb()}
+        malloc = malloc_info()
+        if malloc is not None:
+            row.update({f"malloc_{k}_mb": v for k, v in malloc.items()})
         if self.trace:
             import tracemalloc
 
@@ -140,7 +173,8 @@ class _Diagnostics:
                 k: round(v / max(finished, 1), 2)
                 for k, v in sorted(grown.items(), key=lambda kv: -kv[1])[: 2 * self.top]},
         }
-        for key in ("tune_json_kb", "log_once_keys", "traced_mb"):
+        keys = sorted({k for r in self.series for k in r} - {"finished"})
+        for key in keys:
             pts = [(r["finished"], r[key]) for r in self.series if key in r]
             if len(pts) >= 6:
                 out[f"slope_{key}"] = fit_slope(pts)

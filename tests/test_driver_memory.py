@@ -19,7 +19,7 @@ from ray.train._internal.session import _TrainingResult
 from ray.tune import CheckpointConfig, PlacementGroupFactory
 from ray.tune.experiment import Trial
 
-from search.monitor import TrimFinishedTrials, trim_finished_trial
+from search.monitor import TrimFinishedTrials, _glibc as monitor_glibc, trim_finished_trial
 from search.tracking import TrialStatusCallback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,3 +278,46 @@ def test_encoder_log_keys_are_forgotten_and_others_kept(tmp_path: Path) -> None:
     assert forget_encoder_log_keys() == len(added)
     assert not [k for k in debug._logged if k.startswith("tune_func_encode:")]
     assert "recscale-test-key" in debug._logged
+
+
+def test_trim_hands_free_pages_back_to_the_os(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    """Each finished trial also releases what malloc holds free (unless switched off)."""
+    import search.monitor as monitor
+
+    calls: list[int] = []
+    monkeypatch.setattr(monitor, "release_free_memory", lambda: calls.append(1) or True)
+    trial = _finished_trial(tmp_path)
+    TrimFinishedTrials().on_trial_complete(iteration=1, trials=[trial], trial=trial)
+    assert calls == [1]
+    monkeypatch.setattr(TrimFinishedTrials, "release_memory", False)
+    TrimFinishedTrials().on_trial_complete(iteration=2, trials=[trial], trial=trial)
+    assert calls == [1]
+
+
+@pytest.mark.skipif(monitor_glibc() is None, reason="needs glibc's malloc_trim and mallinfo2")
+def test_release_free_memory_returns_freed_pages_in_the_middle_of_the_heap() -> None:
+    """Memory freed between live blocks stays resident (glibc's free() trims only the
+    top of a heap) until release_free_memory hands its whole pages back."""
+    import psutil
+
+    from search.monitor import malloc_info, release_free_memory
+
+    def rss_mb() -> float:
+        return float(psutil.Process().memory_info().rss) / 2**20
+
+    release_free_memory()
+    before = malloc_info()
+    assert before is not None and set(before) == {"in_use", "free", "arena", "mmapped"}
+    chunks = [bytearray(64 * 1024) for _ in range(1280)]  # 80 MB in malloc's heap, touched
+    held = malloc_info()
+    assert held is not None and held["in_use"] > before["in_use"] + 75
+    del chunks[::2]  # 40 MB of 64 KB holes, each between two live blocks
+    freed = malloc_info()
+    assert freed is not None and freed["free"] > before["free"] + 35
+    resident = rss_mb()
+    assert release_free_memory()
+    assert rss_mb() < resident - 30
+    after = malloc_info()  # still malloc's, no longer resident
+    assert after is not None and after["free"] > before["free"] + 35
+    del chunks
