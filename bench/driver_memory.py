@@ -111,19 +111,25 @@ class _Diagnostics:
 
     Cheap enough to leave the figure meaningful: at each sample the size of the JSON
     Tune has cached for its trials (what every experiment-state save writes) and the
-    number of ``log_once`` keys; Python objects by type before and after the search; with ``trace``, also the Python heap ``tracemalloc`` sees (slow: two to three
-    times the wall time, for finding what grows, not for the figure).
+    number of ``log_once`` keys, glibc's ``malloc`` counters, the resident memory by kind
+    of mapping, Python's allocated blocks and the thread count; Python objects by type
+    before and after the search. With ``trace``, also the Python heap ``tracemalloc``
+    sees (slow: two to three times the wall time, for finding what grows, not for the
+    figure), and the allocation sites (12 frames deep) that grew between the samples at
+    ``window[0]`` and ``window[1]`` finished trials (both after the warm-up, both before
+    the search builds its outcome).
     """
 
-    def __init__(self, trace: bool = False, top: int = 15) -> None:
-        self.trace, self.top = trace, top
+    def __init__(self, trace: bool = False, top: int = 15,
+                 window: tuple[int, int] = (100, 200)) -> None:
+        self.trace, self.top, self.window = trace, top, window
         if trace:
             import tracemalloc
 
-            tracemalloc.start(1)
+            tracemalloc.start(12)
         self.series: list[dict[str, float]] = []
         self.first_counts: Counter[str] | None = None
-        self.first_snapshot: Any = None
+        self.snapshots: list[tuple[int, Any]] = []
 
     @staticmethod
     def _counts() -> Counter[str]:
@@ -150,10 +156,12 @@ class _Diagnostics:
 
             row["traced_mb"] = tracemalloc.get_traced_memory()[0] / 2**20
         self.series.append(row)
-        if len(self.series) == 1 and self.trace:
+        if self.trace and len(self.snapshots) < 2 and finished >= self.window[len(self.snapshots)]:
             import tracemalloc
 
-            self.first_snapshot = tracemalloc.take_snapshot()
+            snap = tracemalloc.take_snapshot().filter_traces(
+                [tracemalloc.Filter(False, __file__), tracemalloc.Filter(False, tracemalloc.__file__)])
+            self.snapshots.append((finished, snap))
 
     def baseline(self) -> None:
         """Object counts before the search starts. (``gc.get_objects`` is only called
@@ -178,13 +186,13 @@ class _Diagnostics:
             pts = [(r["finished"], r[key]) for r in self.series if key in r]
             if len(pts) >= 6:
                 out[f"slope_{key}"] = fit_slope(pts)
-        if self.trace and self.first_snapshot is not None:
-            import tracemalloc
-
-            snap = tracemalloc.take_snapshot()
-            out["sites"] = [{"kb": s.size_diff / 1024, "count": s.count_diff,
-                             "where": str(s.traceback)}
-                            for s in snap.compare_to(self.first_snapshot, "lineno")[: self.top]]
+        if len(self.snapshots) == 2:
+            (n0, first), (n1, last) = self.snapshots
+            out["sites_window"] = [n0, n1]
+            out["sites"] = [{"kb_per_trial": s.size_diff / 1024 / (n1 - n0),
+                             "blocks_per_trial": s.count_diff / (n1 - n0),
+                             "where": s.traceback.format(most_recent_first=True)}
+                            for s in last.compare_to(first, "traceback")[: self.top]]
         return out
 
 
@@ -228,7 +236,8 @@ def main() -> None:
     from search.searcher import BudgetedOptunaSearch
     from trainers.data import load_dataset
 
-    diagnostics = _Diagnostics(trace=args.trace) if args.debug else None
+    diagnostics = (_Diagnostics(trace=args.trace, window=(args.trials // 2, args.trials))
+                   if args.debug else None)
 
     class Sampled(monitor.DriverMemory):
         """The product's sampler, plus the bench's diagnostics at the same moments."""
@@ -294,7 +303,8 @@ def main() -> None:
         print(json.dumps({k: v for k, v in debug.items() if k.startswith("slope_")}))
         print(json.dumps(debug["objects_grown_per_finished_trial"]))
         for site in debug.get("sites", []):
-            print(f"{site['kb']:9.1f} KB {site['count']:7d}  {site['where']}")
+            print(f"{site['kb_per_trial']:8.2f} KB/trial {site['blocks_per_trial']:7.1f} blocks/trial")
+            print("\n".join("      " + line for line in site["where"]))
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     runs = json.loads(path.read_text()).get("runs", {}) if path.exists() else {}
