@@ -10,12 +10,14 @@ trials (the first half is warm-up: imports, Ray's and MLflow's caches, the arena
 settling) and reported with its standard error.
 
 ``--keep-trial-history`` runs the same search with the product's trimming of finished
-trials switched off (``search.monitor.TrimFinishedTrials``,
-``BudgetedOptunaSearch.forget_finished``, and Tune's TensorBoard logger back in place of
-``search.monitor.NoTensorBoardEvents``), for a before/after in two runs of this
-script; ``--debug`` also records what the driver holds (Tune's cached trial JSON,
-``log_once`` keys, Python objects by type; ``--trace`` adds the ``tracemalloc`` heap and
-the sites that grow).
+trials switched off (``search.monitor.TrimFinishedTrials`` with its ``malloc_trim``,
+``BudgetedOptunaSearch.forget_finished`` with the compaction of finished Optuna trials,
+and Tune's TensorBoard logger back in place of ``search.monitor.NoTensorBoardEvents``),
+for a before/after in two runs of this script; ``--debug`` also records what the driver
+holds (Tune's cached trial JSON, ``log_once`` keys, glibc's malloc counters, resident
+memory by kind of mapping, Python's allocated blocks, threads, Python objects by type;
+``--trace`` adds the ``tracemalloc`` heap and the allocation sites that grow between
+``--trials``/2 and ``--trials`` finished trials).
 
     .venv/bin/python bench/driver_memory.py [--trials 220] [--keep-trial-history]
         [--debug] [--out bench/results/driver_memory.json]
