@@ -166,11 +166,11 @@ class BudgetedOptunaSearch(OptunaSearch):
     #: (:func:`compact_finished_trial`); a class attribute so a benchmark can measure without.
     forget_finished = True
 
-    def _compact(self, number_id: int) -> None:
-        """:func:`compact_finished_trial` on the study's trial ``number_id`` (a searcher
+    def _compact(self, storage_id: int) -> None:
+        """:func:`compact_finished_trial` on the study's trial ``storage_id`` (a searcher
         pickled before this existed has no ``_interned`` yet)."""
         if self._ot_study is not None:
-            compact_finished_trial(self._ot_study, number_id,
+            compact_finished_trial(self._ot_study, storage_id,
                                    self.__dict__.setdefault("_interned", {}))
 
     # Tune (ray 2.60 ``TuneController.save_to_dir``) writes the experiment state, then the
