@@ -10,12 +10,14 @@ trials (the first half is warm-up: imports, Ray's and MLflow's caches, the arena
 settling) and reported with its standard error.
 
 ``--keep-trial-history`` runs the same search with the product's trimming of finished
-trials switched off (``search.monitor.TrimFinishedTrials``,
-``BudgetedOptunaSearch.forget_finished``, and Tune's TensorBoard logger back in place of
-``search.monitor.NoTensorBoardEvents``), for a before/after in two runs of this
-script; ``--debug`` also records what the driver holds (Tune's cached trial JSON,
-``log_once`` keys, Python objects by type; ``--trace`` adds the ``tracemalloc`` heap and
-the sites that grow).
+trials switched off (``search.monitor.TrimFinishedTrials`` with its ``malloc_trim``,
+``BudgetedOptunaSearch.forget_finished`` with the compaction of finished Optuna trials,
+and Tune's TensorBoard logger back in place of ``search.monitor.NoTensorBoardEvents``),
+for a before/after in two runs of this script; ``--debug`` also records what the driver
+holds (Tune's cached trial JSON, ``log_once`` keys, glibc's malloc counters, resident
+memory by kind of mapping, Python's allocated blocks, threads, Python objects by type;
+``--trace`` adds the ``tracemalloc`` heap and the allocation sites that grow between
+``--trials``/2 and ``--trials`` finished trials).
 
     .venv/bin/python bench/driver_memory.py [--trials 220] [--keep-trial-history]
         [--debug] [--out bench/results/driver_memory.json]
@@ -32,6 +34,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -44,6 +47,7 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 sys.path[:] = [_ROOT] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -81,24 +85,53 @@ def fit_slope(samples: Sequence[tuple[float, float]], skip_fraction: float = 0.5
             "n": float(len(tail)), "x_from": float(x[0]), "x_to": float(x[-1])}
 
 
+def _smaps_mb() -> dict[str, float]:
+    """The driver's resident memory by kind of mapping (``/proc/self/smaps``), MB:
+    ``heap_mb`` (glibc's main arena, ``[heap]``), ``anon_mb`` (other anonymous mappings:
+    glibc's thread arenas and large blocks, Python's small-object arenas, thread stacks,
+    what native libraries map), ``file_mb`` (mapped files: code, shared memory). Empty
+    where ``/proc`` is absent."""
+    out = {"heap_mb": 0.0, "anon_mb": 0.0, "file_mb": 0.0}
+    try:
+        text = Path("/proc/self/smaps").read_text()
+    except OSError:
+        return {}
+    kind = "anon_mb"
+    for line in text.splitlines():
+        head = line.split(maxsplit=6)
+        if head and "-" in head[0] and len(head) >= 5:  # a mapping's header line
+            name = head[5] if len(head) > 5 else ""
+            kind = ("heap_mb" if name == "[heap]" else
+                    "file_mb" if name.startswith("/") else "anon_mb")
+        elif head and head[0] == "Rss:":
+            out[kind] += float(head[1]) / 1024
+    return out
+
+
 class _Diagnostics:
     """What the driver holds, sampled at each finished trial (``--debug`` only).
 
     Cheap enough to leave the figure meaningful: at each sample the size of the JSON
     Tune has cached for its trials (what every experiment-state save writes) and the
-    number of ``log_once`` keys; Python objects by type before and after the search; with ``trace``, also the Python heap ``tracemalloc`` sees (slow: two to three
-    times the wall time, for finding what grows, not for the figure).
+    number of ``log_once`` keys, glibc's ``malloc`` counters, the resident memory by kind
+    of mapping, Python's allocated blocks and the thread count; Python objects by type
+    before and after the search. With ``trace``, also the Python heap ``tracemalloc``
+    sees (slow: two to three times the wall time, for finding what grows, not for the
+    figure), and the allocation sites (12 frames deep) that grew between the samples at
+    ``window[0]`` and ``window[1]`` finished trials (both after the warm-up, both before
+    the search builds its outcome).
     """
 
-    def __init__(self, trace: bool = False, top: int = 15) -> None:
-        self.trace, self.top = trace, top
+    def __init__(self, trace: bool = False, top: int = 15,
+                 window: tuple[int, int] = (100, 200)) -> None:
+        self.trace, self.top, self.window = trace, top, window
         if trace:
             import tracemalloc
 
-            tracemalloc.start(1)
+            tracemalloc.start(12)
         self.series: list[dict[str, float]] = []
         self.first_counts: Counter[str] | None = None
-        self.first_snapshot: Any = None
+        self.snapshots: list[tuple[int, Any]] = []
 
     @staticmethod
     def _counts() -> Counter[str]:
@@ -107,20 +140,30 @@ class _Diagnostics:
     def sample(self, finished: int, trials: list[Any]) -> None:
         from ray.util import debug
 
+        from search.monitor import malloc_info
+
         json_kb = sum(len(getattr(t, "_state_json", None) or "")
                       + len(getattr(getattr(t, "run_metadata", None), "_cached_json", None) or "")
                       for t in trials) / 1024
         row = {"finished": float(finished), "tune_json_kb": json_kb,
-               "log_once_keys": float(len(getattr(debug, "_logged", ())))}
+               "log_once_keys": float(len(getattr(debug, "_logged", ()))),
+               "py_blocks": float(sys.getallocatedblocks()),
+               "threads": float(threading.active_count()),
+               "os_threads": float(psutil.Process().num_threads()), **_smaps_mb()}
+        malloc = malloc_info()
+        if malloc is not None:
+            row.update({f"malloc_{k}_mb": v for k, v in malloc.items()})
         if self.trace:
             import tracemalloc
 
             row["traced_mb"] = tracemalloc.get_traced_memory()[0] / 2**20
         self.series.append(row)
-        if len(self.series) == 1 and self.trace:
+        if self.trace and len(self.snapshots) < 2 and finished >= self.window[len(self.snapshots)]:
             import tracemalloc
 
-            self.first_snapshot = tracemalloc.take_snapshot()
+            snap = tracemalloc.take_snapshot().filter_traces(
+                [tracemalloc.Filter(False, __file__), tracemalloc.Filter(False, tracemalloc.__file__)])
+            self.snapshots.append((finished, snap))
 
     def baseline(self) -> None:
         """Object counts before the search starts. (``gc.get_objects`` is only called
@@ -140,17 +183,18 @@ class _Diagnostics:
                 k: round(v / max(finished, 1), 2)
                 for k, v in sorted(grown.items(), key=lambda kv: -kv[1])[: 2 * self.top]},
         }
-        for key in ("tune_json_kb", "log_once_keys", "traced_mb"):
+        keys = sorted({k for r in self.series for k in r} - {"finished"})
+        for key in keys:
             pts = [(r["finished"], r[key]) for r in self.series if key in r]
             if len(pts) >= 6:
                 out[f"slope_{key}"] = fit_slope(pts)
-        if self.trace and self.first_snapshot is not None:
-            import tracemalloc
-
-            snap = tracemalloc.take_snapshot()
-            out["sites"] = [{"kb": s.size_diff / 1024, "count": s.count_diff,
-                             "where": str(s.traceback)}
-                            for s in snap.compare_to(self.first_snapshot, "lineno")[: self.top]]
+        if len(self.snapshots) == 2:
+            (n0, first), (n1, last) = self.snapshots
+            out["sites_window"] = [n0, n1]
+            out["sites"] = [{"kb_per_trial": s.size_diff / 1024 / (n1 - n0),
+                             "blocks_per_trial": s.count_diff / (n1 - n0),
+                             "where": s.traceback.format(most_recent_first=True)}
+                            for s in last.compare_to(first, "traceback")[: self.top]]
         return out
 
 
@@ -194,7 +238,8 @@ def main() -> None:
     from search.searcher import BudgetedOptunaSearch
     from trainers.data import load_dataset
 
-    diagnostics = _Diagnostics(trace=args.trace) if args.debug else None
+    diagnostics = (_Diagnostics(trace=args.trace, window=(args.trials // 2, args.trials))
+                   if args.debug else None)
 
     class Sampled(monitor.DriverMemory):
         """The product's sampler, plus the bench's diagnostics at the same moments."""
@@ -260,7 +305,8 @@ def main() -> None:
         print(json.dumps({k: v for k, v in debug.items() if k.startswith("slope_")}))
         print(json.dumps(debug["objects_grown_per_finished_trial"]))
         for site in debug.get("sites", []):
-            print(f"{site['kb']:9.1f} KB {site['count']:7d}  {site['where']}")
+            print(f"{site['kb_per_trial']:8.2f} KB/trial {site['blocks_per_trial']:7.1f} blocks/trial")
+            print("\n".join("      " + line for line in site["where"]))
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     runs = json.loads(path.read_text()).get("runs", {}) if path.exists() else {}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import ctypes
+import sys
 from typing import Any
 
 import psutil
@@ -12,7 +14,55 @@ from ray.tune.logger import TBXLoggerCallback
 from trainers.contracts import SEARCH_PREFIX, TIME_ATTR
 
 __all__ = ["DriverMemory", "NoTensorBoardEvents", "TrimFinishedTrials", "forget_encoder_log_keys",
-           "trim_finished_trial"]
+           "malloc_info", "release_free_memory", "trim_finished_trial"]
+
+
+# glibc's allocator, for the driver's native memory (see ``TrimFinishedTrials``).
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (glibc >= 2.33): byte counts over all arenas."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+        "uordblks", "fordblks", "keepcost")]
+
+
+def _glibc() -> Any:
+    """The process's C library if it is glibc with ``malloc_trim`` and ``mallinfo2``,
+    else ``None`` (macOS, musl, an older glibc: the callers then do nothing)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+        libc.mallinfo2.argtypes, libc.mallinfo2.restype = [], _MallInfo2
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _glibc()
+
+
+def release_free_memory() -> bool:
+    """Hand the pages glibc's ``malloc`` holds free back to the OS (``malloc_trim(0)``:
+    every arena, not only the top of the main heap). Returns whether any were released;
+    ``False`` where the C library is not glibc."""
+    return bool(_LIBC is not None and _LIBC.malloc_trim(0))
+
+
+def malloc_info() -> dict[str, float] | None:
+    """What glibc's ``malloc`` holds, in MB, over all its arenas (``mallinfo2``):
+    ``in_use`` (allocated and not freed, ``uordblks + hblkhd``), ``free`` (freed and kept
+    in the arenas, ``fordblks``), ``arena`` (the arenas' size, ``arena``) and ``mmapped``
+    (blocks mapped on their own, ``hblkhd``). ``None`` where the C library is not glibc.
+    Not counted: Python's small-object arenas (pymalloc maps its own) and memory any
+    library maps itself."""
+    if _LIBC is None:
+        return None
+    info = _LIBC.mallinfo2()
+    mb = 2.0 ** 20
+    return {"in_use": (info.uordblks + info.hblkhd) / mb, "free": info.fordblks / mb,
+            "arena": info.arena / mb, "mmapped": info.hblkhd / mb}
 
 
 class DriverMemory(tune.Callback):
@@ -147,9 +197,14 @@ class TrimFinishedTrials(tune.Callback):
     memory, and the experiment state Tune writes every few seconds, do not grow with the
     reports of finished trials. Stateless: nothing to save or restore."""
 
+    #: also hand the pages ``malloc`` holds free back to the OS (:func:`release_free_memory`)
+    release_memory = True
+
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         trim_finished_trial(trial)
         forget_encoder_log_keys()
+        if self.release_memory:
+            release_free_memory()
 
 
 class NoTensorBoardEvents(TBXLoggerCallback):

@@ -9,6 +9,8 @@ re-sampled. Such a config is never trained.
 from __future__ import annotations
 
 import logging
+import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +22,8 @@ from ray.tune.search.optuna import OptunaSearch
 from search.budget import BudgetPolicy
 from trainers.contracts import TIME_ATTR, UserError
 
-__all__ = ["SAMPLERS", "BudgetedOptunaSearch", "Feasibility", "create_sampler"]
+__all__ = ["SAMPLERS", "BudgetedOptunaSearch", "Feasibility", "compact_finished_trial",
+           "create_sampler"]
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,45 @@ log = logging.getLogger(__name__)
 Feasibility = Callable[[dict[str, Any]], tuple[bool, float, str]]
 
 MAX_RESAMPLES = 500
+
+#: OptunaSearch's warning that the define-by-run space is slow (it is TPE that is)
+_SLOW_SPACE_WARNING = "Define-by-run function passed in the `space` argument took"
+
+#: system attributes a multivariate sampler sets on a running trial to share its relative
+#: sample with other workers (``optuna.samplers._tpe.sampler._RELATIVE_PARAMS_KEY``, and
+#: the GP sampler's); a finished trial's ``params`` supersede them (TPESampler._get_params)
+_RELATIVE_PARAMS_PREFIXES = ("tpe:relative_params:", "gp:relative_params:")
+
+
+def compact_finished_trial(study: optuna.Study, trial_id: int,
+                           interned: dict[Any, Any]) -> None:
+    """Shrink what an in-memory Optuna study keeps of a finished trial, changing nothing
+    a sampler reads.
+
+    Each suggestion builds its own distribution object (``suggest_categorical`` makes a
+    ``CategoricalDistribution`` with its choices at every call) and the trial keeps it:
+    equal distributions are replaced by one shared object (``interned``, distribution ->
+    itself; distributions are immutable and compare and hash by value), and the
+    parameter names (built afresh for each trial by the space) by interned strings. The relative
+    sample TPE shares while a trial runs (a JSON string per trial) is dropped: for a
+    finished trial TPE reads ``params``. Only for ``InMemoryStorage`` (the searcher's);
+    private ``InMemoryStorage._get_trial``/``_lock`` (optuna 5.0.0,
+    ``tests/test_driver_memory.py`` checks them).
+    """
+    storage = study._storage
+    if not isinstance(storage, optuna.storages.InMemoryStorage):
+        return
+    with storage._lock:
+        trial = storage._get_trial(trial_id)
+        if not trial.state.is_finished():
+            return
+        trial.params = {sys.intern(name): value for name, value in trial.params.items()}
+        trial.distributions = {sys.intern(name): interned.setdefault(dist, dist)
+                               for name, dist in trial.distributions.items()}
+        attrs = trial.system_attrs
+        if any(key.startswith(_RELATIVE_PARAMS_PREFIXES) for key in attrs):
+            trial.system_attrs = {key: value for key, value in attrs.items()
+                                  if not key.startswith(_RELATIVE_PARAMS_PREFIXES)}
 
 
 def _tpe(seed: int, multi_objective: bool) -> optuna.samplers.BaseSampler:
@@ -77,6 +119,11 @@ class BudgetedOptunaSearch(OptunaSearch):
         self._spent: dict[str, float] = {}
         self._live: set[str] = set()
         self.rejected: list[str] = []
+        self._interned: dict[Any, Any] = {}  # see compact_finished_trial
+        # OptunaSearch warns when the define-by-run space takes over 1 s, the time in its
+        # text: the warnings registry then keeps one key per warning, i.e. per trial
+        # late in a search, where TPE's sampling (inside that function) takes that long
+        warnings.filterwarnings("ignore", message=_SLOW_SPACE_WARNING, category=UserWarning)
 
     # Private attributes used below, for want of a public API (checked against ray 2.60.0
     # and optuna 5.0.0; tests/test_private_apis.py fails loudly if they change):
@@ -107,14 +154,24 @@ class BudgetedOptunaSearch(OptunaSearch):
             fixed = ot_trial.storage.get_trial_system_attrs(ot_trial._trial_id).get("fixed_params")
             self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
             del self._ot_trials[trial_id]
+            if self.forget_finished:
+                self._compact(ot_trial._trial_id)
             if fixed:  # an enqueued point (e.g. a family to cover) keeps its fixed part
                 self._ot_study.enqueue_trial(fixed, skip_if_exists=False)
         log.error("no feasible config in %d samples; last reason: %s", MAX_RESAMPLES, reason)
         return Searcher.FINISHED
 
     #: Drop a finished trial's ``optuna.Trial`` handle once its result is told (see
-    #: :meth:`on_trial_complete`); a class attribute so a benchmark can measure without.
+    #: :meth:`on_trial_complete`) and compact what the study keeps of it
+    #: (:func:`compact_finished_trial`); a class attribute so a benchmark can measure without.
     forget_finished = True
+
+    def _compact(self, storage_id: int) -> None:
+        """:func:`compact_finished_trial` on the study's trial ``storage_id`` (a searcher
+        pickled before this existed has no ``_interned`` yet)."""
+        if self._ot_study is not None:
+            compact_finished_trial(self._ot_study, storage_id,
+                                   self.__dict__.setdefault("_interned", {}))
 
     # Tune (ray 2.60 ``TuneController.save_to_dir``) writes the experiment state, then the
     # searcher state: a driver killed between the two resumes trials that the restored
@@ -138,9 +195,12 @@ class BudgetedOptunaSearch(OptunaSearch):
         if result and TIME_ATTR in result:
             self._spent[trial_id] = max(self._spent.get(trial_id, 0.0), float(result[TIME_ATTR]))
         self._live.discard(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
         if self._knows(trial_id):
             super().on_trial_complete(trial_id, result=result, error=error)
         if self.forget_finished and trial_id in self._completed_trials:
+            if ot_trial is not None:
+                self._compact(ot_trial._trial_id)
             # Told to the study, which keeps the trial (TPE needs it); the handle holds
             # only a stale copy of it (``Trial._cached_frozen_trial``) and the sampler's
             # relative search space, and nothing asks for it again: OptunaSearch answers

@@ -19,7 +19,7 @@ from ray.train._internal.session import _TrainingResult
 from ray.tune import CheckpointConfig, PlacementGroupFactory
 from ray.tune.experiment import Trial
 
-from search.monitor import TrimFinishedTrials, trim_finished_trial
+from search.monitor import TrimFinishedTrials, malloc_info, trim_finished_trial
 from search.tracking import TrialStatusCallback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,3 +278,130 @@ def test_encoder_log_keys_are_forgotten_and_others_kept(tmp_path: Path) -> None:
     assert forget_encoder_log_keys() == len(added)
     assert not [k for k in debug._logged if k.startswith("tune_func_encode:")]
     assert "recscale-test-key" in debug._logged
+
+
+def test_trim_hands_free_pages_back_to_the_os(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    """Each finished trial also releases what malloc holds free (unless switched off)."""
+    import search.monitor as monitor
+
+    calls: list[int] = []
+    monkeypatch.setattr(monitor, "release_free_memory", lambda: calls.append(1) or True)
+    trial = _finished_trial(tmp_path)
+    TrimFinishedTrials().on_trial_complete(iteration=1, trials=[trial], trial=trial)
+    assert calls == [1]
+    monkeypatch.setattr(TrimFinishedTrials, "release_memory", False)
+    TrimFinishedTrials().on_trial_complete(iteration=2, trials=[trial], trial=trial)
+    assert calls == [1]
+
+
+@pytest.mark.skipif(malloc_info() is None, reason="needs glibc's malloc_trim and mallinfo2")
+def test_release_free_memory_returns_freed_pages_in_the_middle_of_the_heap() -> None:
+    """Memory freed between live blocks stays resident (glibc's free() trims only the
+    top of a heap) until release_free_memory hands its whole pages back."""
+    import psutil
+
+    from search.monitor import malloc_info, release_free_memory
+
+    def rss_mb() -> float:
+        return float(psutil.Process().memory_info().rss) / 2**20
+
+    release_free_memory()
+    before = malloc_info()
+    assert before is not None and set(before) == {"in_use", "free", "arena", "mmapped"}
+    chunks = [bytearray(64 * 1024) for _ in range(1280)]  # 80 MB in malloc's heap, touched
+    held = malloc_info()
+    assert held is not None and held["in_use"] > before["in_use"] + 75
+    del chunks[::2]  # 40 MB of 64 KB holes, each between two live blocks
+    freed = malloc_info()
+    assert freed is not None and freed["free"] > before["free"] + 35
+    resident = rss_mb()
+    assert release_free_memory()
+    assert rss_mb() < resident - 30
+    after = malloc_info()  # still malloc's, no longer resident
+    assert after is not None and after["free"] > before["free"] + 35
+    del chunks
+
+
+def _tpe_searcher(seed: int = 0) -> Any:
+    """A TPE searcher (the product's sampler) over a small conditional space."""
+    from search.budget import BudgetPolicy
+    from search.searcher import BudgetedOptunaSearch, create_sampler
+
+    def space(trial: optuna.Trial) -> dict[str, Any]:
+        block = trial.suggest_categorical("model.block", ["wukong", "tokenmixer"])
+        trial.suggest_int(f"model.{block}.layers", 1, 4)
+        trial.suggest_float("train.lr", 1e-4, 1e-1, log=True)
+        return {}
+
+    return BudgetedOptunaSearch(space=space, feasibility=lambda flat: (True, -1.0, "ok"),
+                                policy=BudgetPolicy(1e12, 1e6, (1e6, 1e7)),
+                                metric="loss", mode="min", sampler=create_sampler("tpe", seed))
+
+
+def _drive(search: Any, trials: int) -> list[dict[str, Any]]:
+    configs = []
+    for i in range(trials):
+        config = search.suggest(f"t{i}")
+        configs.append(config)
+        loss = config["train.lr"] + (0.1 if config["model.block"] == "wukong" else 0.0)
+        search.on_trial_result(f"t{i}", {"train_flops": 1e6, "loss": loss + 0.05,
+                                         "training_iteration": 1})
+        search.on_trial_complete(f"t{i}", {"train_flops": 2e6, "loss": loss})
+    return configs
+
+
+def test_compacted_study_samples_exactly_what_the_full_one_does(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compaction of finished Optuna trials changes nothing TPE reads: the same seed
+    suggests the same configs with and without it; finished trials then share their
+    distribution objects and keep no relative-sample attributes."""
+    from search.searcher import BudgetedOptunaSearch
+
+    compacted = _tpe_searcher()
+    configs = _drive(compacted, 24)
+    monkeypatch.setattr(BudgetedOptunaSearch, "forget_finished", False)
+    full = _tpe_searcher()
+    assert _drive(full, 24) == configs
+
+    def relative(study: optuna.Study) -> int:
+        return sum(key.startswith("tpe:relative_params") for t in study.trials
+                   for key in t.system_attrs)
+
+    assert relative(full._ot_study) > 0  # TPE (multivariate) shared its relative samples
+    assert relative(compacted._ot_study) == 0
+    stored = compacted._ot_study._storage._studies[0].trials  # the storage's own objects
+    lrs = {id(t.distributions["train.lr"]) for t in stored}
+    assert len(lrs) == 1
+    assert [t.params for t in stored] == [t.params for t in full._ot_study.trials]
+    assert [t.values for t in stored] == [t.values for t in full._ot_study.trials]
+
+
+def test_compaction_leaves_a_running_trial_alone() -> None:
+    from search.searcher import compact_finished_trial
+
+    study = optuna.create_study()
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    study._storage.set_trial_system_attr(trial._trial_id, "tpe:relative_params:0", "{}")
+    compact_finished_trial(study, trial._trial_id, {})
+    assert "tpe:relative_params:0" in study._storage.get_trial(trial._trial_id).system_attrs
+    study.tell(trial, 0.5)
+    compact_finished_trial(study, trial._trial_id, {})
+    assert study.trials[0].system_attrs == {} and study.trials[0].params == trial.params
+
+
+def test_slow_space_warning_adds_no_registry_key_per_trial() -> None:
+    """OptunaSearch's "define-by-run took N seconds" warning, a new text (and a new
+    warnings-registry key) at every slow suggestion, is ignored once a searcher exists."""
+    import warnings
+
+    import ray.tune.search.optuna.optuna_search as optuna_search
+
+    _searcher()
+    registry: dict[Any, Any] = {}
+    for i in range(20):
+        warnings.warn_explicit(
+            f"Define-by-run function passed in the `space` argument took {1 + i / 7} seconds "
+            "to run.", UserWarning, optuna_search.__file__, 472, registry=registry)
+    assert [k for k in registry if k != "version"] == []
