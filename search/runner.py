@@ -558,7 +558,10 @@ def reconcile_resumed(plan: SearchPlan, tracking: Tracking) -> float:
         run = runs.get(trial_id)
         if run is None or trial.status == "TERMINATED":
             continue
-        at_checkpoint = float((trial.last_result or {}).get(TIME_ATTR, 0.0))
+        # it resumes from its latest checkpoint, which may be older than its last result
+        # (trials checkpoint at milestones and every few minutes, not at every report)
+        latest = getattr(trial, "latest_checkpoint_result", None)
+        at_checkpoint = float(latest.metrics.get(TIME_ATTR, 0.0)) if latest is not None else 0.0
         wasted += max(0.0, last_step(client, run.info.run_id) - at_checkpoint)
     key = f"{SEARCH_PREFIX}{LOST_FLOPS}"
     before = client.get_run(tracking.parent_run_id).data.metrics.get(key, 0.0)

@@ -1,0 +1,195 @@
+"""A trial's overhead cut where it is paid (issue 15): one validation pass per report,
+checkpoints only where resume or ASHA needs them, written atomically, logging flushed.
+
+The trial function runs here outside Tune, with Tune's calls replaced by a recorder, so
+what it reports and when it checkpoints is seen report by report.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import search.trainable as trainable
+import trainers.loop as loop
+from search.trainable import STATE_FILE, TrialContext, load_state, run_trial, save_state
+from spaces import build_model
+from tests.test_model import planted_pairwise
+from trainers.contracts import VAL_SE
+from trainers.data import DataConfig, SyntheticConfig
+from trainers.experiment import experiment_from_flat
+
+CONFIG = {"model.block": "tokenmixer", "model.d_model": 16, "model.n_tokens": 4,
+          "model.n_layers": 1, "model.embed_dim": 8, "model.head_hidden": (16,),
+          "train.batch_size": 100}
+
+
+class _Tune:
+    """Stands in for ``ray.tune`` in ``search.trainable``: records each report, and
+    reads the state a checkpoint carries while its folder still exists."""
+
+    class Checkpoint:
+        def __init__(self, path: str) -> None:
+            self.path = path
+
+        @classmethod
+        def from_directory(cls, path: str) -> _Tune.Checkpoint:
+            return cls(path)
+
+    class _Context:
+        def get_trial_id(self) -> str:
+            return "t0"
+
+        def get_trial_resources(self) -> Any:
+            raise RuntimeError("outside Tune")
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
+
+    def get_context(self) -> _Tune._Context:
+        return self._Context()
+
+    def get_checkpoint(self) -> None:
+        return None
+
+    def report(self, metrics: dict[str, Any], checkpoint: Any = None) -> None:
+        state = None
+        if checkpoint is not None:
+            assert sorted(os.listdir(checkpoint.path)) == [STATE_FILE]  # no temporary left
+            state = torch.load(Path(checkpoint.path) / STATE_FILE, weights_only=True)
+        self.reports.append((dict(metrics), state))
+
+
+class _Ray:
+    class _Runtime:
+        def get_node_id(self) -> str:
+            return "node"
+
+    def get_runtime_context(self) -> _Ray._Runtime:
+        return self._Runtime()
+
+    def get_gpu_ids(self) -> list[int]:
+        return []
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, Any]:
+    spec, tr = planted_pairwise(3000, seed=0)
+    _, va = planted_pairwise(1000, seed=1)
+    shared: dict[str, Any] = {"spec": spec}
+    for name, split in (("train", tr), ("val", va)):
+        shared[name] = {k: getattr(split, k).numpy() for k in ("cat", "num", "label")}
+    return shared
+
+
+def _run(monkeypatch: pytest.MonkeyPatch, data: dict[str, Any], every_s: float,
+         **ctx: Any) -> tuple[_Tune, TrialContext]:
+    """One trial of ``CONFIG``: 4000 examples' worth of FLOPs, a report every 500
+    examples, ASHA's milestones at 1000 and 2000 examples and the end."""
+    import ray
+
+    fake = _Tune()
+    monkeypatch.setattr(trainable, "tune", fake)
+    monkeypatch.setattr(ray, "get_runtime_context", _Ray().get_runtime_context)
+    monkeypatch.setattr(ray, "get_gpu_ids", _Ray().get_gpu_ids)
+    from spaces import model_cost
+
+    data_cfg = DataConfig(name="synthetic", synthetic=SyntheticConfig(n_rows=4000))
+    fpe = model_cost(experiment_from_flat(CONFIG, data_cfg).model, data["spec"]).flops_per_example
+    per_example = 3 * fpe
+    near = 1 - 1e-9  # whole batches whatever the rounding of the FLOPs
+    context = TrialContext(search="s", data=data_cfg, trial_flops=4000.5 * per_example,
+                           milestones=(1000 * near * per_example, 2000 * near * per_example,
+                                       4000 * near * per_example),
+                           report_every_flops=500 * per_example, eval_max_examples=600,
+                           tracking_uri=None, experiment_id=None, parent_run_id=None,
+                           checkpoint_every_s=every_s, **ctx)
+    run_trial(dict(CONFIG), context, data)
+    return fake, context
+
+
+def test_checkpoints_only_at_milestones_and_the_end(monkeypatch, data) -> None:
+    fake, _ = _run(monkeypatch, data, every_s=1e9)
+    seen = [int(m["examples_seen"]) for m, _ in fake.reports]
+    assert seen == list(range(500, 4001, 500))
+    with_state = [int(m["examples_seen"]) for m, s in fake.reports if s is not None]
+    assert with_state == [1000, 2000, 4000]
+    assert [m["checkpoints"] for m, _ in fake.reports] == [0, 1, 1, 2, 2, 2, 2, 3]
+    for metrics, state in fake.reports:
+        if state is not None:  # the state is the report's: what a resume continues from
+            assert state["examples_seen"] == metrics["examples_seen"]
+    assert fake.reports[-1][0]["trial_status"] == "completed"
+
+
+def test_a_short_interval_checkpoints_every_report(monkeypatch, data) -> None:
+    """The time bound on what a fault can cost: with it at 0 every report carries one."""
+    fake, _ = _run(monkeypatch, data, every_s=0.0)
+    assert all(state is not None for _, state in fake.reports)
+    assert fake.reports[-1][0]["checkpoints"] == len(fake.reports)
+
+
+def test_one_validation_pass_per_report_and_its_standard_error(monkeypatch, data) -> None:
+    """The SE and the milestone losses come from the loop's own evaluation, not a
+    second pass over the validation set; the SE is that of those very losses."""
+    calls: list[int] = []
+    predict = loop.predict_logits
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "predict_logits", counted)
+    monkeypatch.setattr(trainable, "predict_logits", counted)
+    fake, _ = _run(monkeypatch, data, every_s=1e9)
+    assert len(calls) == len(fake.reports) == 8
+    metrics, state = fake.reports[-1]
+    assert state is not None
+    model = build_model(experiment_from_flat(CONFIG).model, data["spec"])
+    model.load_state_dict(state["model"])
+    va = trainable._view(data["val"])
+    losses = trainable.val_losses(model, va, 600)
+    assert metrics[VAL_SE] == pytest.approx(float(losses.std()) / math.sqrt(600), rel=1e-5)
+    assert metrics["val_logloss"] == pytest.approx(float(losses.mean()), rel=1e-6)
+
+
+def test_evaluate_losses_average_to_the_reported_loss(data) -> None:
+    spec = data["spec"]
+    va = trainable._view(data["val"])
+    model = build_model(experiment_from_flat(CONFIG).model, spec)
+    metrics, losses = loop.evaluate_losses(model, va, 0.5, limit=300)
+    assert losses.shape == (300,)
+    assert metrics["val_logloss"] == float(losses.mean())
+    assert metrics == loop.evaluate(model, va, 0.5, limit=300)
+
+
+def test_a_state_write_cut_short_leaves_the_previous_checkpoint(monkeypatch, tmp_path) -> None:
+    """``save_state`` writes a temporary file and renames it: a write that dies half-way
+    leaves no cut ``state.pt`` (nor the temporary), so the trial resumes from the whole
+    checkpoint before."""
+    old, new = tmp_path / "checkpoint_000001", tmp_path / "checkpoint_000002"
+    old.mkdir()
+    new.mkdir()
+    save_state({"examples_seen": 1, "w": torch.ones(4)}, old)
+    real_save = torch.save
+
+    def dies_half_way(obj: Any, path: Any) -> None:
+        real_save(obj, path)
+        data = Path(path).read_bytes()
+        Path(path).write_bytes(data[: len(data) // 2])
+        raise OSError("killed during the write")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="killed"):
+        save_state({"examples_seen": 2, "w": torch.full((4,), 2.0)}, new)
+    assert list(new.iterdir()) == []
+    state = load_state(str(new))
+    assert state is not None and state["examples_seen"] == 1
+    monkeypatch.setattr(torch, "save", real_save)
+    save_state({"examples_seen": 2, "w": torch.full((4,), 2.0)}, new)
+    assert load_state(str(new))["examples_seen"] == 2  # type: ignore[index]
+    assert [p.name for p in new.iterdir()] == [STATE_FILE]
