@@ -342,9 +342,16 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
         return False
 
     clock.training()
-    result = train(exp.model, train_cfg, spec, _view(data["train"], data.get("events")), val,
-                   report=report, resume=resume, eval_at=eval_at, device=device,
-                   on_eval_losses=lambda losses: latest.__setitem__("losses", losses))
+    try:
+        result = train(exp.model, train_cfg, spec, _view(data["train"], data.get("events")),
+                       val, report=report, resume=resume, eval_at=eval_at, device=device,
+                       on_eval_losses=lambda losses: latest.__setitem__("losses", losses))
+    except BaseException:
+        # what the trial logged before failing is written out (a retry resumes from its
+        # checkpoint and does not log those reports again); the failure is the trial's
+        if tracker is not None:
+            tracker.flush(raise_errors=False)
+        raise
     if result.status == "diverged":
         last = result.history[-1] if result.history else {
             OBJECTIVE: float("inf"), TIME_ATTR: 0.0, STEP_AXIS: 0.0}

@@ -88,7 +88,7 @@ def data() -> dict[str, Any]:
 
 
 def _run(monkeypatch: pytest.MonkeyPatch, data: dict[str, Any], every_s: float,
-         **ctx: Any) -> tuple[_Tune, TrialContext]:
+         **tracking: Any) -> tuple[_Tune, TrialContext]:
     """One trial of ``CONFIG``: 4000 examples' worth of FLOPs, a report every 500
     examples, ASHA's milestones at 1000 and 2000 examples and the end."""
     import ray
@@ -107,8 +107,9 @@ def _run(monkeypatch: pytest.MonkeyPatch, data: dict[str, Any], every_s: float,
                            milestones=(1000 * near * per_example, 2000 * near * per_example,
                                        4000 * near * per_example),
                            report_every_flops=500 * per_example, eval_max_examples=600,
-                           tracking_uri=None, experiment_id=None, parent_run_id=None,
-                           checkpoint_every_s=every_s, **ctx)
+                           **{"tracking_uri": None, "experiment_id": None,
+                              "parent_run_id": None, **tracking},
+                           checkpoint_every_s=every_s)
     run_trial(dict(CONFIG), context, data)
     return fake, context
 
@@ -193,3 +194,104 @@ def test_a_state_write_cut_short_leaves_the_previous_checkpoint(monkeypatch, tmp
     save_state({"examples_seen": 2, "w": torch.full((4,), 2.0)}, new)
     assert load_state(str(new))["examples_seen"] == 2  # type: ignore[index]
     assert [p.name for p in new.iterdir()] == [STATE_FILE]
+
+
+def test_the_tracker_writes_everything_by_its_flush(tmp_path) -> None:
+    """Metrics (MLflow's asynchronous batches) and val-loss artifacts (the tracker's own
+    thread) are all in the store once ``flush`` returns; its thread is gone."""
+    import threading
+
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    from trainers.tracking import TrialTracker, find_or_create_parent
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp_id, parent, _ = find_or_create_parent(client, "s", {}, tags={})
+    tracker = TrialTracker(uri, exp_id, parent, "t1", "wukong", {}, "s")
+    steps = list(range(100, 2100, 100))
+    for step in steps:
+        tracker.log({"val_logloss": 0.6 - step / 1e5, "train_flops": float(step)})
+        if step % 500 == 0:
+            tracker.log_val_losses(step, np.full(64, step / 1e4))
+    tracker.flush()
+    assert not any(t.name.startswith("mlflow-files") for t in threading.enumerate())
+    history = client.get_metric_history(tracker.run_id, "val_logloss")
+    assert sorted(int(m.step) for m in history) == steps
+    files = sorted(f.path for f in client.list_artifacts(tracker.run_id, "val_losses"))
+    assert files == [f"val_losses/{s}.npy" for s in (1000, 1500, 2000, 500)]
+    got = np.load(client.download_artifacts(tracker.run_id, "val_losses/1500.npy",
+                                            str(tmp_path)))
+    assert got.dtype == np.float16 and float(got[0]) == pytest.approx(0.15, rel=1e-3)
+
+
+def test_a_failed_write_is_raised_by_flush_after_the_others(tmp_path, monkeypatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from trainers.tracking import TrialTracker, find_or_create_parent
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    exp_id, parent, _ = find_or_create_parent(MlflowClient(uri), "s", {}, tags={})
+    tracker = TrialTracker(uri, exp_id, parent, "t1", "wukong", {}, "s")
+    written: list[int] = []
+
+    def write(train_flops: int, losses: Any) -> None:
+        if train_flops == 100:
+            raise OSError("store down")
+        written.append(train_flops)
+
+    monkeypatch.setattr(tracker, "_write_losses", write)
+    for step in (100, 200, 300):
+        tracker.log_val_losses(step, [0.5])
+    with pytest.raises(OSError, match="store down"):
+        tracker.flush()
+    assert written == [200, 300]
+    tracker.log_val_losses(400, [0.5])
+    tracker.flush(raise_errors=True)  # nothing left over from before
+    assert written == [200, 300, 400]
+
+
+def test_a_failing_trial_flushes_what_it_logged(monkeypatch, data, tmp_path) -> None:
+    """A trial that fails after two reports: both are in MLflow when the error leaves
+    the trial function (a retry will not log them again)."""
+    from mlflow.tracking import MlflowClient
+
+    from trainers.tracking import find_or_create_parent
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp_id, parent, _ = find_or_create_parent(client, "s", {}, tags={})
+    real_train = trainable.train
+
+    def fails_after_two(*args: Any, report: Any, **kwargs: Any) -> Any:
+        count = {"n": 0}
+
+        def counting(metrics: Any, state: Any) -> bool:
+            if count["n"] == 2:
+                raise RuntimeError("worker lost")
+            count["n"] += 1
+            return bool(report(metrics, state))
+
+        return real_train(*args, report=counting, **kwargs)
+
+    from trainers.tracking import TrialTracker
+
+    flushes: list[bool] = []
+    real_flush = TrialTracker.flush
+
+    def spied(self: TrialTracker, raise_errors: bool = True) -> None:
+        flushes.append(raise_errors)
+        real_flush(self, raise_errors)
+
+    monkeypatch.setattr(TrialTracker, "flush", spied)
+    monkeypatch.setattr(trainable, "train", fails_after_two)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        _run(monkeypatch, data, every_s=1e9, tracking_uri=uri, experiment_id=exp_id,
+             parent_run_id=parent)
+    assert flushes == [False]  # flushed as it failed, its own error kept
+    (run,) = client.search_runs([exp_id], "tags.trial_id = 't0'")
+    steps = [int(m.step) for m in client.get_metric_history(run.info.run_id, "val_logloss")]
+    assert len(steps) == 2 and steps == sorted(steps)
+    files = [f.path for f in client.list_artifacts(run.info.run_id, "val_losses")]
+    assert files == [f"val_losses/{steps[1]}.npy"]  # the first milestone, at 1000 examples
