@@ -295,3 +295,34 @@ def test_a_failing_trial_flushes_what_it_logged(monkeypatch, data, tmp_path) -> 
     assert len(steps) == 2 and steps == sorted(steps)
     files = [f.path for f in client.list_artifacts(run.info.run_id, "val_losses")]
     assert files == [f"val_losses/{steps[1]}.npy"]  # the first milestone, at 1000 examples
+
+
+def test_a_resume_counts_the_work_since_the_checkpoint_not_the_last_result(
+        tmp_path, monkeypatch) -> None:
+    """A restored trial trains again from its latest checkpoint, which may be several
+    reports older than its last result now that not every report checkpoints: that
+    whole segment is wasted work and counts against the budget."""
+    from types import SimpleNamespace
+
+    import ray.tune
+    from mlflow.tracking import MlflowClient
+
+    from search.runner import Tracking, reconcile_resumed
+    from trainers.tracking import TrialTracker, find_or_create_parent
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp_id, parent, _ = find_or_create_parent(client, "s", {}, tags={})
+    tracker = TrialTracker(uri, exp_id, parent, "t1", "wukong", {}, "s")
+    for step in (300, 600, 900):
+        tracker.log({"val_logloss": 0.5, "train_flops": float(step)})
+    tracker.flush()
+    trial = SimpleNamespace(trial_id="t1", status="RUNNING", last_result={"train_flops": 900.0},
+                            latest_checkpoint_result=SimpleNamespace(
+                                metrics={"train_flops": 300.0}))
+    monkeypatch.setattr(ray.tune, "ExperimentAnalysis",
+                        lambda path: SimpleNamespace(trials=[trial]))
+    plan = SimpleNamespace(restoring=True, exp_path=tmp_path)
+    assert reconcile_resumed(plan, Tracking(uri, exp_id, parent)) == 600.0  # type: ignore[arg-type]
+    trial.latest_checkpoint_result = None  # no checkpoint: it starts over
+    assert reconcile_resumed(plan, Tracking(uri, exp_id, parent)) == 600.0 + 900.0  # type: ignore[arg-type]

@@ -342,8 +342,8 @@ class TrialTracker:
             self._files = None
         if errors and raise_errors:
             raise errors[0]
-        for err in errors:
-            log.warning("an MLflow write of run %s failed: %s", self.run_id, err)
+        for failure in errors:
+            log.warning("an MLflow write of run %s failed: %s", self.run_id, failure)
 
 
 class RunWriter:
