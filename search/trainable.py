@@ -6,6 +6,13 @@ Everything heavy lives elsewhere: configs in ``spaces``/``trainers``, the loop i
 with behaviour histories also ships its event table once and each split's offsets
 (``trainers.sequences``), so a trial with ``model.seq_len = K > 0`` gathers its
 histories batch by batch from the shared arrays, whatever ``K`` is.
+
+What a trial does besides training is kept to what a decision needs (issue 15): one
+validation pass per report (the loop hands its per-example losses over, for their
+standard error and, at ASHA's milestones, the losses MLflow keeps), a checkpoint only
+where ASHA decides, at the end and once a minute (:func:`checkpoint_due`), written
+atomically (:func:`save_state`), and MLflow writes off the training thread
+(``trainers.tracking.TrialTracker``), flushed at the trial's end or as it fails.
 """
 
 from __future__ import annotations
