@@ -9,10 +9,11 @@ histories batch by batch from the shared arrays, whatever ``K`` is.
 
 What a trial does besides training is kept to what a decision needs (issue 15): one
 validation pass per report (the loop hands its per-example losses over, for their
-standard error and, at ASHA's milestones, the losses MLflow keeps), a checkpoint only
-where ASHA decides, at the end and once a minute (:func:`checkpoint_due`), written
-atomically (:func:`save_state`), and MLflow writes off the training thread
-(``trainers.tracking.TrialTracker``), flushed at the trial's end or as it fails.
+standard error and, at ASHA's milestones, the losses MLflow keeps), checkpoints written
+atomically (:func:`save_state`; at every report by default, or only where ASHA decides,
+at the end and every ``checkpoint_every_s``: :func:`checkpoint_due`), and MLflow writes
+off the training thread (``trainers.tracking.TrialTracker``), flushed at the trial's end
+or as it fails.
 """
 
 from __future__ import annotations
@@ -61,9 +62,12 @@ class TrialContext:
     tracking_uri: str | None
     experiment_id: str | None
     parent_run_id: str | None
-    #: the longest a trial trains between two checkpoints (besides those at ASHA's
-    #: milestones and its end): what a fault can cost it (see :func:`checkpoint_due`)
-    checkpoint_every_s: float = 60.0
+    #: the longest a trial trains between two checkpoints besides those at ASHA's
+    #: milestones and its end (see :func:`checkpoint_due`). 0, the default, checkpoints
+    #: every report: a fault then costs at most one report interval per trial, which is
+    #: what the budget's overshoot bound (``analysis.audit``) allows for; a longer one
+    #: saves the checkpoints' cost but a resume may redo more (counted as spent)
+    checkpoint_every_s: float = 0.0
 
 
 @dataclass(frozen=True)
