@@ -128,7 +128,10 @@ def test_checkpoints_only_at_milestones_and_the_end(monkeypatch, data) -> None:
 
 
 def test_a_short_interval_checkpoints_every_report(monkeypatch, data) -> None:
-    """The time bound on what a fault can cost: with it at 0 every report carries one."""
+    """The time bound on what a fault can cost: with it at 0 (the default: a resume
+    then redoes at most one report interval, as the budget's bound assumes) every report
+    carries one."""
+    assert TrialContext.__dataclass_fields__["checkpoint_every_s"].default == 0.0
     fake, _ = _run(monkeypatch, data, every_s=0.0)
     assert all(state is not None for _, state in fake.reports)
     assert fake.reports[-1][0]["checkpoints"] == len(fake.reports)
