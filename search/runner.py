@@ -559,7 +559,7 @@ def reconcile_resumed(plan: SearchPlan, tracking: Tracking) -> float:
         if run is None or trial.status == "TERMINATED":
             continue
         # it resumes from its latest checkpoint, which may be older than its last result
-        # (trials checkpoint at milestones and every few minutes, not at every report)
+        # (not every report checkpoints when TrialContext.checkpoint_every_s > 0)
         latest = getattr(trial, "latest_checkpoint_result", None)
         at_checkpoint = float(latest.metrics.get(TIME_ATTR, 0.0)) if latest is not None else 0.0
         wasted += max(0.0, last_step(client, run.info.run_id) - at_checkpoint)
