@@ -1,11 +1,15 @@
 """Tune checkpoints kept only as long as a resume (or the search's own end) needs them.
 
-A trial checkpoints at every report (model, optimiser and loop state, so an interrupted
-search resumes each unfinished trial exactly). What a resume needs is the checkpoint
-Tune's *saved* experiment state names for each unfinished trial, and that state is
-saved every few seconds, not at every report: a checkpoint newer than the last save may
-be all a trial has, and the one the save names may be several reports old (a driver
-killed before the next save restores from it). So Tune keeps every checkpoint of a
+A trial checkpoints (model, optimiser and loop state, so an interrupted search resumes
+each unfinished trial exactly) at every report by default, so a fault costs at most one
+report interval per trial, which the budget's overshoot bound allows for (a longer
+``TrialContext.checkpoint_every_s`` checkpoints only at ASHA's milestones, the end and
+that often: :func:`search.trainable.checkpoint_due`). What a resume needs is the
+checkpoint Tune's *saved* experiment state names for each unfinished trial, and that
+state is saved every few seconds, not at every report: a checkpoint newer than the last
+save may be all a trial has, and the one the save names may be older (a driver killed
+before the next save restores from it; the work since counts as spent, see
+:func:`search.runner.reconcile_resumed`). So Tune keeps every checkpoint of a
 running trial (``CheckpointConfig(num_to_keep=None)`` in
 :func:`search.runner.build_tuner`), and
 

@@ -6,6 +6,14 @@ Everything heavy lives elsewhere: configs in ``spaces``/``trainers``, the loop i
 with behaviour histories also ships its event table once and each split's offsets
 (``trainers.sequences``), so a trial with ``model.seq_len = K > 0`` gathers its
 histories batch by batch from the shared arrays, whatever ``K`` is.
+
+What a trial does besides training is kept to what a decision needs (issue 15): one
+validation pass per report (the loop hands its per-example losses over, for their
+standard error and, at ASHA's milestones, the losses MLflow keeps), checkpoints written
+atomically (:func:`save_state`; at every report by default, or only where ASHA decides,
+at the end and every ``checkpoint_every_s``: :func:`checkpoint_due`), and MLflow writes
+off the training thread (``trainers.tracking.TrialTracker``), flushed at the trial's end
+or as it fails.
 """
 
 from __future__ import annotations
@@ -26,15 +34,15 @@ import numpy as np
 import torch
 from ray import tune
 
-from spaces import FeatureSpec, build_model, model_cost
+from spaces import FeatureSpec, model_cost
 from trainers.contracts import CONSTANT_METRICS, OBJECTIVE, STEP_AXIS, TIME_ATTR, VAL_SE
 from trainers.data import DataConfig
 from trainers.experiment import experiment_from_flat
 from trainers.loop import predict_logits, train, trial_train_config
 from trainers.sequences import EventTable, Histories
 
-__all__ = ["SharedData", "TrialContext", "load_state", "logloss_se", "run_trial", "share_dataset",
-           "standard_error", "val_losses"]
+__all__ = ["SharedData", "TrialContext", "checkpoint_due", "load_state", "logloss_se", "run_trial",
+           "save_state", "share_dataset", "standard_error", "val_losses"]
 
 STATE_FILE = "state.pt"
 
@@ -54,6 +62,12 @@ class TrialContext:
     tracking_uri: str | None
     experiment_id: str | None
     parent_run_id: str | None
+    #: the longest a trial trains between two checkpoints besides those at ASHA's
+    #: milestones and its end (see :func:`checkpoint_due`). 0, the default, checkpoints
+    #: every report: a fault then costs at most one report interval per trial, which is
+    #: what the budget's overshoot bound (``analysis.audit``) allows for; a longer one
+    #: saves the checkpoints' cost but a resume may redo more (counted as spent)
+    checkpoint_every_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -160,6 +174,85 @@ def load_state(path: str) -> dict[str, Any] | None:
     return None
 
 
+def save_state(state: dict[str, Any], directory: str | os.PathLike[str]) -> Path:
+    """Write ``state`` as ``<directory>/state.pt`` atomically: to a temporary name first,
+    then renamed, so the file is either whole or absent (a kill mid-write leaves no cut
+    file under the real name; one cut later, in the copy to the storage, is caught by
+    :func:`load_state`, which falls back to an older checkpoint)."""
+    path = Path(directory) / STATE_FILE
+    tmp = path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def checkpoint_due(examples_seen: int, done: bool, milestones: set[int] | frozenset[int],
+                   since_last: float, every_s: float) -> bool:
+    """Whether a report carries a checkpoint: at the trial's end (its result: the
+    weights the lift and an export read), at each of ASHA's milestones (where ASHA
+    decides; a trial it stops ends there), and otherwise once ``every_s`` seconds have
+    passed since the last one, which bounds the training a fault costs (a trial
+    restored, or retried after its worker died, resumes from its last checkpoint). The
+    reports between only count the budget and draw the curves.
+
+    Example:
+        >>> checkpoint_due(300, False, {100, 300}, 1.0, 60.0)
+        True
+        >>> checkpoint_due(200, False, {100, 300}, 1.0, 60.0)
+        False
+        >>> checkpoint_due(200, False, {100, 300}, 61.0, 60.0)
+        True
+    """
+    return done or examples_seen in milestones or since_last >= every_s
+
+
+class _TrialClock:
+    """Where a trial's time goes, reported to Tune beside the metrics (not to MLflow):
+    ``startup_seconds`` (trial start to the first training step), ``eval_seconds`` (the
+    time between reports outside the optimiser steps: validation, mostly),
+    ``report_seconds`` (inside the reports before this one: logging, the checkpoint,
+    Tune's hand-over to the driver and back) and ``checkpoints`` (how many reports,
+    this one included, carried one)."""
+
+    def __init__(self, started: float, loop: float = 0.0) -> None:
+        self.started = started
+        self.startup = self.eval = self.in_report = 0.0
+        self.loop = loop  # the loop's own step time at the last report (or the resume)
+        self.checkpoints = 0
+        self._mark = self._last_checkpoint = started
+        self._report_start = started
+
+    def training(self) -> None:
+        now = time.perf_counter()
+        self.startup = now - self.started
+        self._mark = self._last_checkpoint = now
+
+    def reported(self, metrics: dict[str, float]) -> None:
+        now = time.perf_counter()
+        rate = metrics.get("examples_per_s", 0.0)
+        loop = metrics["examples_seen"] / rate if rate > 0 else self.loop
+        self.eval += max(0.0, (now - self._mark) - (loop - self.loop))
+        self.loop, self._report_start = loop, now
+
+    def since_checkpoint(self) -> float:
+        return time.perf_counter() - self._last_checkpoint
+
+    def checkpointed(self) -> None:
+        self.checkpoints += 1
+        self._last_checkpoint = time.perf_counter()
+
+    def report_done(self) -> None:
+        self._mark = time.perf_counter()
+        self.in_report += self._mark - self._report_start
+
+    def figures(self) -> dict[str, float]:
+        return {"startup_seconds": self.startup, "eval_seconds": self.eval,
+                "report_seconds": self.in_report, "checkpoints": float(self.checkpoints)}
+
+
 def _trial_resources() -> dict[str, float]:
     """CPUs and GPU share Tune gave this trial (1 CPU outside Tune)."""
     try:
@@ -228,28 +321,49 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
         return
 
     val = _view(data["val"], data.get("events"))
-    probe = build_model(exp.model, spec)  # the reported weights, for the loss's standard error
+    # the loop's evaluation hands over its per-example losses: their standard error and,
+    # at ASHA's milestones, the losses themselves need no second validation pass
+    latest: dict[str, torch.Tensor] = {}
+    clock = _TrialClock(started, float(resume["elapsed"]) if resume is not None else 0.0)
 
     def report(metrics: dict[str, float], state: Any) -> bool:
-        done = metrics["examples_seen"] >= max_examples
-        snapshot = state()
-        probe.load_state_dict(snapshot["model"])
-        losses = val_losses(probe, val, ctx.eval_max_examples)
+        clock.reported(metrics)
+        seen = int(metrics["examples_seen"])
+        done = seen >= max_examples
+        losses = latest.pop("losses")
         metrics = {**metrics, VAL_SE: standard_error(losses),
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    "trial_seconds": time.perf_counter() - started}
         if tracker is not None:
             tracker.log(metrics)
-            if int(metrics["examples_seen"]) in milestone_examples:  # what ASHA compares
+            if seen in milestone_examples:  # what ASHA compares
                 tracker.log_val_losses(int(metrics[STEP_AXIS]), losses.numpy())
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(snapshot, os.path.join(d, STATE_FILE))
-            tune.report({**metrics, **extra, "trial_status": "completed" if done else "running"},
-                        checkpoint=tune.Checkpoint.from_directory(d))
+        due = checkpoint_due(seen, done, milestone_examples, clock.since_checkpoint(),
+                             ctx.checkpoint_every_s)
+        if due:
+            clock.checkpointed()
+        result = {**metrics, **extra, **clock.figures(),
+                  "trial_status": "completed" if done else "running"}
+        if due:
+            with tempfile.TemporaryDirectory() as d:
+                save_state(state(), d)
+                tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
+        else:
+            tune.report(result)
+        clock.report_done()
         return False
 
-    result = train(exp.model, train_cfg, spec, _view(data["train"], data.get("events")), val,
-                   report=report, resume=resume, eval_at=eval_at, device=device)
+    clock.training()
+    try:
+        result = train(exp.model, train_cfg, spec, _view(data["train"], data.get("events")),
+                       val, report=report, resume=resume, eval_at=eval_at, device=device,
+                       on_eval_losses=lambda losses: latest.__setitem__("losses", losses))
+    except BaseException:
+        # what the trial logged before failing is written out (a retry resumes from its
+        # checkpoint and does not log those reports again); the failure is the trial's
+        if tracker is not None:
+            tracker.flush(raise_errors=False)
+        raise
     if result.status == "diverged":
         last = result.history[-1] if result.history else {
             OBJECTIVE: float("inf"), TIME_ATTR: 0.0, STEP_AXIS: 0.0}

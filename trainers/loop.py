@@ -49,6 +49,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "evaluate",
+    "evaluate_losses",
     "normalized_entropy",
     "train",
     "trial_train_config",
@@ -210,9 +211,18 @@ def predict_logits(model: nn.Module, split: SplitLike, batch_size: int = 8192,
 def evaluate(model: nn.Module, split: SplitLike, base_rate: float, prefix: str = "val",
              limit: int | None = None) -> Metrics:
     """``{prefix}_logloss``, ``{prefix}_auc`` and ``{prefix}_ne`` of ``model`` on ``split``."""
+    return evaluate_losses(model, split, base_rate, prefix, limit)[0]
+
+
+def evaluate_losses(model: nn.Module, split: SplitLike, base_rate: float, prefix: str = "val",
+                    limit: int | None = None) -> tuple[Metrics, torch.Tensor]:
+    """:func:`evaluate`'s metrics and the per-example log losses they average, from one
+    pass over the first ``limit`` examples (a search trial logs the losses' standard
+    error and, at ASHA's milestones, the losses themselves, without a second pass)."""
     logits = predict_logits(model, split, limit=limit)
     labels = split.label[: len(logits)]
-    logloss = float(nn.functional.binary_cross_entropy_with_logits(logits, labels))
+    losses = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    logloss = float(losses.mean())
     from sklearn.metrics import roc_auc_score  # imported here: the config path stays light
 
     y = labels.numpy()
@@ -221,7 +231,7 @@ def evaluate(model: nn.Module, split: SplitLike, base_rate: float, prefix: str =
         f"{prefix}_logloss": logloss,
         f"{prefix}_auc": auc,
         f"{prefix}_ne": normalized_entropy(logloss, base_rate),
-    }
+    }, losses
 
 
 def wsd_factor(step: int, steps_total: int, warmup_frac: float, decay_frac: float,
@@ -301,6 +311,7 @@ def train(
     eval_at: Sequence[int] = (),
     device: str | torch.device = "cpu",
     keep_best: bool = False,
+    on_eval_losses: Callable[[torch.Tensor], None] | None = None,
 ) -> TrainResult:
     """Train ``model_cfg`` on ``train_split``, evaluating on ``val_split``.
 
@@ -320,6 +331,9 @@ def train(
             so a resumed run keeps the same best). The loop always tracks the best
             evaluation's metrics and, with ``train_cfg.early_stopping_patience``, stops
             when they have not improved for that many evaluations.
+        on_eval_losses: called after each evaluation, before ``report``, with the
+            per-example validation log losses it averaged (a CPU tensor; see
+            :func:`evaluate_losses`).
 
     Returns:
         A :class:`TrainResult` with the final metrics and the trained model.
@@ -374,7 +388,10 @@ def train(
         }
 
     def metrics_now() -> Metrics:
-        m = evaluate(model, val_split, base_rate, limit=train_cfg.eval_max_examples)
+        m, losses = evaluate_losses(model, val_split, base_rate,
+                                    limit=train_cfg.eval_max_examples)
+        if on_eval_losses is not None:
+            on_eval_losses(losses)
         m.update({
             "train_loss": loss_sum / max(loss_n, 1),
             "examples_seen": float(seen),

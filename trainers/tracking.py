@@ -13,12 +13,15 @@ for MLflow's machine-learning mode.
 Runs are found again by tags, never remembered in memory, so a resumed search (or a
 restarted trial) keeps writing into the same runs and creates no duplicates. Trials log
 their own metrics from their worker processes, batched (one ``log_batch`` per report)
-and asynchronously, so a slow remote tracking server never stalls the driver.
+and asynchronously (the per-example validation losses too, from a thread of their own),
+so a slow remote tracking server stalls neither the driver nor the training thread;
+:meth:`TrialTracker.flush` waits for all of it at a trial's end, or as it fails.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -76,6 +79,8 @@ __all__ = [
     "set_tags",
     "set_trial_status",
 ]
+
+log = logging.getLogger(__name__)
 
 _PARAM_BATCH = 100
 #: a trial run's ``trial_status`` once Tune has finished it (not ERROR: a retry trains)
@@ -277,7 +282,9 @@ class TrialTracker:
         # logged report: the loop's resume is exact, so those reports repeat what MLflow
         # already holds, and are not logged twice (no duplicate or backward steps).
         self.logged_upto = last_step(self.client, run_id) if existing else -1
-        self._pending: list[Any] = []
+        self._pending: list[Any] = []  # MLflow's asynchronous metric writes
+        self._files: Any = None  # the thread that writes the val-loss artifacts
+        self._file_writes: list[Any] = []
 
     def log(self, metrics: dict[str, float]) -> None:
         """One batched, asynchronous write per report, at ``step = train_flops``."""
@@ -292,19 +299,51 @@ class TrialTracker:
         milestone), as ``val_losses/<train_flops>.npy`` (float16, no pickle)."""
         if int(train_flops) <= self.logged_upto:
             return
+        import numpy as np
+
+        if self._files is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._files = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-files")
+        array = np.asarray(losses, dtype=np.float16)  # a copy: the caller's may change
+        self._file_writes.append(self._files.submit(self._write_losses, int(train_flops), array))
+
+    def _write_losses(self, train_flops: int, losses: Any) -> None:
         import tempfile
 
         import numpy as np
 
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"{int(train_flops)}.npy"
-            np.save(path, np.asarray(losses, dtype=np.float16), allow_pickle=False)
+            path = Path(tmp) / f"{train_flops}.npy"
+            np.save(path, losses, allow_pickle=False)
             self.client.log_artifact(self.run_id, str(path), VAL_LOSSES_DIR)
 
-    def flush(self) -> None:
+    def flush(self, raise_errors: bool = True) -> None:
+        """Wait for every write this tracker started (metrics go through MLflow's
+        asynchronous logging, val-loss artifacts through the tracker's own thread, both
+        off the training thread). Each is waited for, even after one failed; then the
+        first failure is raised, or with ``raise_errors=False`` (a trial already
+        failing) logged."""
+        errors: list[BaseException] = []
         for op in self._pending:
-            op.wait()
+            try:
+                op.wait()
+            except Exception as err:
+                errors.append(err)
         self._pending.clear()
+        for fut in self._file_writes:
+            try:
+                fut.result()
+            except Exception as err:
+                errors.append(err)
+        self._file_writes.clear()
+        if self._files is not None:
+            self._files.shutdown()
+            self._files = None
+        if errors and raise_errors:
+            raise errors[0]
+        for failure in errors:
+            log.warning("an MLflow write of run %s failed: %s", self.run_id, failure)
 
 
 class RunWriter:
