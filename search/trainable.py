@@ -306,6 +306,15 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
             with checkpoint.as_directory() as d:
                 resume = load_state(d)
 
+    if tracker is not None and resume is not None and tracker.finished is None:
+        # reports the checkpoint holds but MLflow lacks: a trial's writes are batched off
+        # its thread, and a worker killed (out of memory, a lost node) right after a
+        # checkpoint takes the last ones with it; the resume starts past them, so they
+        # are logged now (tracker.log skips what MLflow has), leaving no gap
+        for past in resume.get("history", []):
+            if STEP_AXIS in past:
+                tracker.log(dict(past))
+
     extra = {
         "mlflow_run_id": tracker.run_id if tracker else "", "device": device,
         "gpu_share": resources["GPU"], "gpu_ids": len(ray.get_gpu_ids()),
