@@ -243,16 +243,19 @@ def audit_search(name: str, tracking_uri: str | None = None) -> AuditReport:
 
 def report_structure(summary: dict[str, Any]) -> dict[str, Any]:
     """The shape of a ``recscale analyze`` summary: its top-level keys, the keys one level
-    down (``"fits.joint"``), and the files the report wrote. Two searches of the same
+    down in its sections of sections (``"fits.joint"``), and the files the report wrote. Two searches of the same
     settings, one faulted and one not, must give the same structure (the numbers differ).
 
     Example:
-        >>> report_structure({"n_trials": 3, "fits": {"joint": {}}, "files": ["a.png"]})
-        {'keys': ['files', 'fits', 'fits.joint', 'n_trials'], 'files': ['a.png']}
+        >>> report_structure({"n_trials": 3, "fits": {"joint": {}}, "files": ["a.png"],
+        ...                   "trial_status": {"STOPPED": 2}})
+        {'keys': ['files', 'fits', 'fits.joint', 'n_trials', 'trial_status'], 'files': ['a.png']}
     """
     keys = set()
     for key, value in summary.items():
         keys.add(key)
-        if isinstance(value, dict):
+        # a section of sections (fits, recommendation) has a fixed shape; a count per
+        # status or family ({"STOPPED": 9, "LOST": 2}) is data, not structure
+        if isinstance(value, dict) and any(isinstance(v, dict) for v in value.values()):
             keys.update(f"{key}.{sub}" for sub in value)
     return {"keys": sorted(keys), "files": sorted(summary.get("files", []))}

@@ -259,6 +259,8 @@ def test_the_report_structure_ignores_numbers_but_not_keys() -> None:
     assert report_structure(a) == report_structure(b)
     assert report_structure(a) != report_structure({**b, "fits": {}})
     assert report_structure(a) != report_structure({**b, "files": []})
+    counts = {**a, "trial_status": {"STOPPED": 2}}  # counts keyed by data are not shape
+    assert report_structure(counts) == report_structure({**counts, "trial_status": {"LOST": 1}})
 
 
 def test_the_fault_schedule_holds_every_fault_class() -> None:
