@@ -175,7 +175,7 @@ def test_a_search_survives_an_mlflow_server_outage_and_a_node_out_of_memory(
     from analysis.audit import audit_search
 
     chaos_mod = _bench_chaos()
-    chaos = chaos_mod.Chaos(tmp_path / "chaos", budget_flops=6e10, trial_flops=6e9, seed=5,
+    chaos = chaos_mod.Chaos(tmp_path / "chaos", budget_flops=1.2e11, trial_flops=6e9, seed=5,
                             server=True, outage=20.0, oom_headroom=3.0)
     try:  # the memory kill first: the search must still be running when memory fills
         rc = chaos.run(["oom", "mlflow-down"], wait=(1.0, 3.0))
