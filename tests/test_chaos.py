@@ -208,7 +208,7 @@ def test_a_search_survives_losing_a_worker_node_and_getting_it_back(tmp_path: Pa
     from analysis.audit import audit_search
 
     chaos_mod = _bench_chaos()
-    chaos = chaos_mod.Chaos(tmp_path / "chaos", budget_flops=4e10, trial_flops=6e9, seed=7,
+    chaos = chaos_mod.Chaos(tmp_path / "chaos", budget_flops=1.6e11, trial_flops=6e9, seed=7,
                             cluster=True, outage=10.0)
     try:
         assert chaos.alive_nodes() == 2
