@@ -758,8 +758,9 @@ def settle_searcher(plan: SearchPlan, runs: list[Any]) -> tuple[int, set[str]]:
         searcher.on_trial_complete(trial_id, result={
             k: metrics[k] for k in (OBJECTIVE, SECONDARY_OBJECTIVE, TIME_ATTR) if k in metrics})
     if late:
+        prefix, suffix = searcher.CKPT_FILE_TMPL.split("{}")  # "searcher-state-", ".pkl"
         newest = max(plan.exp_path.glob(searcher.CKPT_FILE_TMPL.format("*")))
-        session = newest.name[len(searcher.CKPT_FILE_TMPL.format("")):-len(".pkl")]
+        session = newest.name[len(prefix):-len(suffix)]  # overwrite the file restore reads
         searcher.save_to_dir(str(plan.exp_path), session)  # atomic: temp file, then rename
         log.info("told the searcher %d trial(s) that ended after its last save", len(late))
     return len(searcher.rejected), set(searcher._completed_trials)
