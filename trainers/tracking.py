@@ -325,17 +325,13 @@ class TrialTracker:
         first failure is raised, or with ``raise_errors=False`` (a trial already
         failing) logged."""
         errors: list[BaseException] = []
-        for op in self._pending:
+        waits = [op.wait for op in self._pending] + [fut.result for fut in self._file_writes]
+        for wait in waits:
             try:
-                op.wait()
+                wait()
             except Exception as err:
                 errors.append(err)
         self._pending.clear()
-        for fut in self._file_writes:
-            try:
-                fut.result()
-            except Exception as err:
-                errors.append(err)
         self._file_writes.clear()
         if self._files is not None:
             self._files.shutdown()
