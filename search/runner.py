@@ -35,7 +35,7 @@ from search.references import (
 from search.resources import TrialResources
 from search.schedulers import make_scheduler, scheduler_milestones
 from search.settings import SearchConfig
-from search.space import SearchSpace, bundled_space, load_space
+from search.space import Choice, IntRange, SearchSpace, bundled_space, load_space
 from search.tracking import TrialStatusCallback
 from trainers.contracts import (
     CONSTANT_METRICS,
@@ -418,8 +418,6 @@ def plan_search(cfg: SearchConfig, storage: str | os.PathLike[str] | None = None
 
 def history_lengths(space: SearchSpace) -> list[int]:
     """The behaviour-history lengths ``K`` (``model.seq_len``) the space can sample."""
-    from search.space import Choice, IntRange
-
     knob = space.model.get("seq_len", 0)
     if isinstance(knob, Choice):
         return sorted({int(k) for k in knob.choice})
@@ -569,8 +567,6 @@ def close_stopped_runs(client: Any, runs: list[Any], trials: list[Any]) -> int:
     together with the experiment (Tune leaves them RUNNING in its state). They get the
     status their last report says (``STOPPED`` unless it completed or diverged), as
     finished trials do; returns how many were closed."""
-    from search.tracking import TrialStatusCallback
-
     by_id = {t.trial_id: t for t in trials}
     closed = 0
     for run in runs:
