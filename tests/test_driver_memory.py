@@ -416,3 +416,52 @@ def test_slow_space_warning_adds_no_registry_key_per_trial() -> None:
             f"Define-by-run function passed in the `space` argument took {1 + i / 7} seconds "
             "to run.", UserWarning, optuna_search.__file__, 472, registry=registry)
     assert [k for k in registry if k != "version"] == []
+
+
+_ARENAS_SCRIPT = """
+import ctypes, sys, threading
+import search.monitor as monitor
+limited = monitor.limit_malloc_arenas() if sys.argv[1] == "limit" else False
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+start, done = threading.Barrier(8), threading.Barrier(8)
+def work():
+    start.wait()  # all eight threads alive at once, each allocating for the first time
+    libc.malloc(4096)
+    done.wait()
+threads = [threading.Thread(target=work) for _ in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(limited, flush=True)
+libc.malloc_stats()  # one "Arena N:" paragraph per arena, on stderr
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.parametrize("mode", ["limit", "default"])
+def test_the_driver_limits_malloc_arenas_for_its_threads(mode: str) -> None:
+    """``limit_malloc_arenas`` (what ``run_search`` calls before Ray starts): eight new
+    threads share at most DRIVER_ARENAS arenas; without it glibc gives each its own."""
+    import os
+    import subprocess
+
+    from search.monitor import DRIVER_ARENAS
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
+    env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run([sys.executable, "-c", _ARENAS_SCRIPT, mode], env=env,
+                         capture_output=True, text=True, timeout=120, check=True)
+    arenas = res.stderr.count("Arena ")
+    if mode == "limit":
+        assert res.stdout.strip() == "True"
+        assert 1 <= arenas <= DRIVER_ARENAS, res.stderr
+    else:
+        assert arenas > DRIVER_ARENAS, res.stderr
+
+
+def test_malloc_knobs_the_user_set_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from search.monitor import limit_malloc_arenas
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_malloc_arenas() is False
