@@ -8,6 +8,9 @@ Strategies (each over several search seeds, same data, same budget):
   * ``asha_tpe_rf2`` (not in the default set) — TPE + ASHA with reduction factor 2
     (rungs at trial/4 and trial/2): a less aggressive ASHA, to see whether the default
     stops on noise at this scale
+  * ``asha_tpe_s20`` (not in the default set) — TPE + ASHA with 20 random trials before
+    TPE models the results (the default waits for 6): ASHA's cheap early looks at random
+    configs first, TPE's model after
 
 For each search: the best val_logloss reached as a function of compute spent (read back
 from MLflow's per-report metric histories, ordered by time; the reference models a search
@@ -61,6 +64,7 @@ STRATEGIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "tpe_full": ("tpe", "fifo", {}),
     "random_full": ("random", "fifo", {}),
     "asha_tpe_rf2": ("tpe", "asha", {"reduction_factor": 2}),
+    "asha_tpe_s20": ("tpe", "asha", {"startup_trials": 20}),
 }
 DEFAULT_STRATEGIES = ("asha_tpe", "random_asha", "tpe_full", "random_full")
 BASELINE = "random_full"

@@ -72,33 +72,37 @@ def compact_finished_trial(study: optuna.Study, trial_id: int,
                                   if not key.startswith(_RELATIVE_PARAMS_PREFIXES)}
 
 
-def _tpe(seed: int, multi_objective: bool) -> optuna.samplers.BaseSampler:
-    """TPE, multivariate and grouped so conditional knobs are modelled jointly; NSGA-II
-    when there are two objectives."""
+def _tpe(seed: int, multi_objective: bool, startup_trials: int) -> optuna.samplers.BaseSampler:
+    """TPE, multivariate and grouped so conditional knobs are modelled jointly, sampling
+    at random until ``startup_trials`` trials have finished; NSGA-II when there are two
+    objectives."""
     if multi_objective:
         return optuna.samplers.NSGAIISampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=6, multivariate=True,
-                                      group=True, constant_liar=True)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials,
+                                      multivariate=True, group=True, constant_liar=True)
 
 
-def _random(seed: int, multi_objective: bool) -> optuna.samplers.BaseSampler:
+def _random(seed: int, multi_objective: bool, startup_trials: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-#: name -> Optuna sampler factory ``(seed, multi_objective) -> sampler``
-SAMPLERS: dict[str, Callable[[int, bool], optuna.samplers.BaseSampler]] = {
+#: name -> Optuna sampler factory ``(seed, multi_objective, startup_trials) -> sampler``
+SAMPLERS: dict[str, Callable[[int, bool, int], optuna.samplers.BaseSampler]] = {
     "tpe": _tpe,
     "random": _random,
 }
 
 
-def create_sampler(kind: str, seed: int, multi_objective: bool = False) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler registered as ``kind``; an unknown name lists the valid ones."""
+def create_sampler(kind: str, seed: int, multi_objective: bool = False,
+                   startup_trials: int = 6) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler registered as ``kind``; an unknown name lists the valid ones.
+    ``startup_trials``: finished trials a model-based sampler waits for, sampling at
+    random meanwhile (TPE's ``n_startup_trials``)."""
     try:
         factory = SAMPLERS[kind]
     except KeyError:
         raise UserError(f"unknown searcher {kind!r}; valid: {', '.join(sorted(SAMPLERS))}") from None
-    return factory(seed, multi_objective)
+    return factory(seed, multi_objective, startup_trials)
 
 
 class BudgetedOptunaSearch(OptunaSearch):

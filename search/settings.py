@@ -49,6 +49,8 @@ class SearchConfig(BaseModel):
     grace_flops: float | None = Field(None, gt=0)
     reduction_factor: int = Field(3, ge=2)
     searcher: Literal["tpe", "random"] = "tpe"
+    #: trials that finish before TPE models the results (sampled at random until then)
+    startup_trials: int = Field(6, ge=1)
     scheduler: Literal["asha", "fifo"] = "asha"
     objective: Literal["single", "multi"] = "single"
     max_concurrent: int = Field(2, ge=1)

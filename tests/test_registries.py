@@ -55,3 +55,24 @@ def test_samplers() -> None:
     assert isinstance(create_sampler("tpe", 0), optuna.samplers.TPESampler)
     assert isinstance(create_sampler("tpe", 0, multi_objective=True), optuna.samplers.NSGAIISampler)
     assert isinstance(create_sampler("random", 0), optuna.samplers.RandomSampler)
+
+
+def test_tpe_samples_at_random_until_its_startup_trials_finished() -> None:
+    """``SearchConfig.startup_trials`` reaches TPE: with 20 it still draws exactly what
+    a random sampler of the same seed draws after 10 finished trials; with 6 it does not."""
+    import optuna
+
+    def draws(sampler: optuna.samplers.BaseSampler) -> list[float]:
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        study = optuna.create_study(sampler=sampler)
+        out = []
+        for _ in range(12):
+            trial = study.ask()
+            x = trial.suggest_float("x", -1.0, 1.0)
+            study.tell(trial, (x - 0.5) ** 2)
+            out.append(x)
+        return out
+
+    random = draws(optuna.samplers.RandomSampler(seed=3))
+    assert draws(create_sampler("tpe", 3, startup_trials=20)) == random
+    assert draws(create_sampler("tpe", 3, startup_trials=6))[6:] != random[6:]
