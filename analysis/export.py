@@ -26,8 +26,9 @@ __all__ = ["export_config", "reproduce_trial", "scale_to_flops"]
 def _data_config(runs: SearchRuns) -> DataConfig:
     """The search's data config, its file paths absolute.
 
-    A search records the paths as typed, relative to the directory it ran in; they are
-    resolved against the working directory here and must exist, so the exported YAML
+    ``recscale search`` records them absolute; a search configured through the API may
+    have recorded them relative to the directory it ran in, and those are resolved
+    against the working directory here. They must exist, so the exported YAML
     (which stores them relative to itself) trains from anywhere.
     """
     raw = dict(runs.settings.get("data") or {})

@@ -27,7 +27,9 @@ def _data_config(args: argparse.Namespace) -> Any:
     else:
         if not args.schema:
             raise CliError(f"--data {data}: a CSV/parquet file needs --schema SCHEMA.yaml")
-        fields.update(name="file", path=data, schema_path=args.schema)
+        # recorded absolute, so the search's record (export, resume) works from any directory
+        fields.update(name="file", path=str(Path(data).resolve()),
+                      schema_path=str(Path(args.schema).resolve()))
     if args.max_rows:
         fields["max_rows"] = args.max_rows
     if args.label:

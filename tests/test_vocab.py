@@ -247,3 +247,12 @@ def test_movielens_hashes_its_large_fields_by_value(tmp_path: Path) -> None:
     assert table.cat_values is not None and len(table.cat_values) == len(ds.spec.field_names)
     users = table.cat_values[0]
     assert len(users) == 6_040 and list(users[:2]) == ["1m_1", "1m_10"]  # sorted id text
+
+
+def test_a_search_records_file_paths_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Typed relative to where the search ran, recorded absolute: export and resume then
+    work from any directory."""
+    monkeypatch.chdir(tmp_path)
+    cfg = _data_config(_args("--data", "d/clicks.csv", "--schema", "d/schema.yaml"))
+    assert cfg.path == str(tmp_path / "d" / "clicks.csv")
+    assert cfg.schema_path == str(tmp_path / "d" / "schema.yaml")
