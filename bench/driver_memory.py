@@ -226,9 +226,6 @@ def main() -> None:
                         help="also record Tune's cached trial JSON, log_once keys, object counts")
     parser.add_argument("--trace", action="store_true",
                         help="with --debug, also trace the Python heap (slow)")
-    parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc's malloc at its defaults (the product limits the "
-                             "driver's arenas: search.monitor.limit_malloc_arenas)")
     parser.add_argument("--label", default=None)
     parser.add_argument("--out", default="bench/results/driver_memory.json")
     args = parser.parse_args()
@@ -269,10 +266,6 @@ def main() -> None:
     cfg = _config(args.trials, args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="rsmem"))
     ds = load_dataset(cfg.data, cache_dir=tmp / "cache")
-    if args.default_malloc:  # run_search would set it (again) before its own ray.init
-        monitor.limit_malloc_arenas = lambda: False  # type: ignore[assignment]
-        runner.limit_malloc_arenas = monitor.limit_malloc_arenas  # type: ignore[attr-defined]
-    malloc_limited = monitor.limit_malloc_arenas()  # as run_search does, before Ray starts
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              _temp_dir=str(tmp / "ray-tmp"))
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -290,9 +283,6 @@ def main() -> None:
         # glibc's per-thread malloc arenas: memory freed in one thread's arena is not
         # reused by another's, which shows in RSS and not in the Python heap
         "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX"),
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
-        # search.monitor.limit_malloc_arenas: DRIVER_ARENAS arenas, a fixed mmap threshold
-        "malloc_limited": malloc_limited,
         "trials": len(t), "finished_trials": samples[-1][0] if samples else 0,
         "wall_s": wall, "spent_flops": out.spent_flops, "budget_flops": cfg.budget_flops,
         "rss_mb_first": samples[0][1], "rss_mb_last": samples[-1][1],

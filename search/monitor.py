@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import os
 import sys
 from typing import Any
 
@@ -15,7 +14,7 @@ from ray.tune.logger import TBXLoggerCallback
 from trainers.contracts import SEARCH_PREFIX, TIME_ATTR
 
 __all__ = ["DriverMemory", "NoTensorBoardEvents", "TrimFinishedTrials", "forget_encoder_log_keys",
-           "limit_malloc_arenas", "malloc_info", "release_free_memory", "trim_finished_trial"]
+           "malloc_info", "release_free_memory", "trim_finished_trial"]
 
 
 # glibc's allocator, for the driver's native memory (see ``TrimFinishedTrials``).
@@ -36,37 +35,12 @@ def _glibc() -> Any:
         libc = ctypes.CDLL(None)
         libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
         libc.mallinfo2.argtypes, libc.mallinfo2.restype = [], _MallInfo2
-        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     except (OSError, AttributeError):
         return None
     return libc
 
 
 _LIBC = _glibc()
-
-
-#: mallopt(3) parameters (glibc's malloc.h)
-_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
-#: arenas the driver's threads share (glibc's default: 8 per core) and the size from
-#: which a block is mapped on its own (glibc's initial value, fixed instead of adaptive)
-DRIVER_ARENAS, DRIVER_MMAP_THRESHOLD = 2, 128 * 1024
-
-
-def limit_malloc_arenas() -> bool:
-    """Make the driver's native memory track what it uses: at most :data:`DRIVER_ARENAS`
-    malloc arenas for its threads (Ray's core-worker and gRPC threads, MLflow's and
-    Tune's each get an arena of their own otherwise, whose freed pages stay resident)
-    and a fixed mmap threshold (glibc raises it each time a large block is freed, after
-    which such blocks come from the arenas and fragment them). Call it before Ray
-    starts; arenas that already exist stay. Does nothing, and returns ``False``, where
-    the C library is not glibc or the user set malloc's own knobs
-    (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``, ``GLIBC_TUNABLES``). Measured in
-    ``bench/driver_memory.py`` (bench/RESULTS.md)."""
-    if _LIBC is None or any(k in os.environ for k in (
-            "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")):
-        return False
-    return bool(_LIBC.mallopt(_M_ARENA_MAX, DRIVER_ARENAS)
-                and _LIBC.mallopt(_M_MMAP_THRESHOLD, DRIVER_MMAP_THRESHOLD))
 
 
 def release_free_memory() -> bool:

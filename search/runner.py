@@ -23,12 +23,7 @@ from search.budget import BudgetPolicy, BudgetStopper, set_untracked_spend
 from search.checkpoints import prune_finished
 from search.checks import ConfigCheck
 from search.lock import SearchLock
-from search.monitor import (
-    DriverMemory,
-    NoTensorBoardEvents,
-    TrimFinishedTrials,
-    limit_malloc_arenas,
-)
+from search.monitor import DriverMemory, NoTensorBoardEvents, TrimFinishedTrials
 from search.references import (
     Lift,
     is_reference,
@@ -871,7 +866,6 @@ def _run_search(plan: SearchPlan, tracking_uri: str | None, address: str | None,
             f"{SEARCH_PREFIX}wall_seconds", 0.0)
     else:
         set_untracked_spend(0.0)
-    limit_malloc_arenas()  # best before Ray's threads start (search/monitor.py)
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local",
                  include_dashboard=False, log_to_driver=verbose > 1,
