@@ -524,7 +524,7 @@ def make_searcher(plan: SearchPlan) -> Any:
         space=plan.space.suggest, feasibility=plan.check, policy=plan.policy,
         metric=[OBJECTIVE, SECONDARY_OBJECTIVE] if multi else OBJECTIVE,
         mode=[OBJECTIVE_MODE, "min"] if multi else OBJECTIVE_MODE,
-        sampler=create_sampler(cfg.searcher, cfg.seed, multi, cfg.startup_trials),
+        sampler=create_sampler(cfg.searcher, cfg.seed, multi, cfg.startup),
         # every family gets a trial before the sampler focuses (the rest of each
         # point is sampled; an infeasible draw is re-drawn with the family kept)
         points_to_evaluate=[{"model.block": f} for f in plan.space.families],

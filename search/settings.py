@@ -49,8 +49,9 @@ class SearchConfig(BaseModel):
     grace_flops: float | None = Field(None, gt=0)
     reduction_factor: int = Field(3, ge=2)
     searcher: Literal["tpe", "random"] = "tpe"
-    #: trials that finish before TPE models the results (sampled at random until then)
-    startup_trials: int = Field(6, ge=1)
+    #: trials that finish before TPE models the results (sampled at random until then);
+    #: ``None``: :attr:`startup` decides from the budget
+    startup_trials: int | None = Field(None, ge=1)
     scheduler: Literal["asha", "fifo"] = "asha"
     objective: Literal["single", "multi"] = "single"
     max_concurrent: int = Field(2, ge=1)
@@ -89,6 +90,17 @@ class SearchConfig(BaseModel):
         if self.grace_flops is not None:
             return self.grace_flops
         return self.trial_budget / self.reduction_factor**2
+
+    @property
+    def startup(self) -> int:
+        """TPE's random warm-up: ``startup_trials``, by default a fifth of the trials the
+        budget buys under ASHA (about ``2 · budget_flops / trial_flops``: most trials stop
+        at a low rung), at least 6. ``bench/search.py`` chose it: 20 startup trials of ~100
+        reached random search's final best in a median 0.24 of the budget, against 0.62
+        with 6, and ended lower (bench/RESULTS.md, "Search strategies")."""
+        if self.startup_trials is not None:
+            return self.startup_trials
+        return max(6, round(0.4 * self.budget_flops / self.trial_budget))
 
 
 def asha_milestones(grace: float, reduction_factor: int, max_t: float) -> list[float]:

@@ -76,3 +76,27 @@ def test_tpe_samples_at_random_until_its_startup_trials_finished() -> None:
     random = draws(optuna.samplers.RandomSampler(seed=3))
     assert draws(create_sampler("tpe", 3, startup_trials=20)) == random
     assert draws(create_sampler("tpe", 3, startup_trials=6))[6:] != random[6:]
+
+
+def test_tpe_startup_scales_with_the_trials_the_budget_buys() -> None:
+    """A fifth of ~2·budget/trial_flops trials (the strategy benchmark's choice), at
+    least 6, unless set; the searcher a search builds gets it."""
+    bench = SearchConfig(budget_flops=2.5e11, trial_flops=5e9)  # bench/search.py's setting
+    assert bench.startup == 20
+    assert SearchConfig(budget_flops=8e11, trial_flops=1.6e11).startup == 6  # the demo's
+    assert SearchConfig(budget_flops=2.5e11, trial_flops=5e9, startup_trials=9).startup == 9
+    with pytest.raises(ValueError):
+        SearchConfig(budget_flops=1e9, startup_trials=0)
+
+
+def test_a_search_builds_its_tpe_with_that_startup() -> None:
+    from types import SimpleNamespace
+
+    from search.runner import make_searcher
+
+    cfg = SearchConfig(budget_flops=2.5e11, trial_flops=5e9)
+    space = SimpleNamespace(suggest=lambda trial: {}, families=["wukong"])
+    plan = SimpleNamespace(cfg=cfg, space=space, check=lambda flat: (True, -1.0, "ok"),
+                           policy=None)
+    searcher = make_searcher(plan)  # type: ignore[arg-type]
+    assert searcher._sampler._n_startup_trials == 20
