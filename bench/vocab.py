@@ -15,13 +15,23 @@ optimiser state, as a trial writes), encode and train seconds, peak RSS after en
 and after training, and the validation log loss reached (a sanity check that both train,
 not a quality comparison).
 
+With ``--search``, each case is instead a whole ``recscale search`` over the same file
+(the wukong space, 2 concurrent trials, the reference models first, a small budget), and
+what is recorded is the memory of the search: the peak over time of the summed
+proportional set size (PSS: shared pages divided among the processes that map them, so
+Ray's object store is counted once) of the command and every process it starts (the
+driver, Ray's GCS, raylet and workers), sampled every second; the largest trial's own peak
+RSS (the trials' ``peak_rss_mb`` in MLflow); and the size of the search's folders.
+
     .venv/bin/python bench/vocab.py [--rows 1200000] [--distinct 1000000]
                                     [--out bench/results/vocab.json]
+    .venv/bin/python bench/vocab.py --search [--budget-flops 4e10]   # -> the JSON's "search" key
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import resource
@@ -36,6 +46,7 @@ sys.path[:] = [_ROOT] + [p for p in sys.path if Path(p or ".").resolve() != Path
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import psutil  # noqa: E402
 
 CASES = {"exact": {"hash_buckets": 0, "min_count": 1}, "hashed": {}}
 MODEL = {"block": "wukong", "d_model": 16, "n_tokens": 2, "n_layers": 1, "embed_dim": 16}
@@ -107,6 +118,62 @@ def run_case(name: str, csv: str, schema: str, cache: str, examples: int) -> dic
     }
 
 
+def _tree_pss_mb(proc: psutil.Process) -> float:
+    """Summed PSS of ``proc`` and its descendants, MB (processes that end meanwhile are skipped)."""
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_full_info().pss
+    return total / 2**20
+
+
+def _folder_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def search_case(name: str, csv: Path, schema: Path, work: Path, budget: float) -> dict[str, object]:
+    """One ``recscale search`` over the file with the case's vocabulary options; its
+    memory over time (see the module docstring)."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    options = CASES[name]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    work.mkdir(parents=True)
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    cmd = [sys.executable, "-m", "recscale", "search", "--data", str(csv), "--schema",
+           str(schema), *flags, "--space", "wukong", "--name", f"vocab-{name}",
+           "--budget-flops", str(budget), "--trial-flops", str(budget / 4),
+           "--max-concurrent", "2", "--gpus", "off", "--storage", str(work / "ray"),
+           "--tracking-uri", uri, "-v", "0"]
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": _ROOT,
+           "RECSCALE_CACHE": str(work / "cache")}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    ps, peak, series = psutil.Process(proc.pid), 0.0, []
+    while proc.poll() is None:
+        pss = _tree_pss_mb(ps)
+        peak = max(peak, pss)
+        series.append((round(time.perf_counter() - t0, 1), round(pss, 1)))
+        time.sleep(1)
+    err = proc.stderr.read() if proc.stderr else ""
+    if proc.returncode != 0:
+        raise SystemExit(f"search {name} failed ({proc.returncode}): {err[-2000:]}")
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(f"vocab-{name}")
+    runs = client.search_runs([exp.experiment_id], "tags.`recscale.kind` = 'trial'")
+    trial_peaks = [r.data.metrics["peak_rss_mb"] for r in runs if "peak_rss_mb" in r.data.metrics]
+    return {"case": name, "data_options": options, "budget_flops": budget,
+            "wall_s": time.perf_counter() - t0, "trials": len(runs),
+            "peak_pss_mb_search_tree": peak,
+            "trial_peak_rss_mb_max": max(trial_peaks, default=float("nan")),
+            "ray_storage_mb": _folder_mb(work / "ray"),
+            "mlflow_artifacts_mb": _folder_mb(work / "mlartifacts") if (work / "mlartifacts").exists() else 0.0,
+            "cache_mb": _folder_mb(work / "cache"), "pss_mb_series": series}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,6 +181,9 @@ def main() -> None:
     ap.add_argument("--distinct", type=int, default=1_000_000)
     ap.add_argument("--examples", type=int, default=100_000, help="examples trained per case")
     ap.add_argument("--out", default=str(Path(_ROOT) / "bench" / "results" / "vocab.json"))
+    ap.add_argument("--search", action="store_true",
+                    help="measure a whole recscale search per case (the JSON's 'search' key)")
+    ap.add_argument("--budget-flops", type=float, default=4e10, help="with --search")
     ap.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)  # child process
     ap.add_argument("--csv", help=argparse.SUPPRESS)
     ap.add_argument("--schema", help=argparse.SUPPRESS)
@@ -121,6 +191,22 @@ def main() -> None:
     args = ap.parse_args()
     if args.case:
         print(json.dumps(run_case(args.case, args.csv, args.schema, args.cache, args.examples)))
+        return
+    if args.search:
+        with tempfile.TemporaryDirectory() as tmp:
+            csv, schema = write_data(Path(tmp), args.rows, args.distinct)
+            found = [search_case(case, csv, schema, Path(tmp) / case, args.budget_flops)
+                     for case in CASES]
+        for r in found:
+            print(f"{r['case']}: search tree peak PSS {r['peak_pss_mb_search_tree']:.0f} MB, "
+                  f"largest trial peak RSS {r['trial_peak_rss_mb_max']:.0f} MB, {r['trials']} "
+                  f"trials in {r['wall_s']:.0f} s, Ray storage {r['ray_storage_mb']:.0f} MB",
+                  flush=True)
+        path = Path(args.out)
+        record = json.loads(path.read_text()) if path.exists() else {}
+        record["search"] = {"rows": args.rows, "distinct": args.distinct, "cases": found}
+        path.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"-> {args.out} ('search')")
         return
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -142,6 +228,8 @@ def main() -> None:
                   f"val_logloss {r['val_logloss']:.4f}", flush=True)
     rows_10m = 10_000_000 * MODEL["embed_dim"] * 4 / 2**20
     out = {"rows": args.rows, "distinct": args.distinct, "model": MODEL, "cases": results,
+           **{k: v for k, v in (json.loads(Path(args.out).read_text()).items()
+                                if Path(args.out).exists() else []) if k == "search"},
            "arithmetic_10M_distinct_exact_weights_mb": rows_10m,
            "arithmetic_10M_distinct_exact_weights_grad_adam_mb": 4 * rows_10m}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
