@@ -283,3 +283,15 @@ def test_time_buckets_equal_a_brute_force(seq_tokens: int | None, partitions: in
                 want = 0 if pad[i] or pad[j] else int(
                     time_buckets(torch.tensor(float(abs(times[i] - times[j])))))
                 assert int(got[b, gi[0], gi[1], gj[1]]) == want
+
+
+def test_the_sequences_space_is_the_unified_space_plus_k() -> None:
+    import yaml
+
+    from search.space import bundled_space
+
+    unified = yaml.safe_load(bundled_space("unified").read_text())
+    seq = yaml.safe_load(bundled_space("sequences").read_text())
+    assert seq["model"].pop("seq_len") == {"choice": [0, 16, 64, 256]}
+    for key in ("families", "model", "blocks", "train"):
+        assert seq[key] == unified[key], key
