@@ -295,3 +295,24 @@ def test_the_sequences_space_is_the_unified_space_plus_k() -> None:
     assert seq["model"].pop("seq_len") == {"choice": [0, 16, 64, 256]}
     for key in ("families", "model", "blocks", "train"):
         assert seq[key] == unified[key], key
+
+
+def test_time_bias_gradient_and_bucket_edges() -> None:
+    """The time bias's one-pass gradient equals plain indexing's, and the buckets are
+    exact at every power-of-two edge (integer gaps up to 2^45 s)."""
+    from spaces.blocks.attention import _TakeBias, pair_time_buckets, time_buckets
+
+    torch.manual_seed(0)
+    idx = torch.randint(0, N_GAP_BUCKETS + 1, (3, 2, 5, 5), dtype=torch.int32)
+    w = torch.randn(N_GAP_BUCKETS + 1, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    (fast,) = torch.autograd.grad((_TakeBias.apply(w, idx) * grad).sum(), w)
+    (plain,) = torch.autograd.grad((w[idx.long()] * grad).sum(), w)
+    assert torch.allclose(fast, plain)
+    assert torch.equal(_TakeBias.apply(w, idx), w[idx.long()])
+    edges = torch.tensor([0] + [2**k + d for k in range(1, 46) for d in (-2, -1, 0)])
+    want = [1 + min(int(x + 1).bit_length() - 1, N_GAP_BUCKETS - 1) for x in edges.tolist()]
+    assert time_buckets(edges.double()).tolist() == want
+    time = torch.cat([torch.zeros(1, 1, dtype=torch.long), edges[None]], dim=1)  # (1, T)
+    pairs = pair_time_buckets(time, torch.zeros_like(time, dtype=torch.bool), 1)
+    assert pairs[0, 0, 0, 1:].tolist() == want  # token 0 (time 0) against every edge

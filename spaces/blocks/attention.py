@@ -87,6 +87,12 @@ TIME_BIAS_ROWS = 1 + N_GAP_BUCKETS
 """Entries of HSTU's time-bias table ``w_t``: bucket 0 (a padding token) and 1..40."""
 
 
+def _log2_buckets(x: torch.Tensor) -> torch.Tensor:
+    """``min(1 + floor(log2 x), N_GAP_BUCKETS)`` as int32, for float ``x >= 1``: the
+    exponent of ``frexp`` (exact, one pass; no rounding of a ``log2`` at bucket edges)."""
+    return torch.frexp(x).exponent.clamp_(max=N_GAP_BUCKETS)
+
+
 def time_buckets(gap: torch.Tensor) -> torch.Tensor:
     """Log time buckets ``1 + min(floor(log2(1 + gap)), N_GAP_BUCKETS - 1)`` (int64).
 
@@ -98,8 +104,7 @@ def time_buckets(gap: torch.Tensor) -> torch.Tensor:
         >>> time_buckets(torch.tensor([0.0, 1.0, 60.0, 86400.0, 1e30])).tolist()
         [1, 2, 6, 17, 40]
     """
-    b = torch.floor(torch.log2(1.0 + gap.clamp(min=0.0)))
-    return 1 + b.clamp(max=N_GAP_BUCKETS - 1).to(torch.int64)
+    return _log2_buckets(1.0 + gap.clamp(min=0.0)).to(torch.int64)
 
 
 def pair_time_buckets(time: torch.Tensor, pad: torch.Tensor, partitions: int) -> torch.Tensor:
@@ -112,8 +117,10 @@ def pair_time_buckets(time: torch.Tensor, pad: torch.Tensor, partitions: int) ->
         partitions: ``N_b``; must divide ``T``.
 
     Returns:
-        ``(B, N_b, T_g, T_g)`` int64 buckets: :func:`time_buckets` of ``|t_i − t_j|``, or
-        0 where token ``i`` or ``j`` is padding.
+        ``(B, N_b, T_g, T_g)`` int32 buckets: :func:`time_buckets` of ``|t_i − t_j|``, or
+        0 where token ``i`` or ``j`` is padding. Times are subtracted and bucketed in
+        float64 (exact for integer seconds below ``2^53``); five element-wise passes
+        over the pairs, once per forward for every layer.
 
     Example:
         >>> t = torch.tensor([[0, 60, 60, 0]]); pad = torch.tensor([[True, False, False, False]])
@@ -124,9 +131,28 @@ def pair_time_buckets(time: torch.Tensor, pad: torch.Tensor, partitions: int) ->
     tg = t // partitions
     time = time.reshape(b, partitions, tg)
     pad = pad.reshape(b, partitions, tg)
-    delta = (time[..., :, None] - time[..., None, :]).abs()  # (B, N_b, T_g, T_g), exact
-    out = time_buckets(delta.to(torch.float32))
+    time = time.to(torch.float64)  # (B, N_b, T_g): integer seconds stay exact below 2^53
+    delta = (time[..., :, None] - time[..., None, :]).abs_()  # (B, N_b, T_g, T_g)
+    out = _log2_buckets(delta.add_(1.0))  # 1 + floor(log2(1 + Δ)), capped
     return out.masked_fill_(pad[..., :, None] | pad[..., None, :], 0)
+
+
+class _TakeBias(torch.autograd.Function):
+    """``w[idx]`` for a small table ``w`` and many int32 indices, whose gradient is one
+    ``bincount`` pass (``index``'s backward, an accumulating scatter, costs several
+    times more on CPU over the ``B·T²`` pairs)."""
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        ctx.rows = w.shape[0]
+        return w.index_select(0, idx.reshape(-1)).view(idx.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (idx,) = ctx.saved_tensors
+        gw = torch.bincount(idx.reshape(-1), grad.reshape(-1), ctx.rows)
+        return gw.to(grad.dtype), None
 
 
 class AttentionConfig(BlockConfig):
@@ -361,7 +387,9 @@ class Attention(Block):
             return self.pair_bias
         if time_buckets is None:
             raise ValueError("this hstu block has a time bias: pass time_buckets")
-        return self.pair_bias + self.time_bias[time_buckets]
+        taken: torch.Tensor = _TakeBias.apply(  # type: ignore[no-untyped-call]
+            self.time_bias, time_buckets)  # (B, N_b, T_g, T_g)
+        return self.pair_bias + taken
 
     def _split(self, z: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
         """``(B, T, parts·D) -> parts × (B, N_b, T_g, H, d_h)`` (views, no copies)."""
