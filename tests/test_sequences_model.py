@@ -297,9 +297,10 @@ def test_the_sequences_space_is_the_unified_space_plus_k() -> None:
         assert seq[key] == unified[key], key
 
 
-def test_time_bias_gradient_and_bucket_edges() -> None:
+def test_time_bias_gradient_and_bucket_edges(monkeypatch: pytest.MonkeyPatch) -> None:
     """The time bias's one-pass gradient equals plain indexing's, and the buckets are
-    exact at every power-of-two edge (integer gaps up to 2^45 s)."""
+    exact at every power-of-two edge (integer gaps up to 2^45 s), from the exponent bits
+    and, under a jit trace, from frexp alike."""
     from spaces.blocks.attention import _TakeBias, pair_time_buckets, time_buckets
 
     torch.manual_seed(0)
@@ -316,3 +317,6 @@ def test_time_bias_gradient_and_bucket_edges() -> None:
     time = torch.cat([torch.zeros(1, 1, dtype=torch.long), edges[None]], dim=1)  # (1, T)
     pairs = pair_time_buckets(time, torch.zeros_like(time, dtype=torch.bool), 1)
     assert pairs[0, 0, 0, 1:].tolist() == want  # token 0 (time 0) against every edge
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+    assert time_buckets(edges.double()).tolist() == want
+    assert time_buckets(edges.float()[edges < 2**24]).tolist() == want[:len(edges[edges < 2**24])]

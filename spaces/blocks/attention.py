@@ -87,10 +87,22 @@ TIME_BIAS_ROWS = 1 + N_GAP_BUCKETS
 """Entries of HSTU's time-bias table ``w_t``: bucket 0 (a padding token) and 1..40."""
 
 
+#: float dtype -> (its bits as an integer dtype, mantissa bits, exponent bias - 1)
+_FLOAT_BITS = {torch.float64: (torch.int64, 52, 1022), torch.float32: (torch.int32, 23, 126)}
+
+
 def _log2_buckets(x: torch.Tensor) -> torch.Tensor:
-    """``min(1 + floor(log2 x), N_GAP_BUCKETS)`` as int32, for float ``x >= 1``: the
-    exponent of ``frexp`` (exact, one pass; no rounding of a ``log2`` at bucket edges)."""
-    return torch.frexp(x).exponent.clamp_(max=N_GAP_BUCKETS)
+    """``min(1 + floor(log2 x), N_GAP_BUCKETS)`` (integer) for float ``x >= 1``, read
+    off the float's exponent bits: exact (no rounding of a ``log2`` at bucket edges) and
+    one shift instead of a transcendental per element."""
+    # a jit trace (fvcore's FLOP count) has no dtype view: the same exponent from frexp
+    if torch.jit.is_tracing():  # type: ignore[attr-defined,no-untyped-call]
+        return torch.frexp(x).exponent.to(torch.int64).clamp_(max=N_GAP_BUCKETS)
+    if x.dtype not in _FLOAT_BITS:
+        x = x.to(torch.float32)
+    as_int, mantissa, bias = _FLOAT_BITS[x.dtype]
+    exponent = x.view(as_int) >> mantissa  # biased exponent: the sign bit is 0 for x >= 1
+    return exponent.sub_(bias).clamp_(max=N_GAP_BUCKETS)
 
 
 def time_buckets(gap: torch.Tensor) -> torch.Tensor:
@@ -104,7 +116,7 @@ def time_buckets(gap: torch.Tensor) -> torch.Tensor:
         >>> time_buckets(torch.tensor([0.0, 1.0, 60.0, 86400.0, 1e30])).tolist()
         [1, 2, 6, 17, 40]
     """
-    return _log2_buckets(1.0 + gap.clamp(min=0.0)).to(torch.int64)
+    return _log2_buckets(1.0 + gap.clamp(min=0.0)).to(torch.int64)  # int64 for float32 too
 
 
 def pair_time_buckets(time: torch.Tensor, pad: torch.Tensor, partitions: int) -> torch.Tensor:
@@ -117,10 +129,10 @@ def pair_time_buckets(time: torch.Tensor, pad: torch.Tensor, partitions: int) ->
         partitions: ``N_b``; must divide ``T``.
 
     Returns:
-        ``(B, N_b, T_g, T_g)`` int32 buckets: :func:`time_buckets` of ``|t_i − t_j|``, or
+        ``(B, N_b, T_g, T_g)`` int64 buckets: :func:`time_buckets` of ``|t_i − t_j|``, or
         0 where token ``i`` or ``j`` is padding. Times are subtracted and bucketed in
-        float64 (exact for integer seconds below ``2^53``); five element-wise passes
-        over the pairs, once per forward for every layer.
+        float64 (exact for integer seconds below ``2^53``); seven cheap element-wise
+        passes over the pairs, once per forward for every layer.
 
     Example:
         >>> t = torch.tensor([[0, 60, 60, 0]]); pad = torch.tensor([[True, False, False, False]])
@@ -138,7 +150,7 @@ def pair_time_buckets(time: torch.Tensor, pad: torch.Tensor, partitions: int) ->
 
 
 class _TakeBias(torch.autograd.Function):
-    """``w[idx]`` for a small table ``w`` and many int32 indices, whose gradient is one
+    """``w[idx]`` for a small table ``w`` and many integer indices, whose gradient is one
     ``bincount`` pass (``index``'s backward, an accumulating scatter, costs several
     times more on CPU over the ``B·T²`` pairs)."""
 
