@@ -36,6 +36,8 @@ parts skipped this time keep their earlier figures.
     .venv/bin/python bench/sequences.py [--examples 60000] [--eval 20000] [--threads 2]
     .venv/bin/python bench/sequences.py --skip-throughput --skip-quality \
         --equal-flops 1e6 --equal-examples 10000 --eval 5000
+    .venv/bin/python bench/sequences.py --skip-throughput --skip-quality --skip-equal \
+        --threads 1 --ks 64 256                                   # part 5 only
 """
 
 from __future__ import annotations
