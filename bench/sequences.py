@@ -23,6 +23,12 @@ Three parts, one JSON (``bench/results/sequences.json``):
    ``--equal-examples`` examples: loss vs ``K`` at equal FLOPs per example, hence equal
    training FLOPs.
 
+5. **HSTU's time bias.** The wall time of one training step (forward + backward) of a
+   2-layer HSTU stack (d 32) on real batches, with its relative time bias and with the
+   bias removed (the same weights otherwise), at ``K`` in ``--ks`` with ``partitions``
+   1 and 4; the two alternate, and the fastest of ``TIME_BIAS_REPEATS`` each is kept, so
+   a loaded machine's noise hits both alike.
+
 The machine may be shared (the JSON records the load average before and after): read
 examples/s as this machine at that moment. An existing ``--out`` file is updated: the
 parts skipped this time keep their earlier figures.
@@ -30,6 +36,8 @@ parts skipped this time keep their earlier figures.
     .venv/bin/python bench/sequences.py [--examples 60000] [--eval 20000] [--threads 2]
     .venv/bin/python bench/sequences.py --skip-throughput --skip-quality \
         --equal-flops 1e6 --equal-examples 10000 --eval 5000
+    .venv/bin/python bench/sequences.py --skip-throughput --skip-quality --skip-equal \
+        --threads 1 --ks 64 256                                   # part 5 only
 """
 
 from __future__ import annotations
@@ -186,6 +194,45 @@ def equal_flops(ds: Any, ks: list[int], target: float, examples: int, n_eval: in
     return rows
 
 
+TIME_BIAS_REPEATS = 7
+
+
+def time_bias_cost(ds: Any, ks: list[int], batch: int = 256) -> list[dict[str, Any]]:
+    """Training-step milliseconds of HSTU with and without its time bias (part 5)."""
+    rows = []
+    idx = torch.arange(batch)
+    for k in ks:
+        for parts in (1, 4):
+            cfg = ModelConfig(**{"block": "attention", "n_layers": 2, "d_model": 32,
+                                 "n_tokens": 4, "embed_dim": 16, "seq_len": k,
+                                 "attention": {"kind": "hstu", "n_heads": 2,
+                                               "partitions": parts}})
+            models = {}
+            for with_bias in (True, False):
+                torch.manual_seed(0)
+                model = build_model(cfg, ds.spec)
+                if not with_bias:  # the same model, the bias taken out
+                    model.time_bias = False
+                    for blk in model.blocks:
+                        blk.time_bias = None
+                models[with_bias] = model
+            inputs = model_inputs(models[True], ds.train, idx, "cpu")
+            for m in models.values():
+                m(*inputs).sum().backward()  # warm-up
+            ms: dict[bool, list[float]] = {True: [], False: []}
+            for _ in range(TIME_BIAS_REPEATS):
+                for with_bias, m in models.items():
+                    t0 = time.perf_counter()
+                    m(*inputs).sum().backward()
+                    ms[with_bias].append(1e3 * (time.perf_counter() - t0))
+            row = {"K": k, "partitions": parts, "batch": batch,
+                   "ms_with_time_bias": min(ms[True]), "ms_without": min(ms[False]),
+                   "overhead": min(ms[True]) / min(ms[False]) - 1}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--examples", type=int, default=60_000)
@@ -196,6 +243,7 @@ def main() -> None:
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-equal", action="store_true")
+    ap.add_argument("--skip-time-bias", action="store_true")
     ap.add_argument("--equal-flops", type=float, default=1e6,
                     help="FLOPs per example every model of the equal-FLOPs part is sized to")
     ap.add_argument("--equal-examples", type=int, default=10_000)
@@ -240,6 +288,8 @@ def main() -> None:
     if not args.skip_equal:
         equal_flops(ds, args.equal_ks or args.ks, args.equal_flops, args.equal_examples,
                     args.eval, save, list(out.get("equal_flops", [])))
+    if not args.skip_time_bias:
+        out["time_bias"] = time_bias_cost(ds, args.ks)
     save()
     print(f"wrote {args.out}")
 

@@ -3,6 +3,8 @@
     recscale scale  --name tm --data movielens-1m --families tokenmixer \\
                     --min-budget 1e11 --n-budgets 4 --ratio 4 [--target-flops 1.6e13]
     recscale verify tm [--budget-flops 1.6e13] [--max-flops-per-example 5e5]
+    recscale scale  --name k --families attention --seq-lens 0,16,64 --split user_temporal \
+                    --min-budget 1e12     (history length K as a scaling axis: one series per K)
 
 Only argparse here; Ray, MLflow, torch and SciPy are imported inside the handlers. Bad
 input raises :class:`search.study.StudyError` (a ``trainers.contracts.UserError``), which
@@ -22,16 +24,17 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x.strip())
 
 
-def _ints(flag: str, text: str) -> tuple[int, ...]:
-    """A comma-separated list of positive integers, or one line naming ``flag``."""
+def _ints(flag: str, text: str, least: int = 1) -> tuple[int, ...]:
+    """A comma-separated list of integers ``>= least``, or one line naming ``flag``."""
     from search.study import StudyError
 
     try:
         out = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         out = ()
-    if not out or min(out) < 1:
-        raise StudyError(f"scale: {flag} takes comma-separated positive integers, got {text!r}")
+    if not out or min(out) < least:
+        kind = "positive integers" if least == 1 else f"integers >= {least}"
+        raise StudyError(f"scale: {flag} takes comma-separated {kind}, got {text!r}")
     return out
 
 
@@ -40,7 +43,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     s = sub.add_parser("scale", help="isoFLOP scaling study: a budget ladder x sizes, "
                                      "each trained for D = C/(3N)")
     s.add_argument("--name", required=True, help="study name = MLflow experiment")
-    s.add_argument("--data", default="movielens-1m", choices=["movielens-1m", "synthetic"])
+    s.add_argument("--data", default="movielens-1m",
+                   help="movielens-1m, synthetic, or a .csv/.parquet file (with --schema)")
+    s.add_argument("--schema", default=None, help="schema YAML of a data file (docs/data.md)")
+    s.add_argument("--split", choices=["random", "temporal", "user_temporal"], default=None,
+                   help="default random; user_temporal is the protocol for histories")
+    s.add_argument("--seq-lens", default=None,
+                   help="comma-separated history lengths K (e.g. 0,16,64): every family is "
+                        "studied at every K as its own series (loss vs K at equal FLOPs); "
+                        "K > 0 loads the data with behaviour histories")
     s.add_argument("--max-rows", type=int, default=None, help="MovieLens subsample")
     s.add_argument("--synthetic-rows", type=int, default=None, help="synthetic teacher rows")
     s.add_argument("--families", default="tokenmixer", help="comma-separated block families")
@@ -92,6 +103,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 
 def _config(args: argparse.Namespace) -> Any:
+    from pydantic import ValidationError
+
     from search.study import StudyConfig, StudyError, ladder, study_config
     from trainers.data import DataConfig, SyntheticConfig
 
@@ -112,11 +125,27 @@ def _config(args: argparse.Namespace) -> Any:
     extra: dict[str, Any] = {**grid, "model": model}
     if args.eval_examples is not None:
         extra["eval_max_examples"] = args.eval_examples
+    seq_lens = _ints("--seq-lens", args.seq_lens, least=0) if args.seq_lens else ()
+    fields: dict[str, Any] = {"max_rows": args.max_rows}
+    if args.split:
+        fields["split"] = args.split
+    if any(seq_lens):
+        fields["sequences"] = True  # K > 0 needs the histories: no separate flag to forget
     if args.data == "synthetic":
         syn = SyntheticConfig(**({"n_rows": args.synthetic_rows} if args.synthetic_rows else {}))
-        data = DataConfig(name="synthetic", synthetic=syn)
+        fields.update(name="synthetic", synthetic=syn)
+    elif args.data == "movielens-1m":
+        fields["name"] = args.data
     else:
-        data = DataConfig(name=args.data, max_rows=args.max_rows)
+        if not args.schema:
+            raise StudyError(f"scale: --data {args.data}: a CSV/parquet file needs --schema")
+        fields.update(name="file", path=args.data, schema_path=args.schema)
+    try:
+        data = DataConfig(**fields)
+    except ValidationError as err:
+        raise StudyError(f"scale: data: {err.errors()[0]['msg']}") from None
+    if seq_lens:
+        extra["seq_lens"] = seq_lens
     return study_config(
         name=args.name, data=data, families=tuple(f for f in args.families.split(",") if f),
         budgets=budgets, sizes=args.sizes, span=args.span, center_ratio=args.center_ratio,

@@ -12,6 +12,13 @@ grows as ``C^0.5``) and spans ``span``× from smallest to largest, ``sizes`` poi
 geometric in ``N``; each target takes the nearest unused (width, depth) config of the
 family. The fit then tells whether the minimum was inside the spread.
 
+History length: with ``seq_lens`` (e.g. ``(0, 16, 64)``, data loaded with behaviour
+histories) every family is studied at every ``K`` as its own *series* ``family@K=k``
+(:func:`series_name`): its own sizes (``N`` counts the history's FLOPs), isoFLOP profiles
+and laws, so the analysis reads loss against ``K`` at equal training FLOPs: at each budget
+the series' fitted minima ``L*(C)`` (and the winning series) compare the history lengths
+at the same compute, and ``N*(C)`` says how the optimal size moves with ``K``.
+
 Learning rate: one ``train.lr`` for every size, or a grid (``lrs``): every point is
 trained at each rate and the analysis keeps the best per size (a per-size grid search;
 the simplest tuning that cannot favour one size).
@@ -45,7 +52,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from spaces import FeatureSpec, ModelConfig, model_cost
 from spaces.blocks import BlockDimensionError, UnknownBlockError
@@ -87,7 +94,9 @@ __all__ = [
     "plan_study",
     "run_points",
     "run_study",
+    "series_name",
     "size_candidates",
+    "split_series",
     "train_point",
 ]
 
@@ -101,6 +110,35 @@ _POINT_PARAMS = ("family", "budget", "N", "D", "lr", "key", "role", "epochs")
 
 class StudyError(UserError):
     """A study or verification that cannot run as asked; the message is one line."""
+
+
+_K_SEP = "@K="
+
+
+def series_name(family: str, seq_len: int | None) -> str:
+    """The series a study fits: the family, or ``family@K=k`` in a history-length sweep.
+
+    Example:
+        >>> series_name("attention", 16), series_name("wukong", None)
+        ('attention@K=16', 'wukong')
+    """
+    return family if seq_len is None else f"{family}{_K_SEP}{seq_len}"
+
+
+def split_series(name: str) -> tuple[str, int | None]:
+    """``series_name``'s inverse: ``(family, K)``, ``K`` ``None`` outside a sweep.
+
+    Example:
+        >>> split_series("attention@K=16"), split_series("wukong")
+        (('attention', 16), ('wukong', None))
+    """
+    family, sep, k = name.partition(_K_SEP)
+    if not sep:
+        return name, None
+    try:
+        return family, int(k)
+    except ValueError:
+        raise StudyError(f"bad series name {name!r} (want family{_K_SEP}<int>)") from None
 
 
 def ladder(c_min: float, n: int, ratio: float = 4.0) -> tuple[float, ...]:
@@ -118,6 +156,9 @@ class StudyConfig(BaseModel):
         name: the study (MLflow experiment and Ray Tune experiment name).
         data: the dataset.
         families: block families studied.
+        seq_lens: behaviour-history lengths ``K`` to sweep (each family at each ``K`` is
+            one series, module docstring); empty: no sweep (``model.seq_len`` of the
+            frame, if any, for every point). ``K > 0`` needs ``data.sequences``.
         budgets: training FLOPs per point, the ladder (ascending, at least 2).
         sizes: model sizes per budget and family.
         span: largest / smallest ``N`` targeted at each budget.
@@ -140,6 +181,7 @@ class StudyConfig(BaseModel):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     data: DataConfig = Field(default_factory=DataConfig)
     families: tuple[str, ...] = ("tokenmixer",)
+    seq_lens: tuple[int, ...] = ()
     budgets: tuple[float, ...]
     sizes: int = Field(5, ge=3, le=15)
     span: float = Field(16.0, gt=1.5, le=1e4)
@@ -184,6 +226,27 @@ class StudyConfig(BaseModel):
             raise ValueError("families must be a non-empty list without repeats")
         return v
 
+    @field_validator("seq_lens")
+    @classmethod
+    def _seq_lens(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(k < 0 for k in v) or len(set(v)) != len(v):
+            raise ValueError(f"seq_lens must be distinct history lengths >= 0, got {list(v)}")
+        return tuple(sorted(v))
+
+    @model_validator(mode="after")
+    def _histories_loaded(self) -> StudyConfig:
+        if any(self.seq_lens) and not self.data.sequences:
+            raise ValueError(f"seq_lens {list(self.seq_lens)} read behaviour histories: load "
+                             "the data with sequences (data.sequences: true, or --sequences; "
+                             "split user_temporal is the protocol)")
+        return self
+
+    def series(self) -> tuple[str, ...]:
+        """The series fitted: every family, at every ``K`` of ``seq_lens`` if any."""
+        if not self.seq_lens:
+            return self.families
+        return tuple(series_name(f, k) for f in self.families for k in self.seq_lens)
+
     @field_validator("lrs")
     @classmethod
     def _lrs(cls, v: tuple[float, ...]) -> tuple[float, ...]:
@@ -212,6 +275,9 @@ def study_config(**kwargs: Any) -> StudyConfig:
 class StudyPoint:
     """One run of a study: a family at a size, trained for ``D`` examples (budget ``C``).
 
+    ``family`` is the series (:func:`series_name`: ``attention@K=16`` in a sweep of the
+    history length); the block itself is ``flat["model.block"]``.
+
     ``flat`` holds the dotted ``model.*``/``train.*``/``data.*`` config the run trains;
     ``role`` is empty for study points and ``N*``, ``N*/2`` or ``2N*`` for verification.
     """
@@ -232,13 +298,16 @@ class StudyPoint:
 
 def size_candidates(cfg: StudyConfig, family: str,
                     spec: FeatureSpec) -> list[tuple[int, ModelConfig]]:
-    """Every buildable ``(N, ModelConfig)`` of ``family`` over the width × depth grid,
-    sorted by ``N`` (one config per distinct ``N``: the shallower one)."""
+    """Every buildable ``(N, ModelConfig)`` of ``family`` (a family or a series
+    ``family@K=k``, which fixes ``seq_len = k``) over the width × depth grid, sorted by
+    ``N`` (one config per distinct ``N``: the shallower one)."""
+    block, k = split_series(family)
+    history = {} if k is None else {"seq_len": k}
     out: dict[int, ModelConfig] = {}
     for depth in sorted(cfg.depths):
         for width in sorted(cfg.widths):
             try:
-                m = ModelConfig(**{**cfg.model, "block": family, "d_model": width,
+                m = ModelConfig(**{**cfg.model, **history, "block": block, "d_model": width,
                                    "n_layers": depth})
                 n = int(model_cost(m, spec).flops_per_example)
             except (ValidationError, BlockDimensionError, UnknownBlockError, ValueError):
@@ -281,7 +350,7 @@ def plan_study(cfg: StudyConfig, spec: FeatureSpec, n_train: int | None) -> list
     min_d = cfg.min_steps * train.batch_size
     lrs = cfg.lrs or (train.lr,)
     points: list[StudyPoint] = []
-    for family in cfg.families:
+    for family in cfg.series():
         cands = size_candidates(cfg, family, spec)
         if len(cands) < cfg.sizes:
             raise StudyError(f"family {family!r} has {len(cands)} buildable sizes over widths "
@@ -323,7 +392,9 @@ def train_point(point: StudyPoint, data: SharedData) -> dict[str, float]:
     from trainers.loop import train
 
     exp = experiment_from_flat(point.flat)
-    result = train(exp.model, exp.train, data["spec"], _view(data["train"]), _view(data["val"]))
+    events = data.get("events")  # the behaviour histories' event table, when loaded
+    result = train(exp.model, exp.train, data["spec"], _view(data["train"], events),
+                   _view(data["val"], events))
     out = {k: float(v) for k, v in result.metrics.items()}
     if result.status == "diverged":
         out[OBJECTIVE] = float("inf")
@@ -356,8 +427,9 @@ def _run_point(config: dict[str, Any], ctx: PointContext, data: SharedData) -> N
     torch.set_num_threads(ctx.threads)
     point = ctx.points[config["point"]]
     params = {**point.flat, **point.params()}
+    block = str(point.flat.get("model.block", split_series(point.family)[0]))
     tracker = TrialTracker(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, point.key,
-                           point.family, params, ctx.study,
+                           block, params, ctx.study,
                            config=point.flat)
     client = MlflowClient(ctx.tracking_uri)
     client.set_tag(tracker.run_id, TAG_KIND, ctx.kind)
@@ -492,6 +564,7 @@ def run_study(cfg: StudyConfig, tracking_uri: str | None = None,
             "study.n_points": len(points), "study.n_train": n_train,
             "study.budgets": json.dumps(list(cfg.budgets)),
             "study.families": json.dumps(list(cfg.families)),
+            **({"study.seq_lens": json.dumps(list(cfg.seq_lens))} if cfg.seq_lens else {}),
             "data.fingerprint": ds.fingerprint})
     else:
         exp_id, parent = found

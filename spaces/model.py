@@ -22,6 +22,14 @@ the token count, hence the cost, is exactly ``K`` whatever the history's true le
 Cost: ``2·T_h·e·D`` FLOPs for ``W_h`` (pooling and sums are element-wise: 0), and the
 blocks and head at ``T_h + T`` tokens.
 
+HSTU over a history also gets the paper's relative time bias (``spaces.blocks.attention``):
+each token has a time, a history token its step's event time (a pooled token: its chunk's
+newest step) and a field token the target's, and every HSTU layer adds a learned scalar
+per log bucket of ``|t_i − t_j|`` to its attention scores (0 for pairs with a padding
+token). The frame computes the buckets once per forward from the steps' gaps in seconds
+(``seq[..., 3]``) and counts each layer's ``1 + N_GAP_BUCKETS`` scalars as dense
+parameters; the look-ups are element-wise (0 FLOPs).
+
 The
 frame's own cost is counted here with the same convention as the blocks (matmul FLOPs,
 multiply-add = 2; embedding look-ups and element-wise work cost 0), so
@@ -48,17 +56,20 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 import spaces.blocks  # noqa: F401  (registers every family)
+from spaces.blocks.attention import TIME_BIAS_ROWS, Attention, pair_time_buckets
 from spaces.blocks.base import Block, BlockConfig, BlockCost, BlockDimensionError
 from spaces.blocks.registry import block_names, get_block
 from spaces.features import FeatureSpec
 
-__all__ = ["DEFAULT_SEQ_TOKENS", "ModelConfig", "ModelCost", "RecModel", "build_model",
+__all__ = ["DEFAULT_SEQ_TOKENS", "SEQ_COLUMNS", "ModelConfig", "ModelCost", "RecModel", "build_model",
            "model_cost"]
 
 #: History tokens of families with per-token weights when ``seq_tokens`` is unset.
 DEFAULT_SEQ_TOKENS = 4
 #: Families that read one token per history step unless ``seq_tokens`` says otherwise.
 _FULL_HISTORY_FAMILIES = ("attention",)
+#: Columns of a history step: item id, action, gap bucket, gap in seconds.
+SEQ_COLUMNS = 4
 
 
 class ModelConfig(BaseModel):
@@ -151,6 +162,11 @@ class ModelConfig(BaseModel):
             return self.seq_len
         return min(self.seq_len, DEFAULT_SEQ_TOKENS)
 
+    def time_bias(self) -> bool:
+        """Whether the blocks add HSTU's relative time bias (HSTU over a history)."""
+        return (self.history_tokens() > 0 and self.block == "attention"
+                and getattr(self.mixer, "kind", None) == "hstu")
+
     def check(self, spec: FeatureSpec) -> None:
         """Raise ``BlockDimensionError`` if this config cannot be built for ``spec``."""
         if self.tokenizer == "field" and self.n_tokens not in (None, spec.n_fields):
@@ -233,7 +249,8 @@ def model_cost(cfg: ModelConfig, spec: FeatureSpec) -> ModelCost:
     embeddings are element-wise (``x_f · w_f + b_f``) and cost 0, like look-ups. With a
     history: ``2·T_h·e·D`` for its projection, and the blocks and head at ``T + T_h``
     tokens; its action and gap tables count as embedding parameters, ``W_h``, ``b_h``
-    and the position table ``P`` (``T_h × D``) as dense ones.
+    and the position table ``P`` (``T_h × D``) as dense ones, and so do HSTU's time-bias
+    tables (``1 + N_GAP_BUCKETS`` per layer).
     """
     cfg.check(spec)
     block_cls = get_block(cfg.block)
@@ -256,6 +273,8 @@ def model_cost(cfg: ModelConfig, spec: FeatureSpec) -> ModelCost:
         flops += 2 * th * e * d
         dense += e * d + d + th * d
         t += th
+        if cfg.time_bias():
+            dense += cfg.n_layers * TIME_BIAS_ROWS
     cost = BlockCost(flops)
     for _ in range(cfg.n_layers):
         cost = cost + block_cls.count_flops(cfg.mixer, t, d)
@@ -278,8 +297,9 @@ class RecModel(nn.Module):
     Forward:
         cat: ``(B, F_cat)`` int64 ids, field ``f`` in ``[0, spec.cardinalities[f])``.
         num: ``(B, F_num)`` float32 normalised numeric fields.
-        seq: ``(B, K, 3)`` int64 history steps (item id, action, gap bucket; all 0 =
-            padding), oldest first, when ``cfg.seq_len = K > 0``; else omitted.
+        seq: ``(B, K, 4)`` int64 history steps (item id, action, gap bucket, gap in
+            seconds; all 0 = padding), oldest first, when ``cfg.seq_len = K > 0``; else
+            omitted (``trainers.sequences.Histories.gather``).
         returns ``(B,)`` logits.
     """
 
@@ -321,7 +341,11 @@ class RecModel(nn.Module):
         blocks: list[Block] = []
         for _ in range(cfg.n_layers):
             blocks.append(block_cls(cfg.mixer, t, d))
+            if cfg.time_bias():
+                assert isinstance(blocks[-1], Attention)
+                blocks[-1].use_time_bias()
             t = blocks[-1].out_tokens
+        self.time_bias = cfg.time_bias()
         self.blocks = nn.ModuleList(blocks)
         head_in = d if cfg.pooling == "mean" else t * d
         layers: list[nn.Module] = []
@@ -357,11 +381,14 @@ class RecModel(nn.Module):
         return torch.einsum("bts,tsd->btd", x, self.tok_weight) + self.tok_bias  # (B, T, D)
 
     def history(self, seq: torch.Tensor) -> torch.Tensor:
-        """History tokens ``(B, T_h, D)`` of ``seq`` ``(B, K, 3)`` (module docstring)."""
+        """History tokens ``(B, T_h, D)`` of ``seq`` ``(B, K, 4)`` (module docstring)."""
         assert self.spec.sequence is not None
-        b, k, _ = seq.shape
+        b, k, c = seq.shape
         if k != self.seq_len:
             raise ValueError(f"the model reads {self.seq_len} history steps, got {k}")
+        if c != SEQ_COLUMNS:
+            raise ValueError(f"a history step has {SEQ_COLUMNS} columns (item, action, gap "
+                             f"bucket, gap seconds), got {c}")
         offsets: torch.Tensor = self.offsets  # type: ignore[assignment]
         item_offset = offsets[self.spec.sequence.item_field]
         h = self.embedding(seq[..., 0] + item_offset) + self.seq_action(seq[..., 1])  # (B, K, e)
@@ -373,15 +400,35 @@ class RecModel(nn.Module):
         out: torch.Tensor = self.seq_proj(h) + self.seq_pos  # (B, T_h, D)
         return out
 
+    def time_buckets(self, seq: torch.Tensor) -> torch.Tensor:
+        """HSTU's time-bias buckets ``(B, N_b, T_g, T_g)`` over ``[history ‖ fields]``.
+
+        A token's time is minus its gap to the target (``seq[..., 3]``; a pooled token
+        takes its chunk's newest step, a field token 0); a history token is padding when
+        that step is (action 0).
+        """
+        b, k, _ = seq.shape
+        th = self.history_tokens
+        newest = seq[:, k // th - 1::k // th]  # (B, T_h, 4): each chunk's newest step
+        time = torch.cat([-newest[..., 3], seq.new_zeros(b, self.n_tokens)], dim=1)  # (B, T)
+        pad = torch.cat([newest[..., 1] == 0,
+                         torch.zeros(b, self.n_tokens, dtype=torch.bool, device=seq.device)],
+                        dim=1)  # (B, T)
+        partitions = getattr(self.cfg.mixer, "partitions", 1)
+        return pair_time_buckets(time, pad, partitions)
+
     def forward(self, cat: torch.Tensor, num: torch.Tensor,
                 seq: torch.Tensor | None = None) -> torch.Tensor:
         x = self.tokens(cat, num)  # (B, T, D)
+        buckets = None
         if self.seq_len:
             if seq is None:
                 raise ValueError(f"the model reads histories (seq_len={self.seq_len}): pass seq")
             x = torch.cat([self.history(seq), x], dim=1)  # (B, T_h + T, D)
+            if self.time_bias:
+                buckets = self.time_buckets(seq)  # (B, N_b, T_g, T_g), once for every layer
         for block in self.blocks:
-            x = block(x)  # (B, T_i, D)
+            x = block(x) if buckets is None else block(x, buckets)  # (B, T_i, D)
         pooled = x.mean(dim=1) if self.cfg.pooling == "mean" else x.flatten(1)
         logits: torch.Tensor = self.head(pooled).squeeze(-1)  # (B,)
         return logits

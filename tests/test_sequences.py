@@ -61,10 +61,10 @@ def test_histories_equal_a_brute_force_of_strictly_earlier_events(tmp_path: Path
             t = float(h.time[j])
             earlier = frame[(frame["user"] == user) & (frame["ts"] < t)].sort_values(
                 ["ts", "row"], kind="stable")
-            want = [(item_vocab.index(it) + 1, y + 1) for it, y in
-                    zip(earlier["item"], earlier["y"], strict=True)][-k:]
-            steps = [(int(a), int(b)) for a, b, _ in got[j].tolist() if b != 0]
-            assert steps == want
+            want = [(item_vocab.index(it) + 1, y + 1, int(t - ts)) for it, y, ts in
+                    zip(earlier["item"], earlier["y"], earlier["ts"], strict=True)][-k:]
+            steps = [(int(a), int(b), int(sec)) for a, b, _, sec in got[j].tolist() if b != 0]
+            assert steps == want  # item, action and the gap in seconds
             seen += 1
     assert seen == len(frame)
 
@@ -143,7 +143,7 @@ def test_storage_is_independent_of_k_and_k0_is_todays_batches(tmp_path: Path) ->
     for k in (16, 256):  # a batch's histories exist for that batch only: B x K x 3
         model.seq_len = k
         cat, num, seq = model_inputs(model, with_seq.train, idx, "cpu")
-        assert seq.shape == (64, k, 3) and torch.equal(cat, with_seq.train.cat[:64])
+        assert seq.shape == (64, k, 4) and torch.equal(cat, with_seq.train.cat[:64])
         assert events.nbytes == 13 * len(frame) and h.nbytes == 24 * len(with_seq.train)
     with pytest.raises(ValueError, match="sequences=True"):
         model_inputs(model, without.train, idx, "cpu")

@@ -36,7 +36,8 @@ def batch(b: int, k: int, spec: FeatureSpec = SPEC) -> tuple[torch.Tensor, ...]:
     num = torch.randn(b, spec.n_numeric)
     seq = torch.stack([torch.randint(0, spec.cardinalities[1], (b, k)),
                        torch.randint(0, 3, (b, k)),
-                       torch.randint(0, N_GAP_BUCKETS + 1, (b, k))], dim=-1)
+                       torch.randint(0, N_GAP_BUCKETS + 1, (b, k)),
+                       torch.randint(0, 10**8, (b, k))], dim=-1)
     return cat, num, seq
 
 
@@ -205,3 +206,117 @@ def test_space_knob_and_a_full_run_with_histories(tmp_path: Path) -> None:
 
     run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").get_run(res.run_id or "")
     assert run.data.params.get("model.seq_len") == "16"
+
+
+def hstu_history_config(**over: object) -> ModelConfig:
+    fields: dict[str, object] = {
+        "block": "attention", "d_model": 16, "n_tokens": 4, "embed_dim": 8, "n_layers": 2,
+        "seq_len": 8, "seq_gap": False,
+        "attention": {"kind": "hstu", "n_heads": 2, "partitions": 2}, **over}
+    return ModelConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_hstu_time_bias_is_counted_and_only_hstu_over_a_history_has_it() -> None:
+    cfg = hstu_history_config()
+    model = build_model(cfg, SPEC)
+    tables = [n for n, _ in model.named_parameters() if n.endswith("time_bias")]
+    assert tables == ["blocks.0.time_bias", "blocks.1.time_bias"]
+    assert all(p.shape == (N_GAP_BUCKETS + 1,) for n, p in model.named_parameters()
+               if n in tables)
+    without = model_cost(cfg.model_copy(update={"mixer": AttentionConfig(kind="softmax")}), SPEC)
+    assert not build_model(cfg.model_copy(update={"mixer": AttentionConfig(kind="softmax")}),
+                           SPEC).time_bias
+    assert sum(p.numel() for p in build_model(
+        cfg.model_copy(update={"mixer": AttentionConfig(kind="softmax")}), SPEC).parameters()
+    ) == without.params_dense + without.params_embedding
+    assert not build_model(cfg.model_copy(update={"seq_len": 0}), SPEC).time_bias
+    check_accounting(cfg)  # the time bias's 2 x 41 scalars are in the count, 0 FLOPs
+
+
+def test_hstu_time_bias_reads_time_gaps_not_positions() -> None:
+    """Same items, actions, positions and gap buckets; only the gaps in seconds differ:
+    HSTU's relative time bias changes the output, and nothing else reads those gaps."""
+    torch.manual_seed(0)
+    cfg = hstu_history_config()
+    model = build_model(cfg, SPEC).eval()
+    cat, num, seq = batch(6, 8)
+    seq[:, :2, 1] = 0  # two padding steps: their pairs take bucket 0 whatever their gaps
+    other = seq.clone()
+    other[..., 3] = torch.randint(0, 10**8, other[..., 3].shape)  # other time gaps only
+    with torch.no_grad():
+        assert torch.equal(model(cat, num, seq), model(cat, num, other))  # w_t starts at 0
+        for blk in model.blocks:
+            blk.time_bias.normal_(0.0, 1.0)
+        assert not torch.allclose(model(cat, num, seq), model(cat, num, other))
+        pads_only = seq.clone()
+        pads_only[:, :2, 3] += 12345  # a padding step's gap is never read
+        assert torch.equal(model(cat, num, seq), model(cat, num, pads_only))
+    softmax = build_model(cfg.model_copy(update={"mixer": AttentionConfig(kind="softmax")}),
+                          SPEC).eval()
+    with torch.no_grad():
+        assert torch.equal(softmax(cat, num, seq), softmax(cat, num, other))
+    with pytest.raises(ValueError, match="4 columns"):
+        model(cat, num, seq[..., :3])
+
+
+@pytest.mark.parametrize(("seq_tokens", "partitions"), [(None, 1), (None, 4), (4, 2)])
+def test_time_buckets_equal_a_brute_force(seq_tokens: int | None, partitions: int) -> None:
+    from spaces.blocks.attention import time_buckets
+
+    cfg = hstu_history_config(seq_tokens=seq_tokens,
+                              attention={"kind": "hstu", "n_heads": 2, "partitions": partitions})
+    model = build_model(cfg, SPEC)
+    _, _, seq = batch(3, 8)
+    seq[0, :3, 1] = 0  # padding steps
+    got = model.time_buckets(seq)
+    th, tf = model.history_tokens, model.n_tokens
+    t = th + tf
+    step = 8 // th
+    for b in range(3):
+        times = [-int(seq[b, (i + 1) * step - 1, 3]) for i in range(th)] + [0] * tf
+        pad = [bool(seq[b, (i + 1) * step - 1, 1] == 0) for i in range(th)] + [False] * tf
+        for i in range(t):
+            for j in range(t):
+                gi, gj = divmod(i, t // partitions), divmod(j, t // partitions)
+                if gi[0] != gj[0]:
+                    continue  # another group: never attended, never bucketed
+                want = 0 if pad[i] or pad[j] else int(
+                    time_buckets(torch.tensor(float(abs(times[i] - times[j])))))
+                assert int(got[b, gi[0], gi[1], gj[1]]) == want
+
+
+def test_the_sequences_space_is_the_unified_space_plus_k() -> None:
+    import yaml
+
+    from search.space import bundled_space
+
+    unified = yaml.safe_load(bundled_space("unified").read_text())
+    seq = yaml.safe_load(bundled_space("sequences").read_text())
+    assert seq["model"].pop("seq_len") == {"choice": [0, 16, 64, 256]}
+    for key in ("families", "model", "blocks", "train"):
+        assert seq[key] == unified[key], key
+
+
+def test_time_bias_gradient_and_bucket_edges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The time bias's one-pass gradient equals plain indexing's, and the buckets are
+    exact at every power-of-two edge (integer gaps up to 2^45 s), from the exponent bits
+    and, under a jit trace, from frexp alike."""
+    from spaces.blocks.attention import _TakeBias, pair_time_buckets, time_buckets
+
+    torch.manual_seed(0)
+    idx = torch.randint(0, N_GAP_BUCKETS + 1, (3, 2, 5, 5), dtype=torch.int32)
+    w = torch.randn(N_GAP_BUCKETS + 1, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    (fast,) = torch.autograd.grad((_TakeBias.apply(w, idx) * grad).sum(), w)
+    (plain,) = torch.autograd.grad((w[idx.long()] * grad).sum(), w)
+    assert torch.allclose(fast, plain)
+    assert torch.equal(_TakeBias.apply(w, idx), w[idx.long()])
+    edges = torch.tensor([0] + [2**k + d for k in range(1, 46) for d in (-2, -1, 0)])
+    want = [1 + min(int(x + 1).bit_length() - 1, N_GAP_BUCKETS - 1) for x in edges.tolist()]
+    assert time_buckets(edges.double()).tolist() == want
+    time = torch.cat([torch.zeros(1, 1, dtype=torch.long), edges[None]], dim=1)  # (1, T)
+    pairs = pair_time_buckets(time, torch.zeros_like(time, dtype=torch.bool), 1)
+    assert pairs[0, 0, 0, 1:].tolist() == want  # token 0 (time 0) against every edge
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+    assert time_buckets(edges.double()).tolist() == want
+    assert time_buckets(edges.float()[edges < 2**24]).tolist() == want[:len(edges[edges < 2**24])]

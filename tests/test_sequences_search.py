@@ -273,3 +273,98 @@ def test_evaluation_batches_shrink_with_long_histories(tmp_path: Path) -> None:
                                     embed_dim=8, seq_len=64), ds.spec)
     assert torch.allclose(predict_logits(model, ds.val), predict_logits(model, ds.val, 7),
                           atol=1e-5)
+
+
+def _seq_study(tmp: Path, **over: object) -> object:
+    from search.study import StudyConfig, ladder
+
+    fields: dict[str, object] = dict(
+        name="k-sweep", data=data_config(tmp), families=("attention",), seq_lens=(0, 8),
+        budgets=ladder(6e7, 2, 2.0), sizes=3, span=4.0, center_ratio=0.2,
+        widths=(4, 8, 16, 32), depths=(1,),
+        model={"n_tokens": 4, "embed_dim": 8, "head_hidden": [8], "tokenizer": "grouped",
+               "pooling": "mean", "attention": {"kind": "hstu", "n_heads": 1}},
+        train={"batch_size": 32, "lr": 3e-3, "optimizer": "adamw_split", "embedding_lr": 1e-2},
+        min_steps=5, eval_max_examples=200, max_concurrent=2)
+    fields.update(over)
+    return StudyConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_a_study_plans_one_series_per_history_length(tmp_path: Path) -> None:
+    from search.study import StudyError, plan_study, split_series, study_config
+
+    cfg = _seq_study(tmp_path)
+    ds = load_dataset(cfg.data, cache_dir=tmp_path / "c")  # type: ignore[attr-defined]
+    points = plan_study(cfg, ds.spec, len(ds.train))  # type: ignore[arg-type]
+    series = sorted({p.family for p in points})
+    assert series == ["attention@K=0", "attention@K=8"]
+    for p in points:
+        family, k = split_series(p.family)
+        assert family == p.flat["model.block"] == "attention"
+        assert p.flat.get("model.seq_len", 0) == k
+        assert p.key.startswith(p.family + "/")
+    # at one width, the history's tokens cost FLOPs: K = 8 has the larger N
+    n_by = {(p.family, p.flat["model.d_model"]): p.N for p in points}
+    shared = [w for (f, w) in n_by if f == "attention@K=0" and ("attention@K=8", w) in n_by]
+    assert shared and all(n_by["attention@K=8", w] > n_by["attention@K=0", w] for w in shared)
+    with pytest.raises(StudyError, match="load the data with sequences"):
+        study_config(name="x", budgets=(1e9, 4e9), families=("attention",), seq_lens=(0, 16))
+    with pytest.raises(StudyError, match="distinct history lengths"):
+        study_config(name="x", budgets=(1e9, 4e9), seq_lens=(0, 0))
+
+
+def test_scale_cli_sweeps_k_on_a_user_file(tmp_path: Path) -> None:
+    import argparse
+
+    from recscale.cmd_study import _config, add_parsers
+    from trainers.contracts import UserError
+
+    data, schema = write_user_file(tmp_path)
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers(dest="cmd"))
+    base = ["scale", "--name", "s", "--budgets", "1e9,4e9", "--data", str(data)]
+    cfg = _config(parser.parse_args([*base, "--schema", str(schema), "--seq-lens", "16,0,64",
+                                     "--split", "user_temporal", "--families", "attention"]))
+    assert cfg.seq_lens == (0, 16, 64) and cfg.data.sequences is True
+    assert cfg.data.split == "user_temporal" and cfg.data.name == "file"
+    assert cfg.series() == ("attention@K=0", "attention@K=16", "attention@K=64")
+    with pytest.raises(UserError, match="needs --schema"):
+        _config(parser.parse_args(base))
+    with pytest.raises(UserError, match="integers >= 0"):
+        _config(parser.parse_args([*base, "--schema", str(schema), "--seq-lens=-1,8"]))
+    plain = _config(parser.parse_args(["scale", "--name", "s", "--budgets", "1e9,4e9"]))
+    assert plain.seq_lens == () and plain.data.sequences is False
+
+
+@pytest.mark.slow
+def test_a_k_sweep_study_runs_end_to_end(tmp_path: Path) -> None:
+    """A real (tiny) isoFLOP study over K in {0, 8} through Ray Tune and MLflow: every
+    point trains with its history, logs model.seq_len, and the fit has one series per K."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from analysis.isoflop import analyze_study
+    from search.study import load_study, run_study
+    from trainers.contracts import TAG_BLOCK
+
+    cfg = _seq_study(tmp_path)
+    ds = load_dataset(cfg.data, cache_dir=tmp_path / "c")  # type: ignore[attr-defined]
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             _temp_dir=tempfile.mkdtemp(prefix="rs", dir="/tmp"))
+    try:
+        out = run_study(cfg, tracking_uri=uri, storage=tmp_path / "ray", dataset=ds)  # type: ignore[arg-type]
+    finally:
+        ray.shutdown()
+    assert len(out.results) == 12 and (out.results["error"] == "").all(), out.results
+    rec = load_study("k-sweep", uri)
+    assert len(rec.points) == 12 and set(rec.points["family"]) == {"attention@K=0",
+                                                                   "attention@K=8"}
+    assert rec.points["loss"].map(math.isfinite).all()
+    client = MlflowClient(uri)
+    for run_id, fam in zip(rec.points["run_id"], rec.points["family"], strict=True):
+        run = client.get_run(run_id)
+        assert run.data.params.get("model.seq_len", "0") == fam.rsplit("=", 1)[1]
+        assert run.data.tags[TAG_BLOCK] == "attention"  # the block, not the series
+    fit = analyze_study(rec.points, n_train=rec.n_train, n_boot=20)
+    assert set(fit.families) == {"attention@K=0", "attention@K=8"}

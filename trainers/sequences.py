@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from spaces.features import N_GAP_BUCKETS
+from spaces.blocks.attention import time_buckets
 
 __all__ = [
     "EventTable",
@@ -82,14 +82,14 @@ class EventTable:
 
 def gap_buckets(gap: torch.Tensor) -> torch.Tensor:
     """Time-gap bucket ids ``1 + min(floor(log2(1 + gap)), N_GAP_BUCKETS - 1)``, gap in
-    seconds (negative gaps count as 0).
+    seconds (negative gaps count as 0); the buckets of HSTU's time bias too
+    (``spaces.blocks.attention.time_buckets``).
 
     Example:
         >>> gap_buckets(torch.tensor([0.0, 1.0, 60.0, 86400.0, 1e30])).tolist()
         [1, 2, 6, 17, 40]
     """
-    b = torch.floor(torch.log2(1.0 + gap.clamp(min=0.0)))
-    return 1 + b.clamp(max=N_GAP_BUCKETS - 1).to(torch.int64)
+    return time_buckets(gap)
 
 
 @dataclass(frozen=True)
@@ -129,8 +129,9 @@ class Histories:
         """The last ``k`` steps of the histories of examples ``idx``, oldest first.
 
         Returns:
-            ``(B, k, 3)`` int64: item id, action (``1 + label``), time-gap bucket; a
-            history shorter than ``k`` is left-padded with zeros in all three.
+            ``(B, k, 4)`` int64: item id, action (``1 + label``), time-gap bucket, and the
+            gap in whole seconds (``floor(t_example − t_event)``, for HSTU's relative time
+            bias); a history shorter than ``k`` is left-padded with zeros in all four.
         """
         end, start, t = self.end[idx], self.start[idx], self.time[idx]  # (B,)
         pos = end[:, None] - k + torch.arange(k)  # (B, k): oldest .. newest
@@ -139,8 +140,9 @@ class Histories:
         ev = self.events
         item = ev.item[pos].to(torch.int64)
         action = ev.action[pos].to(torch.int64)
-        gap = gap_buckets(t[:, None] - ev.time[pos])
-        out = torch.stack([item, action, gap], dim=-1)  # (B, k, 3)
+        seconds = (t[:, None] - ev.time[pos]).clamp(min=0.0)  # (B, k) float64
+        gap = gap_buckets(seconds)
+        out = torch.stack([item, action, gap, seconds.clamp(max=2.0**62).floor().to(torch.int64)], dim=-1)  # (B, k, 4)
         return out * valid[..., None]
 
 
@@ -232,7 +234,7 @@ def model_inputs(
     model: nn.Module, split: Any, idx: torch.Tensor | slice, device: str | torch.device
 ) -> tuple[torch.Tensor, ...]:
     """The arguments of ``model`` for examples ``idx`` of ``split``: ``(cat, num)``, plus
-    the ``(B, K, 3)`` histories when the model reads ``K = model.seq_len > 0`` steps.
+    the ``(B, K, 4)`` histories when the model reads ``K = model.seq_len > 0`` steps.
 
     Raises:
         ValueError: the model reads histories and the split has none.
