@@ -42,7 +42,7 @@ from trainers.loop import Metrics, train  # noqa: E402
 CONFIGS = ROOT / "bench" / "configs" / "movielens"
 RESULTS = ROOT / "bench" / "results" / "movielens.json"
 BASELINE = "logistic_regression"
-FAMILIES = (BASELINE, "attention", "tokenmixer", "wukong", "unimixing", "unimixing_lite")
+FAMILIES = (BASELINE, "attention", "tokenmixer", "wukong", "unimixing", "unimixing_lite", "fm")
 TARGET_AUC = 0.80
 
 

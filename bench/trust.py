@@ -14,8 +14,9 @@ exported from (target: within one standard error).
 
     .venv/bin/python bench/trust.py [--only movielens|synthetic] [--budget-movielens 3e12]
 
-Writes ``bench/results/trust.json``. What it does not show: more than one search seed;
-test-split lift (the lift is on the validation set the search compared on).
+Writes ``bench/results/trust.json``: one entry per dataset, the newest run; a dataset's
+earlier runs move to its ``"earlier"`` list (newest first), so a re-run keeps them.
+What it does not show: more than one search seed; test-split lift (the lift is on the validation set the search compared on).
 """
 
 from __future__ import annotations
@@ -80,8 +81,10 @@ def one(name: str, data_args: list[str], budget: float, work: Path) -> dict[str,
     trained = json.loads((work / "trained" / "model" / "metrics.json").read_text())
     import yaml
 
-    prov = yaml.safe_load((work / "best.yaml").read_text())["provenance"]
+    best = yaml.safe_load((work / "best.yaml").read_text())
+    prov = best["provenance"]
     return {
+        "run_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "budget_flops": budget, "spent_flops": m.get("search.spent_flops"),
         "trials": m.get("search.n_trials"), "search_s": round(search_s),
         "search_peak_rss_mb": round(search_mb), "train_s": round(train_s),
@@ -93,8 +96,26 @@ def one(name: str, data_args: list[str], budget: float, work: Path) -> dict[str,
         "trained": {k: trained.get(k) for k in ("val_logloss", "val_auc", "test_logloss",
                                                 "test_auc", "status")}
                    | {k: v for k, v in trained.items() if k.startswith(("best", "stopped"))},
+        "exported": {"model": best.get("model"), "train": best.get("train")},
         "description": parent.data.tags.get("mlflow.note.content", ""),
     }
+
+
+def keep(results: dict[str, Any], key: str, new: dict[str, Any]) -> None:
+    """Store ``new`` as ``results[key]``; the entry it replaces (with its own earlier
+    runs) goes first in ``new["earlier"]``.
+
+    Example:
+        >>> r = {"ml": {"val": 1}}
+        >>> keep(r, "ml", {"val": 2}); keep(r, "ml", {"val": 3})
+        >>> r["ml"]["val"], [e["val"] for e in r["ml"]["earlier"]]
+        (3, [2, 1])
+    """
+    old = results.get(key)
+    if old is not None:
+        earlier = old.pop("earlier", [])
+        new["earlier"] = [old, *earlier]
+    results[key] = new
 
 
 def main() -> None:
@@ -108,11 +129,11 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="trust"))
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     if args.only in (None, "movielens"):
-        results["movielens-1m"] = one("trust-ml", ["--data", "movielens-1m"],
-                                      args.budget_movielens, work / "movielens")
+        keep(results, "movielens-1m", one("trust-ml", ["--data", "movielens-1m"],
+                                          args.budget_movielens, work / "movielens"))
     if args.only in (None, "synthetic"):
-        results["synthetic"] = one("trust-syn", ["--data", "synthetic", "--max-rows", "100000"],
-                                   args.budget_synthetic, work / "synthetic")
+        keep(results, "synthetic", one("trust-syn", ["--data", "synthetic", "--max-rows", "100000"],
+                                        args.budget_synthetic, work / "synthetic"))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2, default=str))
     print(json.dumps(results, indent=2, default=str))

@@ -125,6 +125,71 @@ def test_split_optimizer_uses_the_embedding_lr(data) -> None:
     assert delta_emb < 1e-6 < delta_head
 
 
+def _row_norms(res, spec, tr) -> tuple[float, float]:
+    """Mean squared norm of the embedding rows the training split uses, and of the
+    rows it never looks up (trained only through weight decay)."""
+    from spaces import build_model
+
+    offsets = build_model(CFG, spec).offsets
+    used = torch.zeros(res.model.embedding.weight.shape[0], dtype=torch.bool)
+    used[(tr.cat + offsets).flatten()] = True
+    sq = res.model.embedding.weight.detach().pow(2).sum(-1)
+    return float(sq[used].mean()), float(sq[~used].mean()) if (~used).any() else float("nan")
+
+
+def test_embedding_weight_decay_shrinks_the_tables_and_only_them(data) -> None:
+    """``embedding_weight_decay`` is the embedding group's AdamW decay: with it the
+    tables end smaller; the dense weights' decay stays ``weight_decay``'s."""
+    spec, tr, va = data
+    tc = TrainConfig(optimizer="adamw_split", lr=3e-3, embedding_lr=1e-2, batch_size=100,
+                     max_examples=3000)
+    plain = train(CFG, tc, spec, tr, va)
+    decayed = train(CFG, tc.model_copy(update={"embedding_weight_decay": 5.0}), spec, tr, va)
+    assert _row_norms(decayed, spec, tr)[0] < 0.7 * _row_norms(plain, spec, tr)[0]
+    from trainers.loop import _optimizer
+
+    groups = _optimizer(decayed.model, tc.model_copy(update={
+        "embedding_weight_decay": 0.5, "weight_decay": 1e-4})).param_groups
+    assert [g["weight_decay"] for g in groups] == [1e-4, 0.5]
+    assert groups[1]["params"] == [decayed.model.embedding.weight]
+
+
+def test_embedding_l2_regularises_the_rows_a_batch_uses(data) -> None:
+    """``embedding_l2`` penalises the looked-up rows: they end smaller, the rows no
+    batch uses keep their initial values (Adam never steps them), ``train_loss`` stays
+    the log loss and the FLOPs accounting is unchanged."""
+    spec, tr, va = data
+    tc = TrainConfig(optimizer="adamw_split", lr=3e-3, embedding_lr=1e-2, batch_size=100,
+                     max_examples=3000, eval_every=3000)
+    plain = train(CFG, tc, spec, tr, va)
+    l2 = train(CFG, tc.model_copy(update={"embedding_l2": 0.1}), spec, tr, va)
+    used_plain, unused_plain = _row_norms(plain, spec, tr)
+    used_l2, unused_l2 = _row_norms(l2, spec, tr)
+    assert used_l2 < 0.7 * used_plain
+    if math.isfinite(unused_plain):
+        assert unused_l2 == pytest.approx(unused_plain)
+    for key in ("train_flops", "flops_per_example", "params_embedding", "params_dense"):
+        assert l2.metrics[key] == plain.metrics[key]
+    # train_loss is the log loss alone: with the penalty it is not inflated by it
+    penalty = 0.1 * used_l2 * spec.n_categorical
+    assert l2.metrics["train_loss"] < plain.metrics["train_loss"] + penalty
+    # evaluations do not keep the rows they look up, and a resumed run is exact
+    saved: list[bytes] = []
+
+    def save_first(m: dict, state) -> bool:
+        if not saved:
+            buf = io.BytesIO()
+            torch.save(state(), buf)
+            saved.append(buf.getvalue())
+        return False
+
+    tc2 = tc.model_copy(update={"embedding_l2": 0.1, "eval_every": 1000})
+    full = train(CFG, tc2, spec, tr, va, report=save_first)
+    resumed = train(CFG, tc2, spec, tr, va,
+                    resume=torch.load(io.BytesIO(saved[0]), weights_only=True))
+    assert torch.equal(full.model.embedding.weight, resumed.model.embedding.weight)
+
+
 def test_normalized_entropy_of_the_base_rate_is_one() -> None:
     p = 0.3
     ll = -(p * math.log(p) + (1 - p) * math.log(1 - p))

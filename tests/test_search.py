@@ -101,7 +101,7 @@ def test_asha_stops_trials_at_flops_milestones(unified) -> None:
 def test_every_family_is_sampled(unified) -> None:
     _, out = unified
     assert set(out.trials["model.block"]) == {"attention", "tokenmixer", "wukong",
-                                              "unimixing", "unimixing_lite"}
+                                              "unimixing", "unimixing_lite", "fm"}
 
 
 def test_mlflow_layout(unified) -> None:

@@ -22,7 +22,8 @@ def test_a_unified_space_and_per_family_spaces_ship() -> None:
     assert "unified" in names
     assert {"attention", "tokenmixer", "wukong", "unimixing", "unimixing_lite"} <= names
     unified = load_space("spaces/unified.yaml")
-    assert set(unified.families) == {"attention", "tokenmixer", "wukong", "unimixing", "unimixing_lite"}
+    assert set(unified.families) == {"attention", "tokenmixer", "wukong", "unimixing", "unimixing_lite",
+                                     "fm"}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])

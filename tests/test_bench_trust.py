@@ -1,0 +1,31 @@
+"""bench/trust.py keeps a dataset's earlier runs when it records a new one."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench() -> ModuleType:  # bench/ is not a package: load the script by path
+    spec = importlib.util.spec_from_file_location("bench_trust", ROOT / "bench" / "trust.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_new_run_keeps_the_earlier_ones_newest_first() -> None:
+    keep = _bench().keep
+    results: dict = {"movielens-1m": {"val_auc": 0.81}, "synthetic": {"val_auc": 0.7}}
+    keep(results, "movielens-1m", {"val_auc": 0.82})
+    keep(results, "movielens-1m", {"val_auc": 0.83})
+    ml = results["movielens-1m"]
+    assert ml["val_auc"] == 0.83
+    assert [e["val_auc"] for e in ml["earlier"]] == [0.82, 0.81]
+    assert all("earlier" not in e for e in ml["earlier"])  # one flat list, not nested
+    assert results["synthetic"] == {"val_auc": 0.7}  # other datasets untouched
+    keep(results, "new", {"val_auc": 0.5})
+    assert "earlier" not in results["new"]
