@@ -58,9 +58,12 @@ from recscale.demo import demo_config  # noqa: E402
 from search.settings import SearchConfig  # noqa: E402
 
 
-def case_config(case: str, long_scale: float, seed: int) -> SearchConfig:
-    """The search of one case (see the module docstring)."""
+def case_config(case: str, long_scale: float, seed: int, space: str | None = None) -> SearchConfig:
+    """The search of one case (see the module docstring); ``space``: another space file
+    than the demo's (to compare two versions of the code on one space)."""
     demo = demo_config(quick=False)
+    if space is not None:
+        demo = demo.model_copy(update={"space": space})
     if case == "demo":
         return demo.model_copy(update={"name": f"overhead-demo-{seed}", "seed": seed})
     if case == "long":
@@ -103,8 +106,9 @@ def split(trials: Any, slots: float) -> dict[str, float]:
             "trial_seconds": inside}
 
 
-def run_case(case: str, seed: int, long_scale: float, tmp: Path) -> dict[str, Any]:
-    cfg = case_config(case, long_scale, seed)
+def run_case(case: str, seed: int, long_scale: float, tmp: Path,
+             space: str | None = None) -> dict[str, Any]:
+    cfg = case_config(case, long_scale, seed, space)
     timer = _TimedFit()
     runner.build_tuner = timer  # type: ignore[assignment]
     try:
@@ -145,6 +149,8 @@ def main() -> None:
     ap.add_argument("--label", required=True, help="before | after | anything")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--long-scale", type=float, default=3.0)
+    ap.add_argument("--space", default=None,
+                    help="a space YAML instead of the demo's (the same file for before and after)")
     ap.add_argument("--out", default=str(Path(_HERE) / "results" / "overhead.json"))
     args = ap.parse_args()
     import ray
@@ -159,7 +165,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="rsover") as tmp:
             row = {"label": args.label, "commit": commit,
                    "load_avg_start": os.getloadavg()[0],
-                   **run_case(case, args.seed, args.long_scale, Path(tmp)),
+                   **run_case(case, args.seed, args.long_scale, Path(tmp), args.space),
+                   "space": args.space or "the demo's",
                    "load_avg_end": os.getloadavg()[0]}
         print(json.dumps(row), flush=True)
         results["runs"] = [r for r in results["runs"]
