@@ -163,6 +163,7 @@ def test_embedding_l2_regularises_the_rows_a_batch_uses(data) -> None:
                      max_examples=3000, eval_every=3000)
     plain = train(CFG, tc, spec, tr, va)
     l2 = train(CFG, tc.model_copy(update={"embedding_l2": 0.1}), spec, tr, va)
+    assert not l2.model.embedding._forward_hooks  # the look-up hook is gone with the run
     used_plain, unused_plain = _row_norms(plain, spec, tr)
     used_l2, unused_l2 = _row_norms(l2, spec, tr)
     assert used_l2 < 0.7 * used_plain

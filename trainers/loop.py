@@ -418,9 +418,9 @@ def train(
 
     # the rows the training forward passes look up (embedding_l2); evaluation's are not kept
     looked_up: list[torch.Tensor] = []
-    if train_cfg.embedding_l2 > 0:
-        model.embedding.register_forward_hook(
-            lambda mod, _inp, out: looked_up.append(out) if mod.training else None)
+    hook = (model.embedding.register_forward_hook(
+        lambda mod, _inp, out: looked_up.append(out) if mod.training else None)
+        if train_cfg.embedding_l2 > 0 else None)
 
     model.train()
     order = _epoch_order(n_train, train_cfg.seed, epoch)
@@ -494,6 +494,8 @@ def train(
                            f"{best[OBJECTIVE]:.6g} (at {int(best['examples_seen'])} examples) "
                            f"by more than {train_cfg.min_delta:g} in {stale} evaluations")
                 break
+    if hook is not None:  # the model outlives this run (a trial's state, a second train)
+        hook.remove()
     final = history[-1] if history else {}
     return TrainResult(status, final, model, history, message, best, best_state, early)
 
