@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grace-flops", type=float, default=None, help="ASHA grace period in FLOPs")
     s.add_argument("--reduction-factor", type=int, default=3)
     s.add_argument("--searcher", choices=["tpe", "random"], default="tpe")
+    s.add_argument("--startup-trials", type=int, default=None,
+                   help="trials TPE samples at random before it models the results "
+                        "(default: a fifth of the ~2*budget/trial_flops trials ASHA runs, at least 6)")
     s.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
     s.add_argument("--objective", choices=["single", "multi"], default="single",
                    help="multi: val_logloss and flops_per_example (NSGA-II)")

@@ -57,6 +57,7 @@ def _search_config(args: argparse.Namespace) -> Any:
         budget_flops=args.budget_flops, trial_flops=args.trial_flops,
         max_flops_per_example=args.max_flops_per_example, grace_flops=args.grace_flops,
         reduction_factor=args.reduction_factor, searcher=args.searcher,
+        startup_trials=args.startup_trials,
         scheduler=args.scheduler, objective=args.objective,
         max_concurrent=args.max_concurrent, seed=args.seed,
         reuse_actors=not args.no_reuse_actors,

@@ -15,6 +15,7 @@ from recscale.cli import main
     ("--budget-flops", "nan", "budget_flops: Input should be a finite number"),
     ("--budget-flops", "-1", "budget_flops: Input should be greater than 0"),
     ("--max-flops-per-example", "inf", "max_flops_per_example: Input should be a finite number"),
+    ("--startup-trials", "0", "startup_trials: Input should be greater than or equal to 1"),
 ])
 def test_non_finite_or_negative_budgets_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture[str], flag: str,
