@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_scripts import load_bench
 
 
-def _bench() -> ModuleType:  # bench/ is not a package: load the script by path
-    spec = importlib.util.spec_from_file_location("bench_trust", ROOT / "bench" / "trust.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _bench() -> ModuleType:
+    return load_bench("trust")
 
 
 def test_a_new_run_keeps_the_earlier_ones_newest_first() -> None:

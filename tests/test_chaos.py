@@ -7,7 +7,6 @@ chaos harness of ``bench/chaos.py`` (its short version) and audits the result.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -22,18 +21,14 @@ from mlflow.tracking import MlflowClient
 from search.budget import BudgetPolicy, BudgetStopper, set_untracked_spend
 from search.lock import SearchLock, SearchLocked
 from search.trainable import STATE_FILE, load_state
+from tests.bench_scripts import load_bench
 from trainers.tracking import TrialTracker, experiment_id, find_or_create_parent
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench_chaos():  # bench/ is not a package: load the harness by path
-    spec = importlib.util.spec_from_file_location("bench_chaos", ROOT / "bench" / "chaos.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_chaos"] = module
-    spec.loader.exec_module(module)
-    return module
+def _bench_chaos():
+    return load_bench("chaos")
 
 
 def test_a_second_driver_of_the_same_search_refuses_in_one_line(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ as stubs, as Tune itself builds them when it reads an experiment back."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -21,18 +20,13 @@ from ray.tune.experiment import Trial
 
 from search.monitor import TrimFinishedTrials, malloc_info, trim_finished_trial
 from search.tracking import TrialStatusCallback
+from tests.bench_scripts import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench():  # bench/ is not a package: load the script by path
-    spec = importlib.util.spec_from_file_location("bench_driver_memory",
-                                                  ROOT / "bench" / "driver_memory.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_driver_memory"] = module
-    spec.loader.exec_module(module)
-    return module
+def _bench():
+    return load_bench("driver_memory")
 
 
 def _report(i: int) -> dict[str, Any]:
