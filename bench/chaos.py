@@ -87,6 +87,7 @@ class Chaos:
         self.raytmp = tempfile.mkdtemp(prefix="ch", dir="/tmp")
         self.rng = random.Random(self.seed)
         self.mlflow: subprocess.Popen[bytes] | None = None
+        self._stderr: Path | None = None  # the running driver's stderr (start)
         self.port = _free_port() if self.server else 0
         vm = psutil.virtual_memory()  # Ray's own measure: total - available
         self.oom_threshold = min(0.9, (vm.total - vm.available + self.oom_headroom * GIB)
@@ -171,6 +172,15 @@ class Chaos:
         except (subprocess.TimeoutExpired, ValueError, IndexError):
             return 0
 
+    def nodes_settle_at(self, want: int, timeout: float = 120.0) -> int:
+        """Nodes alive once the count is ``want`` or ``timeout`` has passed. Right after a
+        node comes back the GCS is still declaring the killed one dead (its health check
+        fails some seconds later) and a probe then may not answer."""
+        deadline = time.time() + timeout
+        while (alive := self.alive_nodes()) != want and time.time() < deadline:
+            time.sleep(2)
+        return alive
+
     def node_processes(self, role: str = "") -> list[psutil.Process]:
         """The processes of one harness-started node (of all of them with ``role=""``)."""
         want = f"{self.mark}-{role}"
@@ -212,7 +222,7 @@ class Chaos:
                     total += int(m.group(1)) if m else 0
         return total
 
-    def fill_memory_until_a_trial_dies(self, driver: subprocess.Popen[str] | None = None,
+    def fill_memory_until_a_trial_dies(self, driver: subprocess.Popen[bytes] | None = None,
                                        timeout: float = 180.0) -> dict[str, Any]:
         """Fill memory past Ray's kill threshold with a balloon process and hold it until
         Ray's memory monitor has killed a worker (its raylet log says so) or the
@@ -264,10 +274,22 @@ class Chaos:
             env["RAY_memory_usage_threshold"] = f"{self.oom_threshold:.4f}"
         return env
 
-    def start(self, oom: bool = False) -> subprocess.Popen[str]:
-        return subprocess.Popen(self.command(), env=self.env(oom), cwd=self.workdir,
-                                start_new_session=True, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+    def start(self, oom: bool = False) -> subprocess.Popen[bytes]:
+        """Start the driver. Its stderr goes to a file of its own: a pipe nobody reads
+        until the driver exits fills up (an MLflow outage makes every client warn) and
+        then blocks the driver mid-search."""
+        self._stderr = self.workdir / f"driver-{len(self.log)}.err"
+        with self._stderr.open("wb") as err:
+            return subprocess.Popen(self.command(), env=self.env(oom), cwd=self.workdir,
+                                    start_new_session=True, stdout=subprocess.DEVNULL,
+                                    stderr=err)
+
+    def stderr_tail(self, chars: int = 500) -> str:
+        """The end of the last driver's stderr."""
+        try:
+            return self._stderr.read_text(errors="replace")[-chars:] if self._stderr else ""
+        except OSError:
+            return ""
 
     def cleanup(self) -> None:
         """Ray processes a killed driver leaves behind (they carry our RAY_TMPDIR). On
@@ -335,8 +357,7 @@ class Chaos:
         entry: dict[str, Any] = {"fault": fault, "at_s": round(time.time() - t0, 1),
                                  "after_new_report_s": round(time.time() - started, 1)}
         if proc.poll() is not None:
-            err = proc.stderr.read() if proc.stderr else ""
-            entry.update(ended=proc.returncode, stderr=err[-500:])
+            entry.update(ended=proc.returncode, stderr=self.stderr_tail())
             self.log.append(entry)
             self.cleanup()
             return proc.returncode
@@ -353,7 +374,7 @@ class Chaos:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
             entry["exit"] = proc.returncode
-            err = proc.stderr.read() if proc.stderr else ""
+            err = self.stderr_tail(4000)
             entry["last_line"] = ([ln for ln in err.splitlines() if ln.strip()] or [""])[-1]
             self.cleanup()
         elif fault in ("trial", "oom", "mlflow-down", "node"):
@@ -384,6 +405,7 @@ class Chaos:
                         time.time() < started + wait + 600:
                     time.sleep(0.5)
                 entry["reports_after"] = self.reports() - before
+                entry["waited_s"] = round(time.time() - started, 1)
                 entry["errored_trials"] = len(list(
                     self.storage.glob(f"{self.name}/*/error.txt")))
             try:  # the search goes on: let it end or be hit by the next fault
@@ -397,6 +419,8 @@ class Chaos:
                 entry["ended"] = 0
                 self.log.append(entry)
                 return 0
+            if "then" not in entry:  # it ended by itself, with an error: say which
+                entry.update(exit=proc.returncode, stderr=self.stderr_tail())
         self.log.append(entry)
         return None
 

@@ -203,19 +203,15 @@ def time_bias_cost(ds: Any, ks: list[int], batch: int = 256) -> list[dict[str, A
     idx = torch.arange(batch)
     for k in ks:
         for parts in (1, 4):
-            cfg = ModelConfig(**{"block": "attention", "n_layers": 2, "d_model": 32,
-                                 "n_tokens": 4, "embed_dim": 16, "seq_len": k,
-                                 "attention": {"kind": "hstu", "n_heads": 2,
-                                               "partitions": parts}})
             models = {}
-            for with_bias in (True, False):
+            for with_bias in (True, False):  # the same model, with and without the bias
+                cfg = ModelConfig(**{"block": "attention", "n_layers": 2, "d_model": 32,
+                                     "n_tokens": 4, "embed_dim": 16, "seq_len": k,
+                                     "seq_time_bias": with_bias,
+                                     "attention": {"kind": "hstu", "n_heads": 2,
+                                                   "partitions": parts}})
                 torch.manual_seed(0)
-                model = build_model(cfg, ds.spec)
-                if not with_bias:  # the same model, the bias taken out
-                    model.time_bias = False
-                    for blk in model.blocks:
-                        blk.time_bias = None
-                models[with_bias] = model
+                models[with_bias] = build_model(cfg, ds.spec)
             inputs = model_inputs(models[True], ds.train, idx, "cpu")
             for m in models.values():
                 m(*inputs).sum().backward()  # warm-up

@@ -40,8 +40,11 @@ RESULTS = ROOT / "bench" / "results" / "trust.json"
 def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]:
     """Run a command; returns (seconds, peak RSS in MB of it and its children)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    # the output goes to a file: a pipe read only at the end fills up and blocks the command
+    log = cwd / f"{cmd[3]}.log"
+    with log.open("wb") as out_file:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out_file,
+                                stderr=subprocess.STDOUT)
     peak = 0.0
     while proc.poll() is None:
         try:
@@ -51,7 +54,7 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]:
         except psutil.Error:
             pass
         time.sleep(1)
-    out = proc.stdout.read() if proc.stdout else ""
+    out = log.read_text(errors="replace")
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-3000:]}")
     print(out[-2500:])

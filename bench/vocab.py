@@ -150,15 +150,18 @@ def search_case(name: str, csv: Path, schema: Path, work: Path, budget: float) -
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": _ROOT,
            "RECSCALE_CACHE": str(work / "cache")}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    # stderr to a file: a pipe read only at the end fills up and blocks the search
+    err_path = work / "search.err"
+    with err_path.open("wb") as err_file:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err_file,
+                                start_new_session=True)
     ps, peak, series = psutil.Process(proc.pid), 0.0, []
     while proc.poll() is None:
         pss = _tree_pss_mb(ps)
         peak = max(peak, pss)
         series.append((round(time.perf_counter() - t0, 1), round(pss, 1)))
         time.sleep(1)
-    err = proc.stderr.read() if proc.stderr else ""
+    err = err_path.read_text(errors="replace")
     if proc.returncode != 0:
         raise SystemExit(f"search {name} failed ({proc.returncode}): {err[-2000:]}")
     client = MlflowClient(uri)

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--startup-trials", type=int, default=None,
                    help="trials TPE samples at random before it models the results "
                         "(default: a fifth of the ~2*budget/trial_flops trials ASHA runs, at least 6)")
+    s.add_argument("--trial-patience", type=int, default=None,
+                   help="end a trial after this many evaluations in a row without a lower "
+                        "val_logloss (0: never; default 3)")
     s.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
     s.add_argument("--objective", choices=["single", "multi"], default="single",
                    help="multi: val_logloss and flops_per_example (NSGA-II)")

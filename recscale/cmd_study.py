@@ -3,7 +3,7 @@
     recscale scale  --name tm --data movielens-1m --families tokenmixer \\
                     --min-budget 1e11 --n-budgets 4 --ratio 4 [--target-flops 1.6e13]
     recscale verify tm [--budget-flops 1.6e13] [--max-flops-per-example 5e5]
-    recscale scale  --name k --families attention --seq-lens 0,16,64 --split user_temporal \
+    recscale scale  --name k --families attention --seq-lens 0,16,64 --split user_temporal \\
                     --min-budget 1e12     (history length K as a scaling axis: one series per K)
 
 Only argparse here; Ray, MLflow, torch and SciPy are imported inside the handlers. Bad
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 __all__ = ["add_parsers", "cmd_scale", "cmd_verify"]
@@ -139,7 +140,9 @@ def _config(args: argparse.Namespace) -> Any:
     else:
         if not args.schema:
             raise StudyError(f"scale: --data {args.data}: a CSV/parquet file needs --schema")
-        fields.update(name="file", path=args.data, schema_path=args.schema)
+        # recorded absolute, as `recscale search` does: verify works from any directory
+        fields.update(name="file", path=str(Path(args.data).resolve()),
+                      schema_path=str(Path(args.schema).resolve()))
     try:
         data = DataConfig(**fields)
     except ValidationError as err:

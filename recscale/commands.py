@@ -58,6 +58,8 @@ def _search_config(args: argparse.Namespace) -> Any:
         max_flops_per_example=args.max_flops_per_example, grace_flops=args.grace_flops,
         reduction_factor=args.reduction_factor, searcher=args.searcher,
         startup_trials=args.startup_trials,
+        # 0 turns it off; not given: the settings' default
+        **({} if args.trial_patience is None else {"trial_patience": args.trial_patience or None}),
         scheduler=args.scheduler, objective=args.objective,
         max_concurrent=args.max_concurrent, seed=args.seed,
         reuse_actors=not args.no_reuse_actors,

@@ -31,7 +31,8 @@ from ray import tune
 
 from trainers.contracts import TIME_ATTR
 
-__all__ = ["BudgetPolicy", "BudgetStopper", "set_untracked_spend", "untracked_spend"]
+__all__ = ["BudgetPolicy", "BudgetStopper", "note_tune_trials", "set_untracked_spend", "tune_view",
+           "untracked_spend"]
 
 _UNTRACKED = {"flops": 0.0}  # this driver process's; set once per (re)start by the runner
 
@@ -43,6 +44,34 @@ def set_untracked_spend(flops: float) -> None:
 
 def untracked_spend() -> float:
     return _UNTRACKED["flops"]
+
+
+# Tune's own view of its trials, for the searcher (this driver process's): the number of
+# controller steps seen so far and the trials unfinished at the latest one. Tune (ray
+# 2.60) can finish a trial without telling the searcher: a reused actor whose reset
+# fails (``TuneController._on_trial_reset``: the previous trial's thread outlived
+# ``TUNE_FUNCTION_THREAD_TIMEOUT_S``) sets the new trial to ERROR and calls neither
+# ``on_trial_complete`` nor any callback. The searcher would reserve budget for it
+# forever and, once nothing else runs, wait forever.
+@dataclass
+class _TuneView:
+    step: int = 0
+    unfinished: frozenset[str] = frozenset()
+
+
+_TUNE = _TuneView()
+
+
+def note_tune_trials(trials: Iterable[Any]) -> None:
+    """Record, at the start of a controller step, which trials Tune has not finished."""
+    _TUNE.unfinished = frozenset(t.trial_id for t in trials if not t.is_finished())
+    _TUNE.step += 1
+
+
+def tune_view() -> tuple[int, frozenset[str]]:
+    """``(step, unfinished trial ids)`` as of the latest :func:`note_tune_trials`. A
+    trial added to Tune during step *k* is in every view from step *k + 1* on."""
+    return _TUNE.step, _TUNE.unfinished
 
 Decision = Literal["start", "wait", "done"]
 
@@ -100,6 +129,7 @@ class BudgetStopper(tune.Stopper, tune.Callback):
         return self.total >= self.budget_flops
 
     def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        note_tune_trials(trials)
         for trial in trials:  # restored trials carry their spend in last_result
             flops = (trial.last_result or {}).get(TIME_ATTR)
             if flops is not None:

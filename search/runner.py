@@ -477,7 +477,8 @@ def build_tuner(plan: SearchPlan, tracking: Tracking, verbose: int = 1) -> Any:
         search=cfg.name, data=cfg.data, trial_flops=cfg.trial_budget,
         milestones=plan.milestones,
         report_every_flops=cfg.report_every_flops,
-        eval_max_examples=cfg.eval_max_examples, tracking_uri=tracking.uri,
+        eval_max_examples=cfg.eval_max_examples, patience=cfg.trial_patience,
+        tracking_uri=tracking.uri,
         experiment_id=tracking.experiment_id, parent_run_id=tracking.parent_run_id,
     )
     trainable = tune.with_resources(

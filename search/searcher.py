@@ -19,7 +19,8 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from search.budget import BudgetPolicy
+from search.budget import BudgetPolicy, tune_view
+from search.settings import MIN_STARTUP_TRIALS
 from trainers.contracts import TIME_ATTR, UserError
 
 __all__ = ["SAMPLERS", "BudgetedOptunaSearch", "Feasibility", "compact_finished_trial",
@@ -94,7 +95,7 @@ SAMPLERS: dict[str, Callable[[int, bool, int], optuna.samplers.BaseSampler]] = {
 
 
 def create_sampler(kind: str, seed: int, multi_objective: bool = False,
-                   startup_trials: int = 6) -> optuna.samplers.BaseSampler:
+                   startup_trials: int = MIN_STARTUP_TRIALS) -> optuna.samplers.BaseSampler:
     """The Optuna sampler registered as ``kind``; an unknown name lists the valid ones.
     ``startup_trials``: finished trials a model-based sampler waits for, sampling at
     random meanwhile (TPE's ``n_startup_trials``)."""
@@ -121,7 +122,7 @@ class BudgetedOptunaSearch(OptunaSearch):
         self._feasibility = feasibility
         self._policy = policy
         self._spent: dict[str, float] = {}
-        self._live: set[str] = set()
+        self._live: dict[str, int] = {}  # running trial id -> Tune's step at its suggestion
         self.rejected: list[str] = []
         self._interned: dict[Any, Any] = {}  # see compact_finished_trial
         # OptunaSearch warns when the define-by-run space takes over 1 s, the time in its
@@ -138,6 +139,7 @@ class BudgetedOptunaSearch(OptunaSearch):
     # and enqueue it again.
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
         if trial_id not in self._ot_trials:
+            self._forget_trials_tune_dropped()
             decision = self._policy.decide(self._spent, self._live)
             if decision == "done":
                 return Searcher.FINISHED
@@ -150,7 +152,7 @@ class BudgetedOptunaSearch(OptunaSearch):
             ok, violation, reason = self._feasibility(params)
             ot_trial.set_constraint("feasible", violation)
             if ok:
-                self._live.add(trial_id)
+                self._live[trial_id] = tune_view()[0]
                 self._spent.setdefault(trial_id, 0.0)
                 return params
             self.rejected.append(reason)
@@ -164,6 +166,22 @@ class BudgetedOptunaSearch(OptunaSearch):
                 self._ot_study.enqueue_trial(fixed, skip_if_exists=False)
         log.error("no feasible config in %d samples; last reason: %s", MAX_RESAMPLES, reason)
         return Searcher.FINISHED
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        # Tune's steps count from 0 in each driver process (search.budget.tune_view):
+        # the running trials of a saved state are checked from this process's first step
+        self._live = dict.fromkeys(self._live, 0)
+
+    def _forget_trials_tune_dropped(self) -> None:
+        """Complete, as errored, every trial this searcher counts as running that Tune
+        has finished without telling it (see :func:`search.budget.tune_view`): otherwise
+        its reservation would keep new trials waiting, for ever once nothing else runs."""
+        step, unfinished = tune_view()
+        for trial_id in [t for t, at in self._live.items() if at < step and t not in unfinished]:
+            log.warning("trial %s ended without its result reaching the searcher (Tune "
+                        "could not reuse an actor for it); told to Optuna as failed", trial_id)
+            self.on_trial_complete(trial_id, error=True)
 
     #: Drop a finished trial's ``optuna.Trial`` handle once its result is told (see
     #: :meth:`on_trial_complete`) and compact what the study keeps of it
@@ -198,7 +216,7 @@ class BudgetedOptunaSearch(OptunaSearch):
                           error: bool = False) -> None:
         if result and TIME_ATTR in result:
             self._spent[trial_id] = max(self._spent.get(trial_id, 0.0), float(result[TIME_ATTR]))
-        self._live.discard(trial_id)
+        self._live.pop(trial_id, None)
         ot_trial = self._ot_trials.get(trial_id)
         if self._knows(trial_id):
             super().on_trial_complete(trial_id, result=result, error=error)

@@ -9,7 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainers.data import DataConfig
 
-__all__ = ["ResourceConfig", "SearchConfig", "asha_milestones"]
+__all__ = ["MIN_STARTUP_TRIALS", "ResourceConfig", "SearchConfig", "asha_milestones"]
+
+#: the fewest random trials TPE waits for before it models the results
+MIN_STARTUP_TRIALS = 6
 
 
 class ResourceConfig(BaseModel):
@@ -58,6 +61,11 @@ class SearchConfig(BaseModel):
     seed: int = 0
     eval_max_examples: int | None = Field(20_000, ge=1)
     reports_per_grace: int = Field(2, ge=1)
+    #: a trial ends once this many evaluations in a row have not lowered its validation
+    #: loss (``None``: never). A model that has started to overfit does not spend the
+    #: rest of its ``trial_flops`` getting worse: its result (its last report) stays
+    #: near its best, and the FLOPs it leaves go to other trials
+    trial_patience: int | None = Field(3, ge=1)
     # Reusing trial actors saves ~2 s a trial on one machine; on a cluster a fresh actor
     # per trial lets Ray place each trial on whichever node has room.
     reuse_actors: bool = True
@@ -72,6 +80,9 @@ class SearchConfig(BaseModel):
             )
         if self.grace > trial:
             raise ValueError(f"grace_flops={self.grace:.3g} exceeds trial_flops={trial:.3g}")
+        if self.startup_trials is not None and (self.searcher != "tpe" or self.objective == "multi"):
+            raise ValueError("startup_trials is TPE's random warm-up: it needs searcher tpe "
+                             "and objective single")
         return self
 
     @property
@@ -100,7 +111,7 @@ class SearchConfig(BaseModel):
         with 6, and ended lower (bench/RESULTS.md, "Search strategies")."""
         if self.startup_trials is not None:
             return self.startup_trials
-        return max(6, round(0.4 * self.budget_flops / self.trial_budget))
+        return max(MIN_STARTUP_TRIALS, round(0.4 * self.budget_flops / self.trial_budget))
 
 
 def asha_milestones(grace: float, reduction_factor: int, max_t: float) -> list[float]:

@@ -237,8 +237,8 @@ class StudyConfig(BaseModel):
     def _histories_loaded(self) -> StudyConfig:
         if any(self.seq_lens) and not self.data.sequences:
             raise ValueError(f"seq_lens {list(self.seq_lens)} read behaviour histories: load "
-                             "the data with sequences (data.sequences: true, or --sequences; "
-                             "split user_temporal is the protocol)")
+                             "the data with sequences (data.sequences: true, which `recscale "
+                             "scale --seq-lens` sets; split user_temporal is the protocol)")
         return self
 
     def series(self) -> tuple[str, ...]:

@@ -68,6 +68,8 @@ class TrialContext:
     #: what the budget's overshoot bound (``analysis.audit``) allows for; a longer one
     #: saves the checkpoints' cost but a resume may redo more (counted as spent)
     checkpoint_every_s: float = 0.0
+    #: evaluations without a lower validation loss that end a trial (``None``: never)
+    patience: int | None = None
 
 
 @dataclass(frozen=True)
@@ -262,11 +264,20 @@ def _trial_resources() -> dict[str, float]:
     return {k: float(sum(b.get(k, 0) for b in bundles)) for k in ("CPU", "GPU")}
 
 
+#: Seconds Tune waits for a finished trial's thread before it reuses the actor.
+ACTOR_REUSE_WAIT_S = 60
+
+
 def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> None:
     """Train one sampled config, reporting at ASHA milestones and every report interval."""
     import ray
 
     started = time.perf_counter()
+    # Tune reuses this actor for the next trial only once this function's thread has
+    # ended (it ends the MLflow run, which waits for the server); Tune waits 2 s by
+    # default, then drops the next trial as ERROR (ray 2.60 FunctionTrainable.reset_config,
+    # read there at each reset; search.budget.tune_view)
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(ACTOR_REUSE_WAIT_S))
     resources = _trial_resources()
     torch.set_num_threads(max(1, int(resources["CPU"])))
     spec: FeatureSpec = data["spec"]
@@ -276,7 +287,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
     # budget rounded down, report points to the nearest, ASHA's milestones up (so the
     # report at a milestone has reached it; FLOPs count the examples actually seen)
     train_cfg = trial_train_config(exp.train, cost.flops_per_example, ctx.trial_flops,
-                                   ctx.report_every_flops, ctx.eval_max_examples)
+                                   ctx.report_every_flops, ctx.eval_max_examples, ctx.patience)
     bs, max_examples = train_cfg.batch_size, int(train_cfg.max_examples or 0)
     per_batch = 3 * cost.flops_per_example * bs
     eval_at = [min(max_examples, bs * math.ceil(m / per_batch)) for m in ctx.milestones]

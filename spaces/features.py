@@ -18,10 +18,11 @@ N_GAP_BUCKETS = 40
 class SequenceSpec:
     """Layout of a dataset's behaviour histories (``trainers.sequences``).
 
-    A history step is three ids: the item (an id of the categorical field
+    A history step is four numbers: the item (an id of the categorical field
     ``item_field``, so it shares that field's embedding rows), the action (``0`` =
-    padding, ``1 + label`` of the earlier interaction, so ``1..n_actions``) and the
-    time-gap bucket (``0`` = padding, ``1..N_GAP_BUCKETS``).
+    padding, ``1 + label`` of the earlier interaction, so ``1..n_actions``), the
+    time-gap bucket (``0`` = padding, ``1..N_GAP_BUCKETS``) and the gap itself in
+    seconds (HSTU's relative time bias buckets it).
 
     Args:
         item_field: index of the item field among the categorical fields.

@@ -97,6 +97,9 @@ class ModelConfig(BaseModel):
         seq_tokens: ``T_h``, history tokens after chunked mean pooling (must divide
             ``K``); unset = ``K`` for attention, ``min(K, 4)`` for the other families.
         seq_gap: add a learned embedding of each step's time-gap bucket.
+        seq_time_bias: HSTU over a history adds its relative time bias (a learned scalar
+            per log-gap bucket of every token pair); ``False`` leaves it out (a model
+            trained before the bias existed loads with it off).
         mixer: the validated family config (filled from the family's section).
     """
 
@@ -113,6 +116,7 @@ class ModelConfig(BaseModel):
     seq_len: int = Field(0, ge=0, le=4096)
     seq_tokens: int | None = Field(None, ge=1, le=4096)
     seq_gap: bool = True
+    seq_time_bias: bool = True
     mixer: BlockConfig
 
     @model_validator(mode="before")
@@ -164,7 +168,7 @@ class ModelConfig(BaseModel):
 
     def time_bias(self) -> bool:
         """Whether the blocks add HSTU's relative time bias (HSTU over a history)."""
-        return (self.history_tokens() > 0 and self.block == "attention"
+        return (self.seq_time_bias and self.history_tokens() > 0 and self.block == "attention"
                 and getattr(self.mixer, "kind", None) == "hstu")
 
     def check(self, spec: FeatureSpec) -> None:
@@ -206,7 +210,8 @@ class ModelConfig(BaseModel):
             self.block: self.mixer.model_dump(),
         }
         if self.seq_len:  # only with a history, so a history-free config reads as before
-            out.update(seq_len=self.seq_len, seq_tokens=self.seq_tokens, seq_gap=self.seq_gap)
+            out.update(seq_len=self.seq_len, seq_tokens=self.seq_tokens, seq_gap=self.seq_gap,
+                       seq_time_bias=self.seq_time_bias)
         return out
 
 

@@ -130,6 +130,43 @@ def test_untracked_spend_counts_against_the_budget() -> None:
         set_untracked_spend(0.0)
 
 
+class _TuneTrial:
+    """What :func:`search.budget.note_tune_trials` reads of a Tune trial."""
+
+    def __init__(self, trial_id: str, finished: bool) -> None:
+        self.trial_id, self.finished = trial_id, finished
+
+    def is_finished(self) -> bool:
+        return self.finished
+
+
+def test_a_trial_tune_drops_without_telling_the_searcher_does_not_hold_the_search() -> None:
+    """Tune (ray 2.60) sets a trial to ERROR without telling the searcher when it cannot
+    reuse an actor for it. The searcher learns it from Tune's trials at the next step:
+    the reservation is freed (before, the search waited for ever) and Optuna is told the
+    trial failed; a trial suggested in the current step is never taken for such a one."""
+    import optuna
+
+    from search.budget import note_tune_trials
+    from tests.searchers import small_searcher
+
+    search = small_searcher(BudgetPolicy(1.5e6, 1e6, (1e6, 1e7)))  # room for one trial
+    try:
+        note_tune_trials([])
+        assert search.suggest("a") is not None
+        assert search.suggest("b") is None  # "a" holds the room (same step: not checked)
+        note_tune_trials([_TuneTrial("a", finished=False)])
+        assert search.suggest("b") is None  # "a" runs
+        note_tune_trials([_TuneTrial("a", finished=True)])  # finished, the searcher not told
+        assert search.suggest("b") is not None
+        assert search._ot_study.trials[0].state == optuna.trial.TrialState.FAIL
+        assert search.suggest("c") is None  # "b", suggested in this step, holds the room
+        note_tune_trials([_TuneTrial("a", True), _TuneTrial("b", False)])
+        assert search.suggest("c") is None
+    finally:  # this process's view of Tune: empty again for the tests that follow
+        note_tune_trials([])
+
+
 @pytest.mark.slow
 def test_a_search_survives_kills_ctrl_c_a_killed_trial_and_a_truncated_checkpoint(
         tmp_path: Path) -> None:
@@ -208,7 +245,7 @@ def test_a_search_survives_losing_a_worker_node_and_getting_it_back(tmp_path: Pa
     try:
         assert chaos.alive_nodes() == 2
         rc = chaos.run(["node"], wait=(2.0, 4.0))
-        back = chaos.alive_nodes()
+        back = chaos.nodes_settle_at(2)
         report = audit_search(chaos.name, chaos.uri)
         structure = chaos_mod.analyze(chaos) if rc == 0 else None
     finally:

@@ -16,6 +16,7 @@ from recscale.cli import main
     ("--budget-flops", "-1", "budget_flops: Input should be greater than 0"),
     ("--max-flops-per-example", "inf", "max_flops_per_example: Input should be a finite number"),
     ("--startup-trials", "0", "startup_trials: Input should be greater than or equal to 1"),
+    ("--trial-patience", "-2", "trial_patience: Input should be greater than or equal to 1"),
 ])
 def test_non_finite_or_negative_budgets_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture[str], flag: str,
@@ -32,6 +33,18 @@ def test_non_finite_or_negative_budgets_are_refused(tmp_path: Path, monkeypatch:
     assert len(lines) == 1 and lines[0].startswith("recscale: error:") and needle in lines[0], lines
     assert not (tmp_path / "m.db").exists() and not (tmp_path / "ray").exists()
     assert not ray.is_initialized()
+
+
+def test_startup_trials_without_tpe_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """TPE's warm-up means nothing to random search or NSGA-II: one line, not ignored."""
+    monkeypatch.chdir(tmp_path)
+    for extra in (["--searcher", "random"], ["--objective", "multi"]):
+        assert main(["search", "--data", "synthetic", "--budget-flops", "1e9", "--name", "s",
+                     "--startup-trials", "20", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "startup_trials is TPE's random warm-up" in err[0], err
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_history_space_on_data_without_histories_is_refused(

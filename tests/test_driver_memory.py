@@ -187,16 +187,9 @@ def test_results_file_holds_both_runs_over_200_trials() -> None:
 
 
 def _searcher() -> Any:
-    from search.budget import BudgetPolicy
-    from search.searcher import BudgetedOptunaSearch
+    from tests.searchers import small_searcher
 
-    def space(trial: optuna.Trial) -> dict[str, int]:
-        trial.suggest_int("x", 0, 3)
-        return {}
-
-    return BudgetedOptunaSearch(space=space, feasibility=lambda flat: (True, -1.0, "ok"),
-                                policy=BudgetPolicy(1e9, 1e6, (1e6, 1e7)),
-                                metric="loss", mode="min", seed=0)
+    return small_searcher()
 
 
 def test_searcher_forgets_a_finished_trials_handle_but_the_study_keeps_it() -> None:

@@ -154,6 +154,28 @@ def test_embedding_weight_decay_shrinks_the_tables_and_only_them(data) -> None:
     assert groups[1]["params"] == [decayed.model.embedding.weight]
 
 
+def test_the_look_up_hook_goes_with_a_run_that_fails(data, monkeypatch) -> None:
+    """A run that raises (here from its report) still takes its ``embedding_l2`` hook
+    off the model, which outlives it."""
+    spec, tr, va = data
+    hooked: list[torch.nn.Module] = []
+    register = torch.nn.Module.register_forward_hook
+
+    def spy(self, *args, **kwargs):
+        hooked.append(self)
+        return register(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "register_forward_hook", spy)
+
+    def fail(m: dict, state) -> bool:
+        raise RuntimeError("report failed")
+
+    tc = TrainConfig(batch_size=100, max_examples=1000, eval_every=300, embedding_l2=0.1)
+    with pytest.raises(RuntimeError, match="report failed"):
+        train(CFG, tc, spec, tr, va, report=fail)
+    assert len(hooked) == 1 and not hooked[0]._forward_hooks
+
+
 def test_embedding_l2_regularises_the_rows_a_batch_uses(data) -> None:
     """``embedding_l2`` penalises the looked-up rows: they end smaller, the rows no
     batch uses keep their initial values (Adam never steps them), ``train_loss`` stays

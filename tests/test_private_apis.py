@@ -46,19 +46,22 @@ def test_enqueued_points_carry_fixed_params() -> None:
 def test_a_restored_trial_the_searcher_never_suggested_does_not_end_the_search() -> None:
     """Tune saves the experiment state before the searcher state; a driver killed between
     the two resumes a trial the restored searcher does not know."""
-    from search.budget import BudgetPolicy
-    from search.searcher import BudgetedOptunaSearch
+    from tests.searchers import small_searcher
 
-    def space(trial: optuna.Trial) -> dict[str, int]:
-        trial.suggest_int("x", 0, 3)
-        return {}
-
-    search = BudgetedOptunaSearch(space=space, feasibility=lambda flat: (True, -1.0, "ok"),
-                                  policy=BudgetPolicy(1e9, 1e6, (1e6, 1e7)),
-                                  metric="loss", mode="min", seed=0)
+    search = small_searcher()
     assert search.suggest("known") is not None
     search.on_trial_result("ghost", {"train_flops": 5e6, "loss": 0.5})
     search.on_trial_complete("ghost", {"train_flops": 6e6, "loss": 0.4})
     search.on_trial_complete("known", {"train_flops": 1e6, "loss": 0.3})
     assert search.spent == 7e6
     assert search._ot_study.trials[0].value == 0.3
+
+
+def test_tune_reads_the_actor_reuse_wait_at_each_reset() -> None:
+    """``search.trainable.run_trial`` sets ``TUNE_FUNCTION_THREAD_TIMEOUT_S`` in the trial
+    process: ray 2.60's ``FunctionTrainable.reset_config`` reads it at each reset."""
+    import inspect
+
+    from ray.tune.trainable.function_trainable import FunctionTrainable
+
+    assert "TUNE_FUNCTION_THREAD_TIMEOUT_S" in inspect.getsource(FunctionTrainable.reset_config)

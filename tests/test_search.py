@@ -104,6 +104,35 @@ def test_every_family_is_sampled(unified) -> None:
                                               "unimixing", "unimixing_lite", "fm"}
 
 
+def test_a_trial_that_stops_improving_ends_itself(ray_session, tmp_path) -> None:
+    """``trial_patience``: on labels that are pure noise the validation loss soon stops
+    falling, and each trial ends ``patience`` evaluations after its lowest one, short
+    of its ``trial_flops``, as STOPPED; the FLOPs it leaves go to further trials."""
+    noise = DataConfig(name="synthetic", synthetic=SyntheticConfig(
+        n_rows=6_000, n_cat_fields=6, cardinality=20, noise=1.0, seed=1))
+    patience = 2
+    cfg = SearchConfig(name="patience-test", space="tokenmixer", data=noise, budget_flops=3e10,
+                       trial_flops=1e10, scheduler="fifo", trial_patience=patience,
+                       max_flops_per_example=CAP,
+                       eval_max_examples=500, max_concurrent=2, seed=0,
+                       resources=ResourceConfig(gpus="off"))
+    out = run_search(cfg, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", storage=tmp_path / "ray",
+                     verbose=0)
+    client = MlflowClient(out.tracking_uri)
+    ended_itself = 0
+    for _, row in out.trials.iterrows():
+        assert row["train_flops"] < cfg.trial_budget, row  # none spent its whole share
+        losses = [m.value for m in sorted(client.get_metric_history(row["mlflow_run_id"],
+                                                                    "val_logloss"),
+                                          key=lambda m: m.step)]
+        after_best = len(losses) - 1 - losses.index(min(losses))
+        if after_best == patience:  # else the budget's end stopped it (at most 2)
+            ended_itself += 1
+            assert row["trial_status"] == "stopped"
+            assert row["val_logloss"] == losses[-1]  # its result: the last report
+    assert ended_itself >= len(out.trials) - cfg.max_concurrent >= 2, out.trials
+
+
 def test_mlflow_layout(unified) -> None:
     """Issue 12's layout: trials read like trials, the parent carries the search and its
     winner, the experiment opens in MLflow's machine-learning mode."""
@@ -240,10 +269,12 @@ def _finished_trials(client: MlflowClient, name: str) -> dict[str, str]:
             and "recscale.reference" not in r.data.tags}
 
 
-def _saved_rejections(exp_dir: Path) -> int:
+def _saved_rejections(exp_dir: Path, saved: bool = True) -> int:
     """The rejections in the searcher state Tune saved last (this test's own search wrote
-    it: ``OptunaSearch.save`` pickles the searcher's ``__dict__``)."""
+    it: ``OptunaSearch.save`` pickles the searcher's ``__dict__``); 0 when none was
+    saved, which only a driver killed early (``saved=False``) may leave."""
     files = sorted(exp_dir.glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
+    assert files or not saved, f"no searcher state in {exp_dir}"
     if not files:
         return 0
     with files[-1].open("rb") as f:
@@ -272,7 +303,7 @@ def test_resume_after_sigkill(tmp_path) -> None:
     finally:
         subprocess.run(["pkill", "-9", "-f", raytmp], check=False)
     history_before = {t: len(client.get_metric_history(r, "val_logloss")) for t, r in before.items()}
-    rejected_before = _saved_rejections(tmp_path / "ray" / "resume-test")
+    rejected_before = _saved_rejections(tmp_path / "ray" / "resume-test", saved=False)
 
     res = subprocess.run(_search_cmd(tmp_path, "--resume"), env=env, capture_output=True,
                          text=True, timeout=600)

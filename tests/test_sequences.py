@@ -140,7 +140,7 @@ def test_storage_is_independent_of_k_and_k0_is_todays_batches(tmp_path: Path) ->
     idx = torch.arange(64)
     model = Model()
     assert len(model_inputs(model, with_seq.train, idx, "cpu")) == 2  # K = 0: no history
-    for k in (16, 256):  # a batch's histories exist for that batch only: B x K x 3
+    for k in (16, 256):  # a batch's histories exist for that batch only: B x K x 4
         model.seq_len = k
         cat, num, seq = model_inputs(model, with_seq.train, idx, "cpu")
         assert seq.shape == (64, k, 4) and torch.equal(cat, with_seq.train.cat[:64])

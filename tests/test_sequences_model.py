@@ -223,14 +223,19 @@ def test_hstu_time_bias_is_counted_and_only_hstu_over_a_history_has_it() -> None
     assert tables == ["blocks.0.time_bias", "blocks.1.time_bias"]
     assert all(p.shape == (N_GAP_BUCKETS + 1,) for n, p in model.named_parameters()
                if n in tables)
-    without = model_cost(cfg.model_copy(update={"mixer": AttentionConfig(kind="softmax")}), SPEC)
-    assert not build_model(cfg.model_copy(update={"mixer": AttentionConfig(kind="softmax")}),
-                           SPEC).time_bias
-    assert sum(p.numel() for p in build_model(
-        cfg.model_copy(update={"mixer": AttentionConfig(kind="softmax")}), SPEC).parameters()
-    ) == without.params_dense + without.params_embedding
+    softmax = cfg.model_copy(update={"mixer": AttentionConfig(kind="softmax")})
+    without = model_cost(softmax, SPEC)
+    model_softmax = build_model(softmax, SPEC)
+    assert not model_softmax.time_bias
+    assert sum(p.numel() for p in model_softmax.parameters()) == \
+        without.params_dense + without.params_embedding
     assert not build_model(cfg.model_copy(update={"seq_len": 0}), SPEC).time_bias
     check_accounting(cfg)  # the time bias's 2 x 41 scalars are in the count, 0 FLOPs
+    off = ModelConfig(**{**cfg.to_dict(), "seq_time_bias": False})  # the knob, as YAML has it
+    assert not off.time_bias() and not build_model(off, SPEC).time_bias
+    assert model_cost(cfg, SPEC).params_dense - model_cost(off, SPEC).params_dense == \
+        cfg.n_layers * (N_GAP_BUCKETS + 1)
+    check_accounting(off)
 
 
 def test_hstu_time_bias_reads_time_gaps_not_positions() -> None:
@@ -317,6 +322,7 @@ def test_time_bias_gradient_and_bucket_edges(monkeypatch: pytest.MonkeyPatch) ->
     time = torch.cat([torch.zeros(1, 1, dtype=torch.long), edges[None]], dim=1)  # (1, T)
     pairs = pair_time_buckets(time, torch.zeros_like(time, dtype=torch.bool), 1)
     assert pairs[0, 0, 0, 1:].tolist() == want  # token 0 (time 0) against every edge
+    assert pairs.dtype == torch.int32  # the index every layer keeps for backward
     monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
     assert time_buckets(edges.double()).tolist() == want
     assert time_buckets(edges.float()[edges < 2**24]).tolist() == want[:len(edges[edges < 2**24])]

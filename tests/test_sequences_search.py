@@ -313,7 +313,7 @@ def test_a_study_plans_one_series_per_history_length(tmp_path: Path) -> None:
         study_config(name="x", budgets=(1e9, 4e9), seq_lens=(0, 0))
 
 
-def test_scale_cli_sweeps_k_on_a_user_file(tmp_path: Path) -> None:
+def test_scale_cli_sweeps_k_on_a_user_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
     from recscale.cmd_study import _config, add_parsers
@@ -327,6 +327,11 @@ def test_scale_cli_sweeps_k_on_a_user_file(tmp_path: Path) -> None:
                                      "--split", "user_temporal", "--families", "attention"]))
     assert cfg.seq_lens == (0, 16, 64) and cfg.data.sequences is True
     assert cfg.data.split == "user_temporal" and cfg.data.name == "file"
+    # recorded absolute (verify runs from anywhere), whatever directory the study ran in
+    monkeypatch.chdir(tmp_path)
+    rel = _config(parser.parse_args(["scale", "--name", "s", "--budgets", "1e9,4e9", "--data",
+                                     data.name, "--schema", schema.name]))
+    assert rel.data.path == str(data.resolve()) and rel.data.schema_path == str(schema.resolve())
     assert cfg.series() == ("attention@K=0", "attention@K=16", "attention@K=64")
     with pytest.raises(UserError, match="needs --schema"):
         _config(parser.parse_args(base))

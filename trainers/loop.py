@@ -85,8 +85,8 @@ class TrainConfig(BaseModel):
         embedding_lr: learning rate of the embedding tables under ``adamw_split``.
         weight_decay: AdamW decoupled weight decay of the dense weights.
         embedding_weight_decay: AdamW decoupled weight decay of the embedding tables
-            (their own optimiser group, under either optimizer). Each step shrinks every
-            row by ``lr_emb · embedding_weight_decay``, so rows a value rarely
+            (their own optimiser group, under either optimizer). Each step multiplies every
+            row by ``1 − lr_emb · embedding_weight_decay``, so rows a value rarely
             refreshes (rare users and items) drift towards zero: a regulariser of the
             tables, which otherwise memorise the training split (0: none, the default).
         embedding_l2: an L2 penalty on the embedding rows each training batch looks up,
@@ -426,100 +426,109 @@ def train(
     order = _epoch_order(n_train, train_cfg.seed, epoch)
     status: Literal["completed", "stopped", "diverged"] = "completed"
     message, early = "", False
-    while seen < end:
-        # every optimiser step takes a whole batch (an epoch's last partial batch is
-        # dropped; the last step may pass ``total`` by less than a batch): a step on a
-        # sliver of a batch would move the loss between two evaluations. An evaluation
-        # runs at the first batch boundary at or after its scheduled point; callers that
-        # want it exactly there (the trainable's ASHA milestones) schedule whole batches.
-        if n_train - pos < min(bs, n_train):
-            epoch, pos = epoch + 1, 0
-            order = _epoch_order(n_train, train_cfg.seed, epoch)
-        take = min(bs, n_train - pos)
-        before = seen
-        idx = order[pos : pos + take]
-        t0 = time.perf_counter()
-        model.set_progress(seen / total)
-        inputs, labels = batches.batch(model, idx)
-        looked_up.clear()
-        with _autocast(train_cfg.precision, dev):
-            logits = model(*inputs)
-        loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
-        if not torch.isfinite(loss):
-            status, message = "diverged", f"loss became {float(loss.detach())} after {seen} examples"
-            break
-        objective = loss
-        if looked_up:
-            penalty = sum(rows.float().pow(2).sum() for rows in looked_up)
-            objective = loss + train_cfg.embedding_l2 * penalty / len(labels)
+    try:
+        while seen < end:
+            # every optimiser step takes a whole batch (an epoch's last partial batch is
+            # dropped; the last step may pass ``total`` by less than a batch): a step on a
+            # sliver of a batch would move the loss between two evaluations. An evaluation
+            # runs at the first batch boundary at or after its scheduled point; callers that
+            # want it exactly there (the trainable's ASHA milestones) schedule whole batches.
+            if n_train - pos < min(bs, n_train):
+                epoch, pos = epoch + 1, 0
+                order = _epoch_order(n_train, train_cfg.seed, epoch)
+            take = min(bs, n_train - pos)
+            before = seen
+            idx = order[pos : pos + take]
+            t0 = time.perf_counter()
+            model.set_progress(seen / total)
+            inputs, labels = batches.batch(model, idx)
             looked_up.clear()
-        opt.zero_grad(set_to_none=True)
-        objective.backward()  # type: ignore[no-untyped-call]
-        if train_cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-        opt.step()
-        sched.step()
-        elapsed += time.perf_counter() - t0
-        pos += take
-        seen += take
-        loss_value = float(loss.detach())
-        loss_sum, loss_n = loss_sum + loss_value * take, loss_n + take
-        if on_step is not None:
-            on_step(seen, loss_value)
-        if seen >= next_eval or seen >= end or any(before < e <= seen for e in extra_evals):
-            m = metrics_now()
-            history.append(m)
-            loss_sum, loss_n = 0.0, 0
-            while next_eval <= seen:
-                next_eval += interval
-            if not math.isfinite(m[OBJECTIVE]):
-                status, message = "diverged", f"{OBJECTIVE} is {m[OBJECTIVE]} after {seen} examples"
+            with _autocast(train_cfg.precision, dev):
+                logits = model(*inputs)
+            loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
+            if not torch.isfinite(loss):
+                status, message = "diverged", f"loss became {float(loss.detach())} after {seen} examples"
                 break
-            # patience counts evaluations that did not beat the best by min_delta; the
-            # best weights are the lowest loss's, however small the improvement
-            improved = not best or m[OBJECTIVE] < best[OBJECTIVE] - train_cfg.min_delta
-            stale = 0 if improved else stale + 1
-            if not best or m[OBJECTIVE] < best[OBJECTIVE]:
-                best = dict(m)
-                if keep_best:
-                    best_state = {k: v.detach().to("cpu", copy=True)
-                                  for k, v in model.state_dict().items()}
-            if report is not None and report(m, state):
-                status = "stopped"
-                break
-            patience = train_cfg.early_stopping_patience
-            if patience is not None and stale >= patience and seen < end:
-                status, early = "stopped", True
-                message = (f"early stopping: {OBJECTIVE} did not improve on "
-                           f"{best[OBJECTIVE]:.6g} (at {int(best['examples_seen'])} examples) "
-                           f"by more than {train_cfg.min_delta:g} in {stale} evaluations")
-                break
-    if hook is not None:  # the model outlives this run (a trial's state, a second train)
-        hook.remove()
+            objective = loss
+            if looked_up:
+                penalty = sum(rows.float().pow(2).sum() for rows in looked_up)
+                objective = loss + train_cfg.embedding_l2 * penalty / len(labels)
+                looked_up.clear()
+            opt.zero_grad(set_to_none=True)
+            objective.backward()  # type: ignore[no-untyped-call]
+            if train_cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+            opt.step()
+            sched.step()
+            elapsed += time.perf_counter() - t0
+            pos += take
+            seen += take
+            loss_value = float(loss.detach())
+            loss_sum, loss_n = loss_sum + loss_value * take, loss_n + take
+            if on_step is not None:
+                on_step(seen, loss_value)
+            if seen >= next_eval or seen >= end or any(before < e <= seen for e in extra_evals):
+                m = metrics_now()
+                history.append(m)
+                loss_sum, loss_n = 0.0, 0
+                while next_eval <= seen:
+                    next_eval += interval
+                if not math.isfinite(m[OBJECTIVE]):
+                    status, message = "diverged", f"{OBJECTIVE} is {m[OBJECTIVE]} after {seen} examples"
+                    break
+                # patience counts evaluations that did not beat the best by min_delta; the
+                # best weights are the lowest loss's, however small the improvement
+                improved = not best or m[OBJECTIVE] < best[OBJECTIVE] - train_cfg.min_delta
+                stale = 0 if improved else stale + 1
+                if not best or m[OBJECTIVE] < best[OBJECTIVE]:
+                    best = dict(m)
+                    if keep_best:
+                        best_state = {k: v.detach().to("cpu", copy=True)
+                                      for k, v in model.state_dict().items()}
+                if report is not None and report(m, state):
+                    status = "stopped"
+                    break
+                patience = train_cfg.early_stopping_patience
+                if patience is not None and stale >= patience and seen < end:
+                    status, early = "stopped", True
+                    message = (f"early stopping: {OBJECTIVE} did not improve on "
+                               f"{best[OBJECTIVE]:.6g} (at {int(best['examples_seen'])} examples) "
+                               f"by more than {train_cfg.min_delta:g} in {stale} evaluations")
+                    break
+    finally:  # the model outlives this run (a trial's state, a second train)
+        if hook is not None:
+            hook.remove()
     final = history[-1] if history else {}
     return TrainResult(status, final, model, history, message, best, best_state, early)
 
 
 def trial_train_config(train_cfg: TrainConfig, flops_per_example: float, trial_flops: float,
-                       report_every_flops: float, eval_max_examples: int | None) -> TrainConfig:
+                       report_every_flops: float, eval_max_examples: int | None,
+                       patience: int | None = None) -> TrainConfig:
     """The training config a search trial runs (``search.trainable``) and an export that
     reproduces one plans with: every point in whole batches (the loop never steps on
     part of one), the trial's length its FLOPs budget rounded down, its evaluations every
     ``report_every_flops`` rounded to the nearest, on the first ``eval_max_examples``
-    validation examples.
+    validation examples; with ``patience``, it ends after that many evaluations in a row
+    without a lower validation loss (``early_stopping_patience``; else the config's own).
 
     Example:
         >>> c = trial_train_config(TrainConfig(batch_size=100), 10.0, 1e5, 2e4, 500)
-        >>> c.max_examples, c.eval_every, c.eval_max_examples
-        (3300, 700, 500)
+        >>> c.max_examples, c.eval_every, c.eval_max_examples, c.early_stopping_patience
+        (3300, 700, 500, None)
+        >>> trial_train_config(TrainConfig(batch_size=100), 10.0, 1e5, 2e4, 500, 3).early_stopping_patience
+        3
     """
     bs = train_cfg.batch_size
     per_batch = 3 * flops_per_example * bs
-    return train_cfg.model_copy(update={
+    update: dict[str, Any] = {
         "max_examples": bs * max(1, int(trial_flops // per_batch)),
         "eval_every": bs * max(1, round(report_every_flops / per_batch)),
         "eval_max_examples": eval_max_examples,
-    })
+    }
+    if patience is not None:  # else the config's own early stopping, if any, stays
+        update["early_stopping_patience"] = patience
+    return train_cfg.model_copy(update=update)
 
 
 def param_count(module: nn.Module) -> int:

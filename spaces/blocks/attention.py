@@ -129,7 +129,8 @@ def pair_time_buckets(time: torch.Tensor, pad: torch.Tensor, partitions: int) ->
         partitions: ``N_b``; must divide ``T``.
 
     Returns:
-        ``(B, N_b, T_g, T_g)`` int64 buckets: :func:`time_buckets` of ``|t_i − t_j|``, or
+        ``(B, N_b, T_g, T_g)`` int32 buckets (kept for backward by every layer: half
+        the memory of int64): :func:`time_buckets` of ``|t_i − t_j|``, or
         0 where token ``i`` or ``j`` is padding. Times are subtracted and bucketed in
         float64 (exact for integer seconds below ``2^53``); seven cheap element-wise
         passes over the pairs, once per forward for every layer.
@@ -146,7 +147,7 @@ def pair_time_buckets(time: torch.Tensor, pad: torch.Tensor, partitions: int) ->
     time = time.to(torch.float64)  # (B, N_b, T_g): integer seconds stay exact below 2^53
     delta = (time[..., :, None] - time[..., None, :]).abs_()  # (B, N_b, T_g, T_g)
     out = _log2_buckets(delta.add_(1.0))  # 1 + floor(log2(1 + Δ)), capped
-    return out.masked_fill_(pad[..., :, None] | pad[..., None, :], 0)
+    return out.masked_fill_(pad[..., :, None] | pad[..., None, :], 0).to(torch.int32)
 
 
 class _TakeBias(torch.autograd.Function):
