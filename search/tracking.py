@@ -20,8 +20,10 @@ __all__ = ["TrialStatusCallback"]
 class TrialStatusCallback(tune.Callback):
     """Writes each finished trial's final status tag and run status, off the hot path.
 
-    ``COMPLETED`` (the trial spent its ``trial_flops``), ``DIVERGED`` (NaN/inf loss),
-    ``STOPPED`` (ASHA or the budget ended it early) or ``ERROR``.
+    ``COMPLETED`` (the trial ran its planned length: its ``trial_flops``, or
+    ``train.max_epochs`` passes if fewer), ``DIVERGED`` (NaN/inf loss),
+    ``STOPPED`` (ASHA, the budget or its own early stopping, ``trial_patience``, ended it
+    early) or ``ERROR``.
     """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str) -> None:
@@ -57,7 +59,7 @@ class TrialStatusCallback(tune.Callback):
         reported = str(result.get("trial_status", "")).upper()
         if reported in ("COMPLETED", "DIVERGED"):
             return reported
-        return "STOPPED"  # ended early by ASHA or by the global budget
+        return "STOPPED"  # ended early by ASHA, the global budget or its patience
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._submit(trial, self.final_status(trial))

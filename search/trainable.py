@@ -288,7 +288,9 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
     # report at a milestone has reached it; FLOPs count the examples actually seen)
     train_cfg = trial_train_config(exp.train, cost.flops_per_example, ctx.trial_flops,
                                    ctx.report_every_flops, ctx.eval_max_examples, ctx.patience)
-    bs, max_examples = train_cfg.batch_size, int(train_cfg.max_examples or 0)
+    train_split = _view(data["train"], data.get("events"))
+    # the planned length: the trial's FLOPs, or its max_epochs passes if fewer
+    bs, max_examples = train_cfg.batch_size, train_cfg.total_examples(len(train_split))
     per_batch = 3 * cost.flops_per_example * bs
     eval_at = [min(max_examples, bs * math.ceil(m / per_batch)) for m in ctx.milestones]
     milestone_examples = set(eval_at)
@@ -375,7 +377,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
 
     clock.training()
     try:
-        result = train(exp.model, train_cfg, spec, _view(data["train"], data.get("events")),
+        result = train(exp.model, train_cfg, spec, train_split,
                        val, report=report, resume=resume, eval_at=eval_at, device=device,
                        on_eval_losses=lambda losses: latest.__setitem__("losses", losses))
     except BaseException:

@@ -16,6 +16,7 @@ import yaml
 
 from analysis.export import export_config, reproduce_trial
 from analysis.runs import load_search, runs_from_frames
+from search.references import is_reference_id
 from search.runner import run_search
 from search.settings import SearchConfig
 from trainers.contracts import OBJECTIVE, VAL_SE
@@ -43,7 +44,11 @@ train:
   batch_size: 128
   schedule: cosine
   seed: {int: [0, 9]}
+  max_epochs: 1
 """
+#: where a trial that ran its whole length ends: one pass over the 3,200 training rows, in
+#: whole batches of 128, before its FLOPs share (``max_epochs``)
+ONE_PASS = 3_200 // 128 * 128
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +119,31 @@ def test_a_trial_asha_stopped_is_reproduced_at_its_result(search) -> None:
     assert abs(res.metrics[OBJECTIVE] - row[OBJECTIVE]) <= 1e-5 + 1e-3 * row[VAL_SE]
     # the old export, trained for trial_flops/(3·fpe) examples, would have run further
     assert math.floor(cfg.trial_budget / (3 * row["flops_per_example"])) > row["examples_seen"]
+
+
+@pytest.mark.slow
+def test_a_trial_ended_by_its_passes_is_reproduced(search) -> None:
+    """``max_epochs``: a trial that ran its whole length completed after one pass, short
+    of its FLOPs share, with its schedule planned for that pass; the export plans the same
+    length and the retrained model ends where the trial's result was reported."""
+    cfg, outcome, ds, _ = search
+    runs = load_search(cfg.name, outcome.tracking_uri)
+    trials = runs.trials
+    searched = trials[~trials["trial_id"].map(is_reference_id)]  # the references run apart
+    done = searched[searched["status"] == "COMPLETED"]
+    assert len(done), trials[["status", "examples_seen"]]
+    assert len(ds.train) == 3_200
+    for _, row in done.iterrows():
+        assert row["examples_seen"] == ONE_PASS < math.floor(
+            cfg.trial_budget / (3 * row["flops_per_example"]))
+        assert row["train_flops"] < cfg.trial_budget
+    row = done.sort_values(OBJECTIVE).iloc[0]
+    exp = experiment_from_flat(row["config"], DATA)
+    tc = reproduce_trial(exp.train, row, SearchConfig(**runs.settings))
+    assert tc.total_examples(len(ds.train)) == ONE_PASS
+    res = train(exp.model, tc, ds.spec, ds.train, ds.val)
+    assert res.status == "completed" and res.metrics["examples_seen"] == ONE_PASS
+    assert abs(res.metrics[OBJECTIVE] - row[OBJECTIVE]) <= 1e-5 + 1e-3 * row[VAL_SE]
 
 
 # ---- portable exports ----------------------------------------------------------------

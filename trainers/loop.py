@@ -98,6 +98,12 @@ class TrainConfig(BaseModel):
         batch_size: examples per step.
         epochs: passes over the training split (used when ``max_examples`` is unset).
         max_examples: examples to train on in all; overrides ``epochs``.
+        max_epochs: the planned length is at most this many passes over the training
+            split, in whole batches (None: no cap). A search plans a trial's length in
+            FLOPs (``max_examples``); a cheap model's share of the budget can be dozens
+            of passes, which it spends overfitting, with its schedule's decay at the end
+            of them. With this cap it is trained for the passes it is given, and leaves
+            the rest of its FLOPs to other trials.
         eval_every: examples between evaluations (default: a quarter epoch).
         eval_max_examples: evaluate on at most this many validation examples.
         schedule: ``constant``, ``cosine`` decay of the learning rate to 0, or ``wsd``
@@ -144,6 +150,7 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(512, ge=1, le=1 << 20)
     epochs: float = Field(1.0, gt=0, le=1000)
     max_examples: int | None = Field(None, ge=1)
+    max_epochs: float | None = Field(None, gt=0, le=1000)
     eval_every: int | None = Field(None, ge=1)
     eval_max_examples: int | None = Field(None, ge=1)
     schedule: Literal["constant", "cosine", "wsd"] = "constant"
@@ -167,8 +174,18 @@ class TrainConfig(BaseModel):
         return self
 
     def total_examples(self, n_train: int) -> int:
-        """The run's planned length in examples (what the schedule is planned for)."""
-        return self.max_examples if self.max_examples is not None else int(self.epochs * n_train)
+        """The run's planned length in examples (what the schedule is planned for).
+
+        Example:
+            >>> c = TrainConfig(batch_size=100, max_examples=10_000, max_epochs=2.5)
+            >>> c.total_examples(1_000), c.total_examples(100_000)
+            (2500, 10000)
+        """
+        total = self.max_examples if self.max_examples is not None else int(self.epochs * n_train)
+        if self.max_epochs is not None:
+            bs = self.batch_size
+            total = min(total, max(bs, int(self.max_epochs * n_train) // bs * bs))
+        return total
 
     def end_examples(self, n_train: int) -> int:
         """Where the run ends: its length, or ``stop_after_examples`` if that is sooner."""
