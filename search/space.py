@@ -255,8 +255,16 @@ class SearchSpace(_Strict):
             put_value(name, knob, _sample(trial, name, knob))
 
         family = trial.suggest_categorical("model.block", list(self.families))
-        for key, knob in self.model.items():
-            put(f"model.{key}", knob)
+        # frame knobs other knobs depend on (the tokenizer) first; one the frame ignores
+        # for the values drawn (n_tokens with the field tokenizer) is left unset (None)
+        frame_parents = {p for p, _ in ModelConfig.conditions.values()}
+        frame: dict[str, Any] = {}
+        for key in sorted(self.model, key=lambda k: k not in frame_parents):
+            if ModelConfig.is_active(key, frame):
+                frame[key] = _sample(trial, f"model.{key}", self.model[key])
+                put_value(f"model.{key}", self.model[key], frame[key])
+            else:
+                constants[f"model.{key}"] = None
         cfg_cls = get_block(str(family)).Config
         knobs = self.blocks.get(str(family), {})
         # knobs other knobs depend on (e.g. attention's kind) are sampled first; a knob the

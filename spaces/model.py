@@ -49,15 +49,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 import spaces.blocks  # noqa: F401  (registers every family)
 from spaces.blocks.attention import TIME_BIAS_ROWS, Attention, pair_time_buckets
-from spaces.blocks.base import Block, BlockConfig, BlockCost, BlockDimensionError
+from spaces.blocks.base import Block, BlockConfig, BlockCost, BlockDimensionError, ConditionalKnobs
 from spaces.blocks.registry import block_names, get_block
 from spaces.features import FeatureSpec
 
@@ -72,7 +72,7 @@ _FULL_HISTORY_FAMILIES = ("attention",)
 SEQ_COLUMNS = 4
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(ConditionalKnobs):
     """Typed, validated config of one model.
 
     The chosen family's knobs live in a section named after it, e.g.
@@ -104,6 +104,9 @@ class ModelConfig(BaseModel):
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    # the field tokenizer makes one token per field: a search leaves n_tokens unset then
+    conditions: ClassVar[dict[str, tuple[str, tuple[Any, ...]]]] = {
+        "n_tokens": ("tokenizer", ("grouped",))}
 
     block: str
     n_layers: int = Field(2, ge=0, le=64)

@@ -104,3 +104,23 @@ def test_a_knob_the_block_ignores_is_not_sampled() -> None:
         assert exp.model.mixer.kind == kind  # the config still builds, ffn_mult at its default
         study.tell(trial, 0.0)
     assert kinds == {"softmax", "hstu"}
+
+
+def test_n_tokens_is_not_sampled_with_the_field_tokenizer() -> None:
+    """The field tokenizer makes one token per field: n_tokens is left unset (None) then,
+    whatever the YAML order, and the config builds with a token per field."""
+    space = SearchSpace(families=["fm"], model={"n_tokens": {"choice": [4, 8]}, "d_model": 16,
+                                                "tokenizer": {"choice": ["grouped", "field"]}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        flat = space.sample(trial)
+        tok = flat["model.tokenizer"]
+        seen.add(tok)
+        assert ("model.n_tokens" in trial.params) == (tok == "grouped"), trial.params
+        exp = experiment_from_flat(flat, None)
+        assert exp.model.tokens_for(SPEC) == (flat["model.n_tokens"] if tok == "grouped"
+                                              else SPEC.n_fields)
+        study.tell(trial, 0.0)
+    assert seen == {"grouped", "field"}

@@ -25,27 +25,33 @@ from torch import nn
 from spaces.errors import UserError
 
 
-class BlockConfig(BaseModel):
-    """Base of every family's frozen, typed config: unknown keys are errors.
+class ConditionalKnobs(BaseModel):
+    """A config some of whose knobs only matter for some values of another of its knobs.
 
-    ``conditions`` names knobs that only matter for some values of another knob of the
-    same family: ``{"ffn_mult": ("kind", ("softmax",))}`` means ``ffn_mult`` is read only
-    when ``kind`` is ``softmax``. A search samples such a knob only when it is active, so
-    no trial is spent on a value the block ignores.
+    ``conditions`` names them: ``{"ffn_mult": ("kind", ("softmax",))}`` means ``ffn_mult``
+    is read only when ``kind`` is ``softmax``. A search samples such a knob only when it
+    is active, so no trial is spent on a value the model ignores.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
     conditions: ClassVar[dict[str, tuple[str, tuple[Any, ...]]]] = {}
 
     @classmethod
     def is_active(cls, knob: str, values: dict[str, Any]) -> bool:
-        """Whether ``knob`` is read, given the family's other knob ``values`` (a parent
-        knob that is absent counts as its default)."""
+        """Whether ``knob`` is read, given the other knob ``values`` (a parent knob that
+        is absent counts as its default)."""
         if knob not in cls.conditions:
             return True
         parent, allowed = cls.conditions[knob]
         value = values.get(parent, cls.model_fields[parent].default)
         return value in allowed
+
+
+class BlockConfig(ConditionalKnobs):
+    """Base of every family's frozen, typed config: unknown keys are errors; a knob
+    read only for some values of another is named in ``conditions``
+    (:class:`ConditionalKnobs`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class BlockDimensionError(UserError):
