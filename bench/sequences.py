@@ -29,6 +29,16 @@ Three parts, one JSON (``bench/results/sequences.json``):
    1 and 4; the two alternate, and the fastest of ``TIME_BIAS_REPEATS`` each is kept, so
    a loaded machine's noise hits both alike.
 
+6. **Trained as long** (``--as-long EPOCHS``). The best no-history config of the
+   MovieLens-1M search (``bench/results/trust.json``'s export: ``fm`` block, 8 grouped
+   tokens, ``embed_dim`` 16, no head, warmup-stable-decay over the run, its learning
+   rates and batch) at ``K = 0`` and with histories at ``K`` in ``--ks`` (pooled into 4
+   chunk-mean tokens, as the fm block reads them), every run trained for the same
+   ``EPOCHS`` passes over the ``user_temporal`` training split, evaluated on the whole
+   validation split twice per pass; the best evaluation's weights are scored on the
+   whole test split. What the issue's targets are measured on: histories' AUC gain over
+   the no-history config trained as long, and the best AUC reached.
+
 The machine may be shared (the JSON records the load average before and after): read
 examples/s as this machine at that moment. An existing ``--out`` file is updated: the
 parts skipped this time keep their earlier figures.
@@ -38,6 +48,8 @@ parts skipped this time keep their earlier figures.
         --equal-flops 1e6 --equal-examples 10000 --eval 5000
     .venv/bin/python bench/sequences.py --skip-throughput --skip-quality --skip-equal \
         --threads 1 --ks 64 256                                   # part 5 only
+    .venv/bin/python bench/sequences.py --skip-throughput --skip-quality --skip-equal \
+        --skip-time-bias --as-long 2                              # part 6 only
 """
 
 from __future__ import annotations
@@ -59,7 +71,7 @@ import torch
 from spaces import ModelConfig, build_model, model_cost
 from spaces.blocks import BlockDimensionError
 from trainers.data import DataConfig, load_dataset
-from trainers.loop import TrainConfig, train
+from trainers.loop import TrainConfig, evaluate, train
 from trainers.sequences import model_inputs
 
 
@@ -194,6 +206,54 @@ def equal_flops(ds: Any, ks: list[int], target: float, examples: int, n_eval: in
     return rows
 
 
+#: the best no-history config of the 1e13 MovieLens-1M search (bench/results/trust.json,
+#: "exported"), without the history; part 6 adds K to it
+AS_LONG_MODEL: dict[str, Any] = {"block": "fm", "n_layers": 1, "d_model": 32, "n_tokens": 8,
+                                 "embed_dim": 16, "tokenizer": "grouped", "head_hidden": (),
+                                 "fm": {}}
+AS_LONG_TRAIN: dict[str, Any] = {"lr": 5.08e-4, "optimizer": "adamw_split",
+                                 "embedding_lr": 1.95e-2, "batch_size": 256, "schedule": "wsd",
+                                 "warmup_frac": 0.0, "decay_frac": 0.3, "seed": 0}
+
+
+def as_long(ds: Any, ks: list[int], epochs: float, seq_tokens: int, save: Any,
+            previous: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Part 6: the no-history config and the same with ``K`` in ``ks`` (history pooled
+    into ``seq_tokens`` tokens, fewer when ``K`` is smaller), each trained for ``epochs``
+    passes; the ``previous`` rows of other ``(K, epochs, seq_tokens)`` are kept."""
+    def key(r: dict[str, Any]) -> tuple[int, float, int]:
+        return r["K"], r["epochs"], r.get("seq_tokens", 4) if r["K"] else 0
+
+    redo = {(k, epochs, min(seq_tokens, k)) for k in [0, *ks]}
+    rows = [r for r in previous if key(r) not in redo]
+    n = len(ds.train)
+    bs = AS_LONG_TRAIN["batch_size"]
+    train_cfg = TrainConfig(**AS_LONG_TRAIN, max_examples=int(epochs * n) // bs * bs,
+                            eval_every=n // 2 // bs * bs, eval_max_examples=None)
+    for k in [0, *ks]:
+        cfg = ModelConfig(**AS_LONG_MODEL, seq_len=k, seq_tokens=min(seq_tokens, k) if k else None)
+        t0 = time.perf_counter()
+        res = train(cfg, train_cfg, ds.spec, ds.train, ds.val, keep_best=True)
+        seconds = time.perf_counter() - t0
+        model = res.model
+        assert res.best_state is not None
+        model.load_state_dict(res.best_state)
+        test = evaluate(model, ds.test, float(ds.train.label.float().mean()), prefix="test")
+        row = {"K": k, "epochs": epochs, "seq_tokens": min(seq_tokens, k), "status": res.status,
+               "flops_per_example": model_cost(cfg, ds.spec).flops_per_example,
+               "best_val_auc": res.best["val_auc"], "best_val_logloss": res.best["val_logloss"],
+               "best_examples_seen": res.best.get("examples_seen"),
+               "last_val_auc": res.metrics["val_auc"], "last_val_logloss": res.metrics["val_logloss"],
+               "test_auc": test["test_auc"], "test_logloss": test["test_logloss"],
+               "val_rows": len(ds.val), "test_rows": len(ds.test), "train_rows": n,
+               "seconds": seconds, "examples_per_s": res.metrics["examples_per_s"]}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        rows.sort(key=key)
+        save(as_long_rows=rows)  # a run cut short keeps what it measured
+    return rows
+
+
 TIME_BIAS_REPEATS = 7
 
 
@@ -246,6 +306,10 @@ def main() -> None:
     ap.add_argument("--equal-ks", type=int, nargs="+", default=None,
                     help="the K's of the equal-FLOPs part (default --ks; K = 0: no history, "
                          "every variant the same model)")
+    ap.add_argument("--as-long", type=float, default=None, metavar="EPOCHS",
+                    help="part 6: the no-history best and K in --ks, each trained EPOCHS passes")
+    ap.add_argument("--seq-tokens", type=int, default=4,
+                    help="part 6: history tokens after chunked mean pooling")
     ap.add_argument("--out", default="bench/results/sequences.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -267,11 +331,14 @@ def main() -> None:
     out.setdefault("runs", []).append(run)
 
     def save(quality_rows: list[dict[str, Any]] | None = None,
-             equal: list[dict[str, Any]] | None = None) -> None:
+             equal: list[dict[str, Any]] | None = None,
+             as_long_rows: list[dict[str, Any]] | None = None) -> None:
         if quality_rows is not None:
             out["quality"] = quality_rows
         if equal is not None:
             out["equal_flops"] = equal
+        if as_long_rows is not None:
+            out["as_long"] = as_long_rows
         run["peak_rss_mb"] = peak_rss_mb()
         run["loadavg_after"] = os.getloadavg()
         path.write_text(json.dumps(out, indent=1))
@@ -286,6 +353,8 @@ def main() -> None:
                     args.eval, save, list(out.get("equal_flops", [])))
     if not args.skip_time_bias:
         out["time_bias"] = time_bias_cost(ds, args.ks)
+    if args.as_long:
+        as_long(ds, args.ks, args.as_long, args.seq_tokens, save, list(out.get("as_long", [])))
     save()
     print(f"wrote {args.out}")
 

@@ -12,7 +12,7 @@ the best reference and the searched best with the lift and its (paired) standard
 error, the lift over the base rate, and the export retrained beside the record it was
 exported from (target: within one standard error).
 
-    .venv/bin/python bench/trust.py [--only movielens|synthetic] [--budget-movielens 3e12]
+    .venv/bin/python bench/trust.py [--only movielens|synthetic] [--budget-movielens 3e12] [--seed 0]
 
 Writes ``bench/results/trust.json``: one entry per dataset, the newest run; a dataset's
 earlier runs move to its ``"earlier"`` list (newest first), so a re-run keeps them.
@@ -61,7 +61,7 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]:
     return time.perf_counter() - t0, peak
 
 
-def one(name: str, data_args: list[str], budget: float, work: Path) -> dict[str, Any]:
+def one(name: str, data_args: list[str], budget: float, work: Path, seed: int = 0) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
     work.mkdir(parents=True, exist_ok=True)
@@ -70,7 +70,8 @@ def one(name: str, data_args: list[str], budget: float, work: Path) -> dict[str,
     uri = f"sqlite:///{work / 'mlflow.db'}"
     rc = [sys.executable, "-m", "recscale"]
     search_s, search_mb = _run([*rc, "search", *data_args, "--name", name, "--budget-flops",
-                                str(budget), "--tracking-uri", uri, "--gpus", "off", "-v", "0"],
+                                str(budget), "--tracking-uri", uri, "--gpus", "off", "-v", "0",
+                                "--seed", str(seed)],
                                work, env)
     _run([*rc, "export", name, "--tracking-uri", uri, "-o", "best.yaml", "--force"], work, env)
     train_s, train_mb = _run([*rc, "train", "best.yaml", "-o", "trained", "--tracking-uri", uri,
@@ -88,7 +89,7 @@ def one(name: str, data_args: list[str], budget: float, work: Path) -> dict[str,
     prov = best["provenance"]
     return {
         "run_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "budget_flops": budget, "spent_flops": m.get("search.spent_flops"),
+        "budget_flops": budget, "seed": seed, "spent_flops": m.get("search.spent_flops"),
         "trials": m.get("search.n_trials"), "search_s": round(search_s),
         "search_peak_rss_mb": round(search_mb), "train_s": round(train_s),
         "train_peak_rss_mb": round(train_mb),
@@ -128,15 +129,16 @@ def main() -> None:
     ap.add_argument("--budget-movielens", type=float, default=3e12)
     ap.add_argument("--budget-synthetic", type=float, default=3e11)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--seed", type=int, default=0, help="the search's seed (recscale search --seed)")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="trust"))
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     if args.only in (None, "movielens"):
         keep(results, "movielens-1m", one("trust-ml", ["--data", "movielens-1m"],
-                                          args.budget_movielens, work / "movielens"))
+                                          args.budget_movielens, work / "movielens", args.seed))
     if args.only in (None, "synthetic"):
         keep(results, "synthetic", one("trust-syn", ["--data", "synthetic", "--max-rows", "100000"],
-                                        args.budget_synthetic, work / "synthetic"))
+                                        args.budget_synthetic, work / "synthetic", args.seed))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2, default=str))
     print(json.dumps(results, indent=2, default=str))
