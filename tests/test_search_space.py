@@ -87,22 +87,28 @@ def test_constants_are_returned_not_sampled() -> None:
     assert set(trial.params) == {"model.block", "model.n_layers"}
 
 
+def _random_samples(space: SearchSpace, n: int = 30):
+    """``n`` random draws of ``space``: (the trial's Optuna params, the flat config, its
+    experiment)."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(n):
+        trial = study.ask()
+        flat = space.sample(trial)
+        yield trial.params, flat, experiment_from_flat(flat, None)
+        study.tell(trial, 0.0)
+
+
 def test_a_knob_the_block_ignores_is_not_sampled() -> None:
     """hstu attention has no FFN: its ffn_mult is never drawn, whatever the YAML order."""
     space = SearchSpace(families=["attention"], model={"d_model": 16, "n_tokens": 4},
                         blocks={"attention": {"ffn_mult": {"choice": [1, 2, 4]},
                                               "kind": {"choice": ["softmax", "hstu"]}}})
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     kinds = set()
-    for _ in range(30):
-        trial = study.ask()
-        flat = space.sample(trial)
+    for _, flat, exp in _random_samples(space):
         kind = flat["model.attention.kind"]
         kinds.add(kind)
         assert ("model.attention.ffn_mult" in flat) == (kind == "softmax"), flat
-        exp = experiment_from_flat(flat, None)
         assert exp.model.mixer.kind == kind  # the config still builds, ffn_mult at its default
-        study.tell(trial, 0.0)
     assert kinds == {"softmax", "hstu"}
 
 
@@ -111,16 +117,11 @@ def test_n_tokens_is_not_sampled_with_the_field_tokenizer() -> None:
     whatever the YAML order, and the config builds with a token per field."""
     space = SearchSpace(families=["fm"], model={"n_tokens": {"choice": [4, 8]}, "d_model": 16,
                                                 "tokenizer": {"choice": ["grouped", "field"]}})
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
-    for _ in range(30):
-        trial = study.ask()
-        flat = space.sample(trial)
+    for params, flat, exp in _random_samples(space):
         tok = flat["model.tokenizer"]
         seen.add(tok)
-        assert ("model.n_tokens" in trial.params) == (tok == "grouped"), trial.params
-        exp = experiment_from_flat(flat, None)
+        assert ("model.n_tokens" in params) == (tok == "grouped"), params
         assert exp.model.tokens_for(SPEC) == (flat["model.n_tokens"] if tok == "grouped"
                                               else SPEC.n_fields)
-        study.tell(trial, 0.0)
     assert seen == {"grouped", "field"}
