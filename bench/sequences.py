@@ -217,21 +217,24 @@ AS_LONG_TRAIN: dict[str, Any] = {"lr": 5.08e-4, "optimizer": "adamw_split",
 
 
 def as_long(ds: Any, ks: list[int], epochs: float, seq_tokens: int, save: Any,
-            previous: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            previous: list[dict[str, Any]], model_update: dict[str, Any]) -> list[dict[str, Any]]:
     """Part 6: the no-history config and the same with ``K`` in ``ks`` (history pooled
     into ``seq_tokens`` tokens, fewer when ``K`` is smaller), each trained for ``epochs``
-    passes; the ``previous`` rows of other ``(K, epochs, seq_tokens)`` are kept."""
-    def key(r: dict[str, Any]) -> tuple[int, float, int]:
-        return r["K"], r["epochs"], r.get("seq_tokens", 4) if r["K"] else 0
+    passes; ``model_update`` changes the base config (recorded as the row's ``model``);
+    the ``previous`` rows of other ``(model, K, epochs, seq_tokens)`` are kept."""
+    variant = json.dumps(model_update, sort_keys=True) if model_update else ""
 
-    redo = {(k, epochs, min(seq_tokens, k)) for k in [0, *ks]}
+    def key(r: dict[str, Any]) -> tuple[str, int, float, int]:
+        return r.get("model", ""), r["K"], r["epochs"], r.get("seq_tokens", 4) if r["K"] else 0
+
+    redo = {(variant, k, epochs, min(seq_tokens, k)) for k in [0, *ks]}
     rows = [r for r in previous if key(r) not in redo]
     n = len(ds.train)
     bs = AS_LONG_TRAIN["batch_size"]
     train_cfg = TrainConfig(**AS_LONG_TRAIN, max_examples=int(epochs * n) // bs * bs,
                             eval_every=n // 2 // bs * bs, eval_max_examples=None)
     for k in [0, *ks]:
-        cfg = ModelConfig(**AS_LONG_MODEL, seq_len=k, seq_tokens=min(seq_tokens, k) if k else None)
+        cfg = ModelConfig(**{**AS_LONG_MODEL, **model_update}, seq_len=k, seq_tokens=min(seq_tokens, k) if k else None)
         t0 = time.perf_counter()
         res = train(cfg, train_cfg, ds.spec, ds.train, ds.val, keep_best=True)
         seconds = time.perf_counter() - t0
@@ -239,7 +242,7 @@ def as_long(ds: Any, ks: list[int], epochs: float, seq_tokens: int, save: Any,
         assert res.best_state is not None
         model.load_state_dict(res.best_state)
         test = evaluate(model, ds.test, float(ds.train.label.float().mean()), prefix="test")
-        row = {"K": k, "epochs": epochs, "seq_tokens": min(seq_tokens, k), "status": res.status,
+        row = {"model": variant, "K": k, "epochs": epochs, "seq_tokens": min(seq_tokens, k), "status": res.status,
                "flops_per_example": model_cost(cfg, ds.spec).flops_per_example,
                "best_val_auc": res.best["val_auc"], "best_val_logloss": res.best["val_logloss"],
                "best_examples_seen": res.best.get("examples_seen"),
@@ -310,6 +313,9 @@ def main() -> None:
                     help="part 6: the no-history best and K in --ks, each trained EPOCHS passes")
     ap.add_argument("--seq-tokens", type=int, default=4,
                     help="part 6: history tokens after chunked mean pooling")
+    ap.add_argument("--model", default="{}", metavar="JSON",
+                    help='part 6: changes to the base config, e.g. \'{"tokenizer": "field", '
+                         '"n_tokens": null, "embed_dim": 32}\'')
     ap.add_argument("--out", default="bench/results/sequences.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -354,7 +360,8 @@ def main() -> None:
     if not args.skip_time_bias:
         out["time_bias"] = time_bias_cost(ds, args.ks)
     if args.as_long:
-        as_long(ds, args.ks, args.as_long, args.seq_tokens, save, list(out.get("as_long", [])))
+        as_long(ds, args.ks, args.as_long, args.seq_tokens, save, list(out.get("as_long", [])),
+                json.loads(args.model))
     save()
     print(f"wrote {args.out}")
 
