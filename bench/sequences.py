@@ -37,7 +37,9 @@ Three parts, one JSON (``bench/results/sequences.json``):
    ``EPOCHS`` passes over the ``user_temporal`` training split, evaluated on the whole
    validation split twice per pass; the best evaluation's weights are scored on the
    whole test split. What the issue's targets are measured on: histories' AUC gain over
-   the no-history config trained as long, and the best AUC reached.
+   the no-history config trained as long, and the best AUC reached. ``--seq-tokens``
+   sets the pooled history tokens; ``--model JSON`` changes the base config (e.g. field
+   tokens), and a row records that change as its ``model``.
 
 The machine may be shared (the JSON records the load average before and after): read
 examples/s as this machine at that moment. An existing ``--out`` file is updated: the
@@ -49,7 +51,7 @@ parts skipped this time keep their earlier figures.
     .venv/bin/python bench/sequences.py --skip-throughput --skip-quality --skip-equal \
         --threads 1 --ks 64 256                                   # part 5 only
     .venv/bin/python bench/sequences.py --skip-throughput --skip-quality --skip-equal \
-        --skip-time-bias --as-long 2                              # part 6 only
+        --skip-time-bias --as-long 2 [--seq-tokens 4] [--model '{}']  # part 6 only
 """
 
 from __future__ import annotations
