@@ -236,15 +236,15 @@ def as_long(ds: Any, ks: list[int], epochs: float, seq_tokens: int, save: Any,
     train_cfg = TrainConfig(**AS_LONG_TRAIN, max_examples=int(epochs * n) // bs * bs,
                             eval_every=n // 2 // bs * bs, eval_max_examples=None)
     for k in [0, *ks]:
-        cfg = ModelConfig(**{**AS_LONG_MODEL, **model_update}, seq_len=k, seq_tokens=min(seq_tokens, k) if k else None)
+        tokens = min(seq_tokens, k)
+        cfg = ModelConfig(**{**AS_LONG_MODEL, **model_update}, seq_len=k, seq_tokens=tokens or None)
         t0 = time.perf_counter()
         res = train(cfg, train_cfg, ds.spec, ds.train, ds.val, keep_best=True)
         seconds = time.perf_counter() - t0
-        model = res.model
         assert res.best_state is not None
-        model.load_state_dict(res.best_state)
-        test = evaluate(model, ds.test, float(ds.train.label.float().mean()), prefix="test")
-        row = {"model": variant, "K": k, "epochs": epochs, "seq_tokens": min(seq_tokens, k), "status": res.status,
+        res.model.load_state_dict(res.best_state)
+        test = evaluate(res.model, ds.test, float(ds.train.label.float().mean()), prefix="test")
+        row = {"model": variant, "K": k, "epochs": epochs, "seq_tokens": tokens, "status": res.status,
                "flops_per_example": model_cost(cfg, ds.spec).flops_per_example,
                "best_val_auc": res.best["val_auc"], "best_val_logloss": res.best["val_logloss"],
                "best_examples_seen": res.best.get("examples_seen"),

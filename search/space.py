@@ -50,6 +50,7 @@ from pydantic.fields import FieldInfo
 
 import spaces
 from spaces.blocks import get_block
+from spaces.blocks.base import ConditionalKnobs
 from spaces.model import ModelConfig
 from trainers.config_io import did_you_mean, read_yaml_mapping
 from trainers.contracts import UserError
@@ -254,27 +255,25 @@ class SearchSpace(_Strict):
         def put(name: str, knob: Any) -> None:
             put_value(name, knob, _sample(trial, name, knob))
 
+        def put_conditional(prefix: str, knobs: dict[str, Any], cfg_cls: type[ConditionalKnobs],
+                            unset_inactive: bool) -> None:
+            # knobs other knobs depend on (the tokenizer, attention's kind) are sampled
+            # first; a knob ignored for the values drawn (n_tokens with field tokens,
+            # hstu's ffn_mult) is not sampled, and set to None where its default would
+            # contradict them (``unset_inactive``)
+            parents = {p for p, _ in cfg_cls.conditions.values()}
+            values: dict[str, Any] = {}
+            for key in sorted(knobs, key=lambda k: k not in parents):
+                if cfg_cls.is_active(key, values):
+                    values[key] = _sample(trial, f"{prefix}{key}", knobs[key])
+                    put_value(f"{prefix}{key}", knobs[key], values[key])
+                elif unset_inactive:
+                    constants[f"{prefix}{key}"] = None
+
         family = trial.suggest_categorical("model.block", list(self.families))
-        # frame knobs other knobs depend on (the tokenizer) first; one the frame ignores
-        # for the values drawn (n_tokens with the field tokenizer) is left unset (None)
-        frame_parents = {p for p, _ in ModelConfig.conditions.values()}
-        frame: dict[str, Any] = {}
-        for key in sorted(self.model, key=lambda k: k not in frame_parents):
-            if ModelConfig.is_active(key, frame):
-                frame[key] = _sample(trial, f"model.{key}", self.model[key])
-                put_value(f"model.{key}", self.model[key], frame[key])
-            else:
-                constants[f"model.{key}"] = None
-        cfg_cls = get_block(str(family)).Config
-        knobs = self.blocks.get(str(family), {})
-        # knobs other knobs depend on (e.g. attention's kind) are sampled first; a knob the
-        # block ignores for the values drawn (hstu's ffn_mult) is not sampled at all
-        parents = {p for p, _ in cfg_cls.conditions.values()}
-        values: dict[str, Any] = {}
-        for key in sorted(knobs, key=lambda k: k not in parents):
-            if cfg_cls.is_active(key, values):
-                values[key] = _sample(trial, f"model.{family}.{key}", knobs[key])
-                put_value(f"model.{family}.{key}", knobs[key], values[key])
+        put_conditional("model.", self.model, ModelConfig, unset_inactive=True)
+        put_conditional(f"model.{family}.", self.blocks.get(str(family), {}),
+                        get_block(str(family)).Config, unset_inactive=False)
         for key, knob in self.train.items():
             put(f"train.{key}", knob)
         return constants
