@@ -1,7 +1,8 @@
 """The search's FLOPs budget: who may start, and when everything stops.
 
-Spend is the sum over every trial of its last reported ``train_flops``. Two parties
-read it:
+Spend is the sum over every trial of what it has cost, its last reported ``work_flops``
+(:data:`~trainers.contracts.WORK_ATTR`: its ``train_flops`` plus the segments it trained
+again after a restore or a retry). Two parties read it:
 
 * the searcher (:class:`search.searcher.BudgetedOptunaSearch`) starts a new trial only if
   what is left, after the running trials reach their next ASHA milestone, still covers a
@@ -14,10 +15,14 @@ read it:
 So the total can overshoot ``budget_flops`` by at most one report interval of each trial
 running at the moment the budget is reached.
 
-Work Tune's trials do not account for (trials lost to a driver kill, segments a
-restored trial runs again) is *untracked spend*: the runner measures it from MLflow when
-it resumes a search and sets it here (:func:`set_untracked_spend`), and both parties add
-it, so faults spend the budget instead of silently adding to it.
+A resumed search knows more than Tune's saved state: the runner reads MLflow when it
+resumes (``search.runner.reconcile_resumed``) and sets here the work of trials Tune does
+not know (*untracked spend*: trials lost to a driver kill, :func:`set_untracked_spend`)
+and, for the trials it restores, the work their runs logged after Tune last saved
+(*floors*, :func:`set_work_floors`). Both parties count a trial's work as the larger of
+its reports and its floor, so a restored trial's spend is neither forgotten nor, once it
+reports again, counted twice. Work is counted as it is done, never charged ahead: a trial
+restored with its re-run segment still ahead costs nothing until it trains it.
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ from typing import Any, Literal
 
 from ray import tune
 
-from trainers.contracts import TIME_ATTR
+from trainers.contracts import TIME_ATTR, WORK_ATTR
 
-__all__ = ["BudgetPolicy", "BudgetStopper", "note_tune_trials", "set_untracked_spend", "tune_view",
-           "untracked_spend"]
+__all__ = ["BudgetPolicy", "BudgetStopper", "counted_spend", "note_tune_trials",
+           "reported_work", "set_untracked_spend", "set_work_floors", "tune_view",
+           "untracked_spend", "work_floors"]
 
 _UNTRACKED = {"flops": 0.0}  # this driver process's; set once per (re)start by the runner
+_FLOORS: dict[str, float] = {}  # likewise: trial id -> work its run logged (MLflow)
 
 
 def set_untracked_spend(flops: float) -> None:
@@ -44,6 +51,42 @@ def set_untracked_spend(flops: float) -> None:
 
 def untracked_spend() -> float:
     return _UNTRACKED["flops"]
+
+
+def set_work_floors(floors: Mapping[str, float]) -> None:
+    """The work each restored trial's run logged (see the module docstring)."""
+    _FLOORS.clear()
+    _FLOORS.update({str(k): float(v) for k, v in floors.items()})
+
+
+def work_floors() -> dict[str, float]:
+    return dict(_FLOORS)
+
+
+def reported_work(result: Mapping[str, Any]) -> float | None:
+    """What a trial's report says it has cost: ``work_flops``, or ``train_flops`` from a
+    report without it (a diverged trial's last loop report, an older search's)."""
+    value = result.get(WORK_ATTR, result.get(TIME_ATTR))
+    return None if value is None else float(value)
+
+
+def counted_spend(work: Mapping[str, float]) -> float:
+    """The search's spend: every trial's work (``trial id -> its furthest reported
+    work``), each at least its floor, plus the trials' floors that have not reported in
+    this process and the untracked spend.
+
+    Example:
+        >>> set_work_floors({"a": 900.0}); set_untracked_spend(50.0)
+        >>> counted_spend({"a": 300.0, "b": 100.0})  # a restored "a" re-running 0..900
+        1050.0
+        >>> counted_spend({"a": 1200.0})
+        1250.0
+        >>> set_work_floors({}); set_untracked_spend(0.0)
+    """
+    floors = _FLOORS
+    total = sum(max(v, floors.get(t, 0.0)) for t, v in work.items())
+    total += sum(f for t, f in floors.items() if t not in work)
+    return total + untracked_spend()
 
 
 # Tune's own view of its trials, for the searcher (this driver process's): the number of
@@ -98,8 +141,12 @@ class BudgetPolicy:
         """FLOPs a running trial will spend before ASHA next looks at it."""
         return max(0.0, self.next_milestone(spent) - spent)
 
-    def decide(self, spent: Mapping[str, float], running: Iterable[str]) -> Decision:
-        total = sum(spent.values()) + untracked_spend()
+    def decide(self, spent: Mapping[str, float], running: Iterable[str],
+               work: Mapping[str, float] | None = None) -> Decision:
+        """``spent``: each trial's furthest ``train_flops`` (where it stands between
+        ASHA's milestones); ``work``: what each has cost (:func:`counted_spend`;
+        ``spent`` when not given)."""
+        total = counted_spend(spent if work is None else work)
         if self.budget_flops - total < self.grace_flops:
             return "done"
         reserved = sum(self.committed(spent.get(t, 0.0)) for t in running)
@@ -109,20 +156,23 @@ class BudgetPolicy:
 
 
 class BudgetStopper(tune.Stopper, tune.Callback):
-    """Stops the whole search once the trials' summed ``train_flops`` reach the budget."""
+    """Stops the whole search once the trials' summed work reaches the budget."""
 
     def __init__(self, budget_flops: float) -> None:
         self.budget_flops = budget_flops
-        self.spent: dict[str, float] = {}
+        self.spent: dict[str, float] = {}  # trial id -> its furthest reported work
 
     @property
     def total(self) -> float:
-        return sum(self.spent.values()) + untracked_spend()
+        return counted_spend(self.spent)
+
+    def _count(self, trial_id: str, result: Mapping[str, Any]) -> None:
+        work = reported_work(result)
+        if work is not None:  # monotone; an older search's retried trial reported lower
+            self.spent[trial_id] = max(self.spent.get(trial_id, 0.0), work)
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        if TIME_ATTR in result:  # a trial Tune retried from a checkpoint reports lower
-            # FLOPs again for a while; what it trained before the failure stays spent
-            self.spent[trial_id] = max(self.spent.get(trial_id, 0.0), float(result[TIME_ATTR]))
+        self._count(trial_id, result)
         return self.total >= self.budget_flops
 
     def stop_all(self) -> bool:
@@ -131,6 +181,4 @@ class BudgetStopper(tune.Stopper, tune.Callback):
     def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
         note_tune_trials(trials)
         for trial in trials:  # restored trials carry their spend in last_result
-            flops = (trial.last_result or {}).get(TIME_ATTR)
-            if flops is not None:
-                self.spent[trial.trial_id] = max(self.spent.get(trial.trial_id, 0.0), float(flops))
+            self._count(trial.trial_id, trial.last_result or {})

@@ -19,7 +19,13 @@ from typing import Any, Literal
 import optuna
 import pandas as pd
 
-from search.budget import BudgetPolicy, BudgetStopper, set_untracked_spend
+from search.budget import (
+    BudgetPolicy,
+    BudgetStopper,
+    reported_work,
+    set_untracked_spend,
+    set_work_floors,
+)
 from search.checkpoints import prune_finished
 from search.checks import ConfigCheck
 from search.lock import SearchLock
@@ -48,13 +54,13 @@ from trainers.contracts import (
     SEARCH_PREFIX,
     SEARCHER_ARTIFACT,
     SECONDARY_OBJECTIVE,
-    TAG_CHARGED,
     TAG_DATA_FINGERPRINT,
     TAG_STATUS,
     TAG_STORAGE,
     TAG_TRIAL_ID,
     TIME_ATTR,
     VAL_SE,
+    WORK_ATTR,
     UserError,
     default_tracking_uri,
 )
@@ -66,9 +72,9 @@ from trainers.tracking import (
     end_run,
     find_or_create_parent,
     finish_run,
-    last_step,
     log_files,
     log_metrics,
+    logged_work,
     set_winner,
     trial_runs,
 )
@@ -87,6 +93,7 @@ __all__ = [
     "plan_search",
     "resolve_space",
     "run_search",
+    "trial_costs",
 ]
 
 log = logging.getLogger(__name__)
@@ -225,7 +232,7 @@ def _check_resume(path: Path, cfg: SearchConfig) -> None:
 
 
 _RESULT_COLUMNS = (
-        "trial_id", *METRICS, VAL_SE, "peak_rss_mb", "trial_seconds", "trial_status", "mlflow_run_id", "device", "gpu_share", "gpu_ids",
+        "trial_id", *METRICS, VAL_SE, WORK_ATTR, "peak_rss_mb", "trial_seconds", "trial_status", "mlflow_run_id", "device", "gpu_share", "gpu_ids",
         "node_id", "message")
 
 
@@ -549,15 +556,15 @@ def _reporter() -> Any:
 def close_lost_runs(client: Any, runs: list[Any], known: set[str]) -> tuple[float, int]:
     """Close the child ``runs`` whose trial Tune does not know as ``LOST`` (the driver
     started them after its last whole saved state, then died; they may even have
-    finished); returns the training FLOPs they had spent (their last logged step) and
-    how many were closed."""
+    finished); returns the training FLOPs they had cost (their last logged work,
+    :func:`trainers.tracking.logged_work`) and how many were closed."""
     lost, closed = 0.0, 0
     for run in runs:
         trial_id = str(run.data.tags.get(TAG_TRIAL_ID, ""))
         if is_reference_id(trial_id):
             continue  # trained by the driver, not Tune (search.references)
         if run.data.tags.get(TAG_STATUS) != "LOST" and trial_id not in known:
-            lost += max(0, last_step(client, run.info.run_id))
+            lost += logged_work(client, run)
             finish_run(client, run.info.run_id, "LOST")
             closed += 1
     return lost, closed
@@ -580,42 +587,21 @@ def close_stopped_runs(client: Any, runs: list[Any], trials: list[Any]) -> int:
     return closed
 
 
-def rerun_to_charge(client: Any, run: Any, trial: Any) -> float:
-    """The FLOPs a restored trial will train again, charged to the budget once.
+def reconcile_resumed(plan: SearchPlan, tracking: Tracking) -> tuple[float, dict[str, float]]:
+    """Before a resumed search runs: what MLflow knows of the work done that Tune's saved
+    state does not (:mod:`search.budget`). Returns ``(lost, floors)``:
 
-    It resumes from its latest checkpoint, which may be older than its last result, and
-    re-runs the segment up to the last report its run holds. A trial killed again before
-    it got past that report (its run's last step still the one an earlier resume
-    charged, ``TAG_CHARGED``: ``"<from>:<upto>"``) re-runs a segment already paid for:
-    only what lies below the earlier charge's start (an older checkpoint, or none) is
-    charged then. What it redid before that second kill falls inside the segment charged
-    the first time. Marks the run.
-    """
-    latest = getattr(trial, "latest_checkpoint_result", None)
-    at_checkpoint = float(latest.metrics.get(TIME_ATTR, 0.0)) if latest is not None else 0.0
-    logged = float(last_step(client, run.info.run_id))
-    if logged <= at_checkpoint:
-        return 0.0
-    mark = str(run.data.tags.get(TAG_CHARGED, ""))
-    charged_from, _, charged_upto = mark.partition(":")
-    if charged_upto and logged <= float(charged_upto):  # no progress past the last charge
-        extra = max(0.0, float(charged_from) - at_checkpoint)
-        start = min(float(charged_from), at_checkpoint)
-    else:
-        extra, start = logged - at_checkpoint, at_checkpoint
-    client.set_tag(run.info.run_id, TAG_CHARGED, f"{int(start)}:{int(logged)}")
-    return extra
+    * ``lost``: the search's untracked spend so far, every trial closed ``LOST`` (see
+      :func:`close_lost_runs`), this interruption's added to the running total kept on
+      the parent run (``search.lost_flops``), so a later interruption adds to it;
+    * ``floors``: for each trial Tune restores, the work its run logged (Tune saved its
+      state before some of its reports). Tune's saved result is older: without them the
+      budget would forget that work until the trial reports again.
 
-
-def reconcile_resumed(plan: SearchPlan, tracking: Tracking) -> float:
-    """Before a resumed search runs: account for the work the interruption wasted and
-    return the search's untracked spend so far (:mod:`search.budget`).
-
-    Wasted this time: every trial LOST (see :func:`close_lost_runs`), plus, for each
-    unfinished trial Tune restores, the segment from its checkpoint to the last report
-    MLflow holds, which it will now train again (charged once: :func:`rerun_to_charge`).
-    The running total is kept on the parent
-    run (``search.lost_flops``), so a later interruption adds to it.
+    A restored trial's re-run segment (from its checkpoint back to where it had got) is
+    not charged here: the trial counts it in its work as it trains it
+    (``search.trainable.WorkMeter``), so a search whose budget ends first is charged only
+    what was done.
     """
     from mlflow.tracking import MlflowClient
     from ray.tune import ExperimentAnalysis
@@ -625,20 +611,32 @@ def reconcile_resumed(plan: SearchPlan, tracking: Tracking) -> float:
                 if plan.restoring else {})
     children = trial_runs(client, tracking.experiment_id, tracking.parent_run_id)
     wasted, _ = close_lost_runs(client, children, set(restored))
-    runs = {r.data.tags.get(TAG_TRIAL_ID): r for r in children}
-    for trial_id, trial in restored.items():
-        run = runs.get(trial_id)
-        if run is None or trial.status == "TERMINATED":
-            continue
-        wasted += rerun_to_charge(client, run, trial)
+    floors = {str(r.data.tags.get(TAG_TRIAL_ID)): logged_work(client, r) for r in children
+              if str(r.data.tags.get(TAG_TRIAL_ID)) in restored}
     key = f"{SEARCH_PREFIX}{LOST_FLOPS}"
     before = client.get_run(tracking.parent_run_id).data.metrics.get(key, 0.0)
     total = float(before) + wasted
     log_metrics(client, tracking.parent_run_id, {key: total}, step=0)
     if wasted:
-        log.warning("the interruption wasted %.3g training FLOPs (lost trials and segments "
-                    "to train again); they count against the budget", wasted)
-    return total
+        log.warning("the interruption lost trials that had trained %.3g FLOPs; they count "
+                    "against the budget", wasted)
+    return total, floors
+
+
+def trial_costs(trials: list[Any], runs: list[Any]) -> dict[str, float]:
+    """Trial id -> the training FLOPs each trial Tune knows has cost: the larger of the
+    work its last result in Tune reports and the work its MLflow run logged (a report in
+    flight when the budget stopped the search reached MLflow only; a restored trial's
+    run holds its work from before the interruption). Reads the runs' latest metrics.
+    """
+    costs = {t.trial_id: reported_work(t.last_result or {}) or 0.0 for t in trials}
+    for run in runs:
+        trial_id = str(run.data.tags.get(TAG_TRIAL_ID, ""))
+        if trial_id in costs:
+            metrics = run.data.metrics
+            costs[trial_id] = max(costs[trial_id], float(metrics.get(WORK_ATTR, 0.0)),
+                                  float(metrics.get(TIME_ATTR, 0.0)))
+    return costs
 
 
 class _WallClock:
@@ -680,7 +678,7 @@ def collect_outcome(plan: SearchPlan, tracking: Tracking, wall: float) -> Search
     """Step 5: the outcome, read from what the search stored (Tune's experiment state,
     the searcher's saved state, MLflow), never from objects built in this process, so a
     resumed search reports the whole search. ``wall``: seconds over every segment.
-    Spent FLOPs include the untracked spend (``search.lost_flops``)."""
+    Spent FLOPs: every trial's work (:func:`trial_costs`) and the lost trials' (``search.lost_flops``)."""
     from mlflow.tracking import MlflowClient
     from ray.tune import ExperimentAnalysis
 
@@ -697,8 +695,8 @@ def collect_outcome(plan: SearchPlan, tracking: Tracking, wall: float) -> Search
     references = reference_rows(runs)
     parent_metrics = client.get_run(tracking.parent_run_id).data.metrics
     lost = float(parent_metrics.get(f"{SEARCH_PREFIX}{LOST_FLOPS}", 0.0)) + lost_now
-    spent = sum(float(t[TIME_ATTR].fillna(0).sum()) for t in (trials, references)
-                if TIME_ATTR in t) + lost
+    spent = sum(trial_costs(analysis.trials, runs).values()) + lost + (
+        float(references[TIME_ATTR].fillna(0).sum()) if TIME_ATTR in references else 0.0)
     winner = search_winner(trials)
     lift = search_lift(plan, analysis.trials, winner, references)
     prune_finished(analysis.trials, None if winner is None else str(winner["trial_id"]))
@@ -862,11 +860,14 @@ def _run_search(plan: SearchPlan, tracking_uri: str | None, address: str | None,
     client = MlflowClient(tracking.uri)
     before = 0.0  # wall seconds of the segments before this one
     if plan.restoring or plan.state_lost:
-        set_untracked_spend(reconcile_resumed(plan, tracking))
+        lost, floors = reconcile_resumed(plan, tracking)
+        set_untracked_spend(lost)
+        set_work_floors(floors)
         before = client.get_run(tracking.parent_run_id).data.metrics.get(
             f"{SEARCH_PREFIX}wall_seconds", 0.0)
     else:
         set_untracked_spend(0.0)
+        set_work_floors({})
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local",
                  include_dashboard=False, log_to_driver=verbose > 1,

@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from search.budget import BudgetPolicy, tune_view
+from search.budget import BudgetPolicy, counted_spend, reported_work, tune_view
 from search.settings import MIN_STARTUP_TRIALS
 from trainers.contracts import TIME_ATTR, UserError
 
@@ -121,7 +121,8 @@ class BudgetedOptunaSearch(OptunaSearch):
         super().__init__(space=space, **kwargs)
         self._feasibility = feasibility
         self._policy = policy
-        self._spent: dict[str, float] = {}
+        self._spent: dict[str, float] = {}  # trial id -> furthest train_flops (ASHA's axis)
+        self._work: dict[str, float] = {}  # trial id -> furthest work_flops (the budget's)
         self._live: dict[str, int] = {}  # running trial id -> Tune's step at its suggestion
         self.rejected: list[str] = []
         self._interned: dict[Any, Any] = {}  # see compact_finished_trial
@@ -140,7 +141,7 @@ class BudgetedOptunaSearch(OptunaSearch):
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
         if trial_id not in self._ot_trials:
             self._forget_trials_tune_dropped()
-            decision = self._policy.decide(self._spent, self._live)
+            decision = self._policy.decide(self._spent, self._live, self._costs())
             if decision == "done":
                 return Searcher.FINISHED
             if decision == "wait":
@@ -154,6 +155,7 @@ class BudgetedOptunaSearch(OptunaSearch):
             if ok:
                 self._live[trial_id] = tune_view()[0]
                 self._spent.setdefault(trial_id, 0.0)
+                self._work_done().setdefault(trial_id, 0.0)
                 return params
             self.rejected.append(reason)
             assert self._ot_study is not None
@@ -206,16 +208,36 @@ class BudgetedOptunaSearch(OptunaSearch):
                     "suggested); its result is not told to Optuna", trial_id)
         return False
 
-    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        if TIME_ATTR in result:  # monotone: a retried trial's reports restart lower
+    def _work_done(self) -> dict[str, float]:
+        """Trial id -> its furthest reported work (a searcher pickled before work was
+        counted has none yet)."""
+        done: dict[str, float] = self.__dict__.setdefault("_work", {})
+        return done
+
+    def _costs(self) -> dict[str, float]:
+        """Trial id -> what it has cost: its work, at least its ``train_flops``."""
+        done = self._work_done()
+        return {t: max(v, done.get(t, 0.0)) for t, v in self._spent.items()} | {
+            t: w for t, w in done.items() if t not in self._spent}
+
+    def _count(self, trial_id: str, result: dict[str, Any]) -> None:
+        """Monotone: a retried trial's ``train_flops`` restart lower for a while."""
+        if TIME_ATTR in result:
             self._spent[trial_id] = max(self._spent.get(trial_id, 0.0), float(result[TIME_ATTR]))
+        work = reported_work(result)
+        if work is not None:
+            done = self._work_done()
+            done[trial_id] = max(done.get(trial_id, 0.0), work)
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        self._count(trial_id, result)
         if self._knows(trial_id):
             super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
                           error: bool = False) -> None:
-        if result and TIME_ATTR in result:
-            self._spent[trial_id] = max(self._spent.get(trial_id, 0.0), float(result[TIME_ATTR]))
+        if result:
+            self._count(trial_id, result)
         self._live.pop(trial_id, None)
         ot_trial = self._ot_trials.get(trial_id)
         if self._knows(trial_id):
@@ -231,4 +253,5 @@ class BudgetedOptunaSearch(OptunaSearch):
 
     @property
     def spent(self) -> float:
-        return sum(self._spent.values())
+        """What the search has cost, as this searcher counts it (:func:`counted_spend`)."""
+        return counted_spend(self._costs())

@@ -35,13 +35,13 @@ import torch
 from ray import tune
 
 from spaces import FeatureSpec, model_cost
-from trainers.contracts import CONSTANT_METRICS, OBJECTIVE, STEP_AXIS, TIME_ATTR, VAL_SE
+from trainers.contracts import CONSTANT_METRICS, OBJECTIVE, STEP_AXIS, TIME_ATTR, VAL_SE, WORK_ATTR
 from trainers.data import DataConfig
 from trainers.experiment import experiment_from_flat
 from trainers.loop import predict_logits, train, trial_train_config
 from trainers.sequences import EventTable, Histories
 
-__all__ = ["SharedData", "TrialContext", "checkpoint_due", "load_state", "logloss_se", "run_trial",
+__all__ = ["SharedData", "TrialContext", "WorkMeter", "checkpoint_due", "load_state", "logloss_se", "run_trial",
            "save_state", "share_dataset", "standard_error", "val_losses"]
 
 STATE_FILE = "state.pt"
@@ -211,6 +211,35 @@ def checkpoint_due(examples_seen: int, done: bool, milestones: set[int] | frozen
     return done or examples_seen in milestones or since_last >= every_s
 
 
+@dataclass(frozen=True)
+class WorkMeter:
+    """A trial's cost so far (``WORK_ATTR``) at each of its reports.
+
+    A trial restored from its checkpoint at ``at_checkpoint`` (``train_flops``) trains
+    again from there up to the point it had reached: that segment is work too. ``base``
+    is what it had cost when it was interrupted: the work of its last logged report (its
+    last step, for a run logged before work was), at least ``at_checkpoint``. A fresh
+    trial has both 0, so its work is its ``train_flops``.
+
+    Example:
+        >>> meter = WorkMeter(base=900.0, at_checkpoint=300.0)  # killed at 900, restored at 300
+        >>> meter.at(600.0), meter.at(1200.0)
+        (1200.0, 1800.0)
+        >>> WorkMeter().at(600.0)
+        600.0
+    """
+
+    base: float = 0.0
+    at_checkpoint: float = 0.0
+
+    @classmethod
+    def resumed(cls, logged_work: float, at_checkpoint: float) -> WorkMeter:
+        return cls(max(logged_work, at_checkpoint), at_checkpoint)
+
+    def at(self, train_flops: float) -> float:
+        return self.base + max(0.0, train_flops - self.at_checkpoint)
+
+
 class _TrialClock:
     """Where a trial's time goes, reported to Tune beside the metrics (not to MLflow):
     ``startup_seconds`` (trial start to the first training step), ``eval_seconds`` (the
@@ -319,6 +348,11 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
             with checkpoint.as_directory() as d:
                 resume = load_state(d)
 
+    # what the trial had cost when it was interrupted (read before the gap below is
+    # filled); a retried trial with no checkpoint starts over from 0
+    meter = WorkMeter.resumed(
+        tracker.logged_work if tracker is not None else 0.0,
+        float(cost.train_flops(int(resume["examples_seen"]))) if resume is not None else 0.0)
     if tracker is not None and resume is not None and tracker.finished is None:
         # reports the checkpoint holds but MLflow lacks: a trial's writes are batched off
         # its thread, and a worker killed (out of memory, a lost node) right after a
@@ -354,6 +388,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
         done = seen >= max_examples
         losses = latest.pop("losses")
         metrics = {**metrics, VAL_SE: standard_error(losses),
+                   WORK_ATTR: meter.at(metrics[TIME_ATTR]),
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    "trial_seconds": time.perf_counter() - started}
         if tracker is not None:
@@ -389,6 +424,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
     if result.status == "diverged":
         last = result.history[-1] if result.history else {
             OBJECTIVE: float("inf"), TIME_ATTR: 0.0, STEP_AXIS: 0.0}
-        tune.report({**last, **extra, "trial_status": "diverged", "message": result.message})
+        tune.report({**last, **extra, WORK_ATTR: meter.at(float(last[TIME_ATTR])),
+                     "trial_status": "diverged", "message": result.message})
     if tracker is not None:
         tracker.flush()

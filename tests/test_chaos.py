@@ -443,34 +443,25 @@ def test_an_interrupted_trial_keeps_its_run_open_until_the_search_ends(tmp_path:
     assert statuses() == {"done": "COMPLETED", "mid": "STOPPED", "early": "STOPPED"}
 
 
-def test_a_rerun_segment_is_charged_once(tmp_path: Path) -> None:
-    """Killed at 300 with a checkpoint at 100: 200 FLOPs will be trained again. Killed
-    again before passing 300 (checkpoint 200): nothing more is charged; with no
-    checkpoint left (it starts over): the 100 below the first charge. Once past 300 (to
-    500) and killed with a checkpoint at 400: 100 more."""
-    from types import SimpleNamespace
+def test_a_restored_trial_is_counted_once_by_the_stopper_and_the_searcher() -> None:
+    """A trial killed at 900 and restored from scratch (Tune had saved its state before
+    the trial's first checkpoint): its run's 900 is its floor, not a charge. The search
+    costs 900 at once; re-running 0..900 costs only as it is trained (the trial's work
+    goes 900 -> 1200 -> 1800), and a search whose budget ends while the trial is still
+    re-running is charged what was done, not the whole segment ahead of time."""
+    from search.budget import counted_spend, set_work_floors
 
-    from search.runner import rerun_to_charge
-
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
-    client = MlflowClient(uri)
-    exp_id, parent, _ = find_or_create_parent(client, "s", {}, tags={})
-    tracker = TrialTracker(uri, exp_id, parent, "t", "wukong", {}, "s")
-
-    def charge(checkpoint: float | None) -> float:
-        run = client.get_run(tracker.run_id)
-        latest = None if checkpoint is None else SimpleNamespace(metrics={"train_flops": checkpoint})
-        return rerun_to_charge(client, run, SimpleNamespace(latest_checkpoint_result=latest))
-
-    for step in (100, 200, 300):
-        tracker.log({"val_logloss": 0.6, "train_flops": float(step)})
-    tracker.flush()
-    assert charge(100.0) == 200.0
-    assert charge(200.0) == 0.0  # the second kill came before 300
-    assert charge(None) == 100.0  # no checkpoint: 0..100 is new re-run work
-    assert charge(50.0) == 0.0
-    for step in (400, 500):
-        tracker.log({"val_logloss": 0.5, "train_flops": float(step)})
-    tracker.flush()
-    assert charge(400.0) == 100.0
-    assert charge(500.0) == 0.0
+    policy = BudgetPolicy(2000.0, 100.0, (300.0, 900.0, 2000.0))
+    try:
+        set_work_floors({"t1": 900.0})
+        stopper = BudgetStopper(2000.0)
+        assert stopper.total == 900.0  # before "t1" reports in this process
+        assert policy.decide({}, ["t1"], {}) == "start"  # 900 + its 300 to the first rung
+        assert not stopper("t1", {"train_flops": 300.0, "work_flops": 1200.0})
+        assert stopper.total == 1200.0  # not 900 + 900 charged + 300
+        assert not stopper("t1", {"train_flops": 900.0, "work_flops": 1800.0})
+        assert stopper("t2", {"train_flops": 200.0, "work_flops": 200.0})  # 2000: spent
+        # an older report (no work_flops) counts its train_flops, under the floor
+        assert counted_spend({"t3": 100.0}) == 900.0 + 100.0
+    finally:
+        set_work_floors({})

@@ -88,12 +88,13 @@ def data() -> dict[str, Any]:
 
 
 def _run(monkeypatch: pytest.MonkeyPatch, data: dict[str, Any], every_s: float,
-         **tracking: Any) -> tuple[_Tune, TrialContext]:
+         fake: _Tune | None = None, **tracking: Any) -> tuple[_Tune, TrialContext]:
     """One trial of ``CONFIG``: 4000 examples' worth of FLOPs, a report every 500
-    examples, ASHA's milestones at 1000 and 2000 examples and the end."""
+    examples, ASHA's milestones at 1000 and 2000 examples and the end. ``fake``: the
+    stand-in for ``ray.tune`` (one that restores a checkpoint)."""
     import ray
 
-    fake = _Tune()
+    fake = fake or _Tune()
     monkeypatch.setattr(trainable, "tune", fake)
     monkeypatch.setattr(ray, "get_runtime_context", _Ray().get_runtime_context)
     monkeypatch.setattr(ray, "get_gpu_ids", _Ray().get_gpu_ids)
@@ -300,11 +301,55 @@ def test_a_failing_trial_flushes_what_it_logged(monkeypatch, data, tmp_path) -> 
     assert files == [f"val_losses/{steps[1]}.npy"]  # the first milestone, at 1000 examples
 
 
-def test_a_resume_counts_the_work_since_the_checkpoint_not_the_last_result(
+def test_a_restored_trial_reports_the_segment_it_trains_again_as_work(
+        tmp_path, monkeypatch, data) -> None:
+    """Killed after its last report (4000 examples, all logged), restored from its
+    checkpoint at 1000: it trains 1000..4000 again. Its ``train_flops`` repeat the first
+    run's (MLflow is not written twice) while its ``work_flops``, what the budget
+    counts, go on from what it had cost: 4000 + (p - 1000) examples' worth at each
+    report p; every report of the first run had work equal to ``train_flops``."""
+    import pyarrow.fs
+    from mlflow.tracking import MlflowClient
+
+    from trainers.contracts import TAG_STATUS, WORK_ATTR
+    from trainers.tracking import find_or_create_parent
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp_id, parent, _ = find_or_create_parent(client, "s", {}, tags={})
+    tracking = {"tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent}
+    first, _ = _run(monkeypatch, data, every_s=0.0, **tracking)
+    assert all(m[WORK_ATTR] == m["train_flops"] for m, _ in first.reports)
+    per_example = first.reports[0][0]["train_flops"] / first.reports[0][0]["examples_seen"]
+    (run,) = client.search_runs([exp_id], "tags.trial_id = 't0'")
+    client.set_tag(run.info.run_id, TAG_STATUS, "RUNNING")  # killed, not finished
+    history = client.get_metric_history(run.info.run_id, "val_logloss")
+
+    at = next(state for m, state in first.reports if m["examples_seen"] == 1000)
+    (tmp_path / "ckpt").mkdir()
+    save_state(at, tmp_path / "ckpt")
+
+    class Restored(_Tune):
+        def get_checkpoint(self) -> Any:
+            from types import SimpleNamespace
+
+            return SimpleNamespace(path=str(tmp_path / "ckpt"),
+                                   filesystem=pyarrow.fs.LocalFileSystem())
+
+    restored, _ = _run(monkeypatch, data, every_s=0.0, fake=Restored(), **tracking)
+    seen = [m["examples_seen"] for m, _ in restored.reports]
+    assert seen == [1500.0, 2000.0, 2500.0, 3000.0, 3500.0, 4000.0]
+    for m, _ in restored.reports:
+        assert m[WORK_ATTR] == pytest.approx((4000 + m["examples_seen"] - 1000) * per_example)
+    assert len(client.get_metric_history(run.info.run_id, "val_logloss")) == len(history)
+
+
+def test_a_resume_floors_restored_trials_at_their_logged_work_and_charges_nothing_ahead(
         tmp_path, monkeypatch) -> None:
-    """A restored trial trains again from its latest checkpoint, which may be several
-    reports older than its last result now that not every report checkpoints: that
-    whole segment is wasted work and counts against the budget."""
+    """Tune saved its state with a trial at 300 (its checkpoint) while its run had
+    logged up to 900: the trial's floor is 900, and nothing is charged for the re-run
+    segment before it is trained (the trial's work counts it). A run Tune does not know
+    is LOST, its work untracked spend."""
     from types import SimpleNamespace
 
     import ray.tune
@@ -316,18 +361,19 @@ def test_a_resume_counts_the_work_since_the_checkpoint_not_the_last_result(
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = MlflowClient(uri)
     exp_id, parent, _ = find_or_create_parent(client, "s", {}, tags={})
-    tracker = TrialTracker(uri, exp_id, parent, "t1", "wukong", {}, "s")
-    for step in (300, 600, 900):
-        tracker.log({"val_logloss": 0.5, "train_flops": float(step)})
-    tracker.flush()
-    trial = SimpleNamespace(trial_id="t1", status="RUNNING", last_result={"train_flops": 900.0},
+    for trial_id, steps in (("t1", (300, 600, 900)), ("gone", (200, 400))):
+        tracker = TrialTracker(uri, exp_id, parent, trial_id, "wukong", {}, "s")
+        for step in steps:
+            work = step * 1.5 if trial_id == "gone" else step  # "gone" had re-run 200
+            tracker.log({"val_logloss": 0.5, "train_flops": float(step), "work_flops": work})
+        tracker.flush()
+    trial = SimpleNamespace(trial_id="t1", status="RUNNING", last_result={"train_flops": 300.0},
                             latest_checkpoint_result=SimpleNamespace(
                                 metrics={"train_flops": 300.0}))
     monkeypatch.setattr(ray.tune, "ExperimentAnalysis",
                         lambda path: SimpleNamespace(trials=[trial]))
     plan = SimpleNamespace(restoring=True, exp_path=tmp_path)
-    assert reconcile_resumed(plan, Tracking(uri, exp_id, parent)) == 600.0  # type: ignore[arg-type]
-    # no checkpoint now: it starts over; 300..900 was charged by the first resume (a
-    # re-run segment is charged once, search.runner.rerun_to_charge), 0..300 is new
-    trial.latest_checkpoint_result = None
-    assert reconcile_resumed(plan, Tracking(uri, exp_id, parent)) == 600.0 + 300.0  # type: ignore[arg-type]
+    tracking = Tracking(uri, exp_id, parent)
+    assert reconcile_resumed(plan, tracking) == (600.0, {"t1": 900.0})  # type: ignore[arg-type]
+    # a second resume: "gone" stays counted once, "t1" is floored again
+    assert reconcile_resumed(plan, tracking) == (600.0, {"t1": 900.0})  # type: ignore[arg-type]

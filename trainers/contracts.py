@@ -74,7 +74,6 @@ __all__ = [
     "VAL_SET_METRICS",
     "TAG_SEARCH",
     "TAG_STATUS",
-    "TAG_CHARGED",
     "TAG_STORAGE",
     "TAG_TRIAL_ID",
     "TAG_VIEW",
@@ -85,6 +84,7 @@ __all__ = [
     "LOST_FLOPS",
     "VAL_SE",
     "VAL_LOSSES_DIR",
+    "WORK_ATTR",
     "artifact_location",
     "cache_dir",
     "default_tracking_uri",
@@ -128,10 +128,14 @@ CONSTANT_METRICS: Final[tuple[str, ...]] = ("flops_per_example", "params_dense",
 #: know it on resume, so its run is closed (MLflow status KILLED) and its work counted
 #: as spent.
 TRIAL_STATUSES: Final[tuple[str, ...]] = ("COMPLETED", "STOPPED", "DIVERGED", "ERROR", "LOST")
-#: Training FLOPs spent that no trial Tune knows accounts for: trials ``LOST`` to a
-#: driver kill, and the segments restored trials run again after a restore (from their
-#: checkpoint to the last report MLflow had). On the parent run, with the search prefix.
+#: Training FLOPs spent that no trial Tune knows accounts for: the work of trials
+#: ``LOST`` to a driver kill. On the parent run, with the search prefix.
 LOST_FLOPS: Final = "lost_flops"
+#: What a trial has cost so far, in training FLOPs: its ``train_flops`` plus every
+#: segment it trained again after a restore or a retry (from its checkpoint up to the
+#: point it had reached). Reported and logged with every report (>= ``train_flops``);
+#: the budget counts it, not ``train_flops`` (``search.budget``).
+WORK_ATTR: Final = "work_flops"
 
 # --- MLflow layout -------------------------------------------------------------------
 
@@ -144,9 +148,6 @@ TAG_PARENT: Final = "mlflow.parentRunId"   # MLflow's own nesting tag
 TAG_TRIAL_ID: Final = "trial_id"
 TAG_BLOCK: Final = "block"
 TAG_STATUS: Final = "trial_status"      # a trial's outcome; MLflow's run status is another
-#: on a trial run: ``"<from>:<upto>"``, the re-run segment (``train_flops``) a resume has
-#: charged to the budget (``search.lost_flops``), so a later resume does not charge it again
-TAG_CHARGED: Final = "recscale.rerun_charged"
 TAG_BEST_RUN: Final = "recscale.best_run_id"      # on the parent: the winning trial's run
 TAG_BEST_TRIAL: Final = "recscale.best_trial_id"
 TAG_BEST_BLOCK: Final = "recscale.best_block"

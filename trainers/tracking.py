@@ -54,6 +54,7 @@ from trainers.contracts import (
     TAG_VIEW,
     VAL_LOSSES_DIR,
     VIEW_COLUMNS,
+    WORK_ATTR,
     artifact_location,
 )
 
@@ -72,6 +73,7 @@ __all__ = [
     "find_trial_run",
     "finish_run",
     "last_step",
+    "logged_work",
     "log_files",
     "log_metric_series",
     "log_metrics",
@@ -222,6 +224,15 @@ def last_step(client: MlflowClient, run_id: str) -> int:
     return max((int(m.step) for m in client.get_metric_history(run_id, OBJECTIVE)), default=-1)
 
 
+def logged_work(client: MlflowClient, run: Run, step: int | None = None) -> float:
+    """The training FLOPs a trial run's reports say it has cost: its latest logged
+    ``work_flops``, at least its last logged step (``step``: :func:`last_step`, when
+    already read; a run from before work was logged has only its steps); 0 for a run
+    with no report."""
+    step = last_step(client, run.info.run_id) if step is None else step
+    return max(float(run.data.metrics.get(WORK_ATTR, 0.0)), float(max(step, 0)))
+
+
 def set_trial_status(client: MlflowClient, exp_id: str, parent_run_id: str, trial_id: str,
                      status: str) -> None:
     """A finished trial's ``status`` tag and MLflow run status, found by its trial id."""
@@ -282,6 +293,9 @@ class TrialTracker:
         # logged report: the loop's resume is exact, so those reports repeat what MLflow
         # already holds, and are not logged twice (no duplicate or backward steps).
         self.logged_upto = last_step(self.client, run_id) if existing else -1
+        #: what the trial had cost by its last logged report (``WORK_ATTR``; 0 if new)
+        self.logged_work = (logged_work(self.client, self.client.get_run(run_id), self.logged_upto)
+                            if existing else 0.0)
         self._pending: list[Any] = []  # MLflow's asynchronous metric writes
         self._files: Any = None  # the thread that writes the val-loss artifacts
         self._file_writes: list[Any] = []
