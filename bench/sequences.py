@@ -21,7 +21,9 @@ Three parts, one JSON (``bench/results/sequences.json``):
    variant that cannot get that cheap at a ``K``, e.g. full attention over 256 steps,
    is recorded as infeasible with its smallest cost), all trained on the same
    ``--equal-examples`` examples: loss vs ``K`` at equal FLOPs per example, hence equal
-   training FLOPs.
+   training FLOPs. With ``--equal-evals N`` each run is scored at ``N`` evenly spaced
+   points (its ``curve``: loss vs training FLOPs), plotted per ``K`` in
+   ``bench/results/sequences_equal_flops.png``.
 
 5. **HSTU's time bias.** The wall time of one training step (forward + backward) of a
    2-layer HSTU stack (d 32) on real batches, with its relative time bias and with the
@@ -47,7 +49,7 @@ parts skipped this time keep their earlier figures.
 
     .venv/bin/python bench/sequences.py [--examples 60000] [--eval 20000] [--threads 2]
     .venv/bin/python bench/sequences.py --skip-throughput --skip-quality \
-        --equal-flops 1e6 --equal-examples 10000 --eval 5000
+        --equal-flops 1e6 --equal-examples 10000 --eval 5000 [--equal-evals 4]
     .venv/bin/python bench/sequences.py --skip-throughput --skip-quality --skip-equal \
         --threads 1 --ks 64 256                                   # part 5 only
     .venv/bin/python bench/sequences.py --skip-throughput --skip-quality --skip-equal \
@@ -175,14 +177,17 @@ def sized(variant: str, k: int, target: float, spec: Any) -> tuple[ModelConfig |
 
 
 def equal_flops(ds: Any, ks: list[int], target: float, examples: int, n_eval: int,
-                save: Any, previous: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Train every variant at every ``K`` of ``ks``; the ``previous`` rows of other
-    ``(K, variant, target)`` are kept (a later run can add ``K = 0``, say)."""
+                save: Any, previous: list[dict[str, Any]], evals: int = 1) -> list[dict[str, Any]]:
+    """Train every variant at every ``K`` of ``ks``, scoring each ``evals`` times; the
+    ``previous`` rows of other ``(K, variant, target)`` are kept (a later run can add
+    ``K = 0``, say)."""
     redo = {(k, v, target) for k in ks for v in EQUAL_VARIANTS}
     rows = [r for r in previous
             if (r["K"], r["variant"], r["target_flops_per_example"]) not in redo]
-    train_cfg = TrainConfig(lr=3e-3, optimizer="adamw_split", embedding_lr=1e-2, batch_size=512,
-                            max_examples=examples, eval_every=examples, eval_max_examples=n_eval,
+    batch = 512
+    every = max(batch, examples // max(1, evals) // batch * batch)
+    train_cfg = TrainConfig(lr=3e-3, optimizer="adamw_split", embedding_lr=1e-2, batch_size=batch,
+                            max_examples=examples, eval_every=every, eval_max_examples=n_eval,
                             seed=0)
     for k in ks:
         for variant in EQUAL_VARIANTS:
@@ -200,12 +205,56 @@ def equal_flops(ds: Any, ks: list[int], target: float, examples: int, n_eval: in
                            examples=examples, eval_examples=n_eval,
                            seconds=time.perf_counter() - t0,
                            examples_per_s=res.metrics["examples_per_s"])
+                if evals > 1:
+                    row["curve"] = [{k: float(h[k]) for k in CURVE_KEYS if k in h}
+                                    for h in res.history]
             print(json.dumps(row), flush=True)
             rows.append(row)
             rows.sort(key=lambda r: (r["target_flops_per_example"], r["K"],
                                      list(EQUAL_VARIANTS).index(r["variant"])))
             save(equal=rows)  # a run cut short keeps what it measured
     return rows
+
+
+CURVE_KEYS = ("examples_seen", "train_flops", "val_logloss", "val_auc")
+
+
+def plot_equal_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Validation log loss against training FLOPs, one panel per ``K``, one line per
+    variant and FLOPs-per-example target (rows that have a ``curve``); None if none has."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_curve = [r for r in rows if r.get("curve")]
+    if not with_curve:
+        return None
+    ks = sorted({r["K"] for r in with_curve})
+    fig, axes = plt.subplots(1, len(ks), figsize=(4.2 * len(ks), 3.6), squeeze=False,
+                             sharey=True)
+    colours = {"softmax": "tab:blue", "hstu": "tab:orange", "astro": "tab:green"}
+    targets = sorted({r["target_flops_per_example"] for r in with_curve})
+    styles = dict(zip(targets, ("-", "--", ":", "-.")))
+    for ax, k in zip(axes[0], ks):
+        for r in (r for r in with_curve if r["K"] == k):
+            xs = [c["train_flops"] for c in r["curve"]]
+            ys = [c["val_logloss"] for c in r["curve"]]
+            ax.plot(xs, ys, styles[r["target_flops_per_example"]], marker="o", ms=3,
+                    color=colours.get(r["variant"], "grey"),
+                    label=f"{r['variant']} d{r['d_model']} @ {r['flops_per_example']:.2g} FLOPs/ex")
+        ax.set_xscale("log")
+        ax.set_title(f"K = {k}")
+        ax.set_xlabel("training FLOPs")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("val log loss")
+    fig.suptitle("Softmax vs HSTU vs ASTRO at equal FLOPs per example (MovieLens-1M, "
+                 "user_temporal)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 #: the best no-history config of the 1e13 MovieLens-1M search (bench/results/trust.json,
@@ -308,6 +357,8 @@ def main() -> None:
     ap.add_argument("--equal-flops", type=float, default=1e6,
                     help="FLOPs per example every model of the equal-FLOPs part is sized to")
     ap.add_argument("--equal-examples", type=int, default=10_000)
+    ap.add_argument("--equal-evals", type=int, default=1,
+                    help="evaluations per equal-FLOPs run (> 1: a loss-vs-FLOPs curve and a plot)")
     ap.add_argument("--equal-ks", type=int, nargs="+", default=None,
                     help="the K's of the equal-FLOPs part (default --ks; K = 0: no history, "
                          "every variant the same model)")
@@ -357,8 +408,11 @@ def main() -> None:
     if not args.skip_quality:
         quality(ds, args.ks, args.examples, args.eval, args.full_256, save)
     if not args.skip_equal:
-        equal_flops(ds, args.equal_ks or args.ks, args.equal_flops, args.equal_examples,
-                    args.eval, save, list(out.get("equal_flops", [])))
+        rows = equal_flops(ds, args.equal_ks or args.ks, args.equal_flops, args.equal_examples,
+                           args.eval, save, list(out.get("equal_flops", [])), args.equal_evals)
+        figure = plot_equal_curves(rows, path.with_name("sequences_equal_flops.png"))
+        if figure is not None:
+            print(f"wrote {figure}")
     if not args.skip_time_bias:
         out["time_bias"] = time_bias_cost(ds, args.ks)
     if args.as_long:

@@ -412,7 +412,7 @@ def test_job_submit_runs_trials_on_both_nodes(cluster) -> None:
 def test_search_survives_losing_the_worker_node(cluster) -> None:
     name, storage = "lose-worker", cluster.tmp / "shared"
     worker, head = cluster.node_ids["worker"], cluster.node_ids["head"]
-    res = cluster.submit(*_search_args(name, "1.6e11", cluster.uri, storage), wait=False)
+    res = cluster.submit(*_search_args(name, "1.2e11", cluster.uri, storage), wait=False)
     assert res.returncode == 0, res.stderr[-2000:]
     job_id = _job_id(res)
 
