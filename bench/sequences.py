@@ -267,33 +267,57 @@ AS_LONG_TRAIN: dict[str, Any] = {"lr": 5.08e-4, "optimizer": "adamw_split",
                                  "warmup_frac": 0.0, "decay_frac": 0.3, "seed": 0}
 
 
+def as_long_model(update: dict[str, Any]) -> dict[str, Any]:
+    """The base config with ``update``; a block section set to null is removed (another
+    block: ``{"block": "attention", "fm": null, "attention": {...}}``).
+
+    Example:
+        >>> as_long_model({"block": "attention", "fm": None, "attention": {}})["block"]
+        'attention'
+        >>> "fm" in as_long_model({"fm": None})
+        False
+    """
+    merged = {**AS_LONG_MODEL, **update}
+    for key, value in update.items():
+        if value is None and isinstance(AS_LONG_MODEL.get(key), dict):
+            del merged[key]
+    return merged
+
+
 def as_long(ds: Any, ks: list[int], epochs: float, seq_tokens: int, save: Any,
-            previous: list[dict[str, Any]], model_update: dict[str, Any]) -> list[dict[str, Any]]:
+            previous: list[dict[str, Any]], model_update: dict[str, Any],
+            train_update: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Part 6: the no-history config and the same with ``K`` in ``ks`` (history pooled
-    into ``seq_tokens`` tokens, fewer when ``K`` is smaller), each trained for ``epochs``
-    passes; ``model_update`` changes the base config (recorded as the row's ``model``);
-    the ``previous`` rows of other ``(model, K, epochs, seq_tokens)`` are kept."""
+    into ``seq_tokens`` tokens, fewer when ``K`` is smaller; 0: not pooled, one token
+    per step, which only the attention family takes), each trained for ``epochs``
+    passes; ``model_update`` and ``train_update`` change the base config and its
+    training (recorded as the row's ``model`` and ``train``); ``K = 0`` runs once,
+    whether or not ``ks`` names it. The ``previous`` rows of other ``(model, train, K, epochs, seq_tokens)`` are kept."""
     variant = json.dumps(model_update, sort_keys=True) if model_update else ""
+    training = json.dumps(train_update, sort_keys=True) if train_update else ""
 
-    def key(r: dict[str, Any]) -> tuple[str, int, float, int]:
-        return r.get("model", ""), r["K"], r["epochs"], r.get("seq_tokens", 4) if r["K"] else 0
+    def key(r: dict[str, Any]) -> tuple[str, str, int, float, int]:
+        return (r.get("model", ""), r.get("train", ""), r["K"], r["epochs"],
+                r.get("seq_tokens", 4) if r["K"] else 0)
 
-    redo = {(variant, k, epochs, min(seq_tokens, k)) for k in [0, *ks]}
+    todo = sorted({0, *ks})
+    redo = {(variant, training, k, epochs, min(seq_tokens, k)) for k in todo}
     rows = [r for r in previous if key(r) not in redo]
     n = len(ds.train)
-    bs = AS_LONG_TRAIN["batch_size"]
-    train_cfg = TrainConfig(**AS_LONG_TRAIN, max_examples=int(epochs * n) // bs * bs,
+    train_args = {**AS_LONG_TRAIN, **(train_update or {})}
+    bs = train_args["batch_size"]
+    train_cfg = TrainConfig(**train_args, max_examples=int(epochs * n) // bs * bs,
                             eval_every=n // 2 // bs * bs, eval_max_examples=None)
-    for k in [0, *ks]:
+    for k in todo:
         tokens = min(seq_tokens, k)
-        cfg = ModelConfig(**{**AS_LONG_MODEL, **model_update}, seq_len=k, seq_tokens=tokens or None)
+        cfg = ModelConfig(**as_long_model(model_update), seq_len=k, seq_tokens=tokens or None)
         t0 = time.perf_counter()
         res = train(cfg, train_cfg, ds.spec, ds.train, ds.val, keep_best=True)
         seconds = time.perf_counter() - t0
         assert res.best_state is not None
         res.model.load_state_dict(res.best_state)
         test = evaluate(res.model, ds.test, float(ds.train.label.float().mean()), prefix="test")
-        row = {"model": variant, "K": k, "epochs": epochs, "seq_tokens": tokens, "status": res.status,
+        row = {"model": variant, "train": training, "K": k, "epochs": epochs, "seq_tokens": tokens, "status": res.status,
                "flops_per_example": model_cost(cfg, ds.spec).flops_per_example,
                "best_val_auc": res.best["val_auc"], "best_val_logloss": res.best["val_logloss"],
                "best_examples_seen": res.best.get("examples_seen"),
@@ -369,6 +393,8 @@ def main() -> None:
     ap.add_argument("--model", default="{}", metavar="JSON",
                     help='part 6: changes to the base config, e.g. \'{"tokenizer": "field", '
                          '"n_tokens": null, "embed_dim": 32}\'')
+    ap.add_argument("--train", default="{}", metavar="JSON",
+                    help="part 6: changes to the base config's training, e.g. '{\"lr\": 1e-3}'")
     ap.add_argument("--out", default="bench/results/sequences.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -417,7 +443,7 @@ def main() -> None:
         out["time_bias"] = time_bias_cost(ds, args.ks)
     if args.as_long:
         as_long(ds, args.ks, args.as_long, args.seq_tokens, save, list(out.get("as_long", [])),
-                json.loads(args.model))
+                json.loads(args.model), json.loads(args.train))
     save()
     print(f"wrote {args.out}")
 
