@@ -256,6 +256,42 @@ def test_a_failed_write_is_raised_by_flush_after_the_others(tmp_path, monkeypatc
     assert written == [200, 300, 400]
 
 
+def test_a_report_lost_in_an_outage_is_sent_again_at_flush_in_its_place(tmp_path) -> None:
+    """The store was down when report 200 was sent (MLflow's asynchronous write failed)
+    and is back at the trial's end: flush sends that batch again with its first time
+    stamps, so the series has no gap and does not go backwards in time (what the audit
+    checks; a trial that failed here instead would be retried past it, leaving a gap)."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from trainers.tracking import TrialTracker, find_or_create_parent
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp_id, parent, _ = find_or_create_parent(client, "s", {}, tags={})
+    tracker = TrialTracker(uri, exp_id, parent, "t1", "wukong", {}, "s")
+    real = tracker.client.log_batch
+
+    class Failed:
+        def wait(self) -> None:
+            raise ConnectionError("store down")
+
+    def log_batch(run_id: str, metrics: Any, synchronous: bool = True) -> Any:
+        if not synchronous and metrics[0].step == 200:
+            return Failed()
+        return real(run_id, metrics=metrics, synchronous=synchronous)
+
+    tracker.client.log_batch = log_batch  # type: ignore[method-assign]
+    for step in (100, 200, 300):
+        tracker.log({"val_logloss": 0.6 - step / 1e4, "train_flops": float(step)})
+        time.sleep(0.01)  # distinct time stamps
+    tracker.flush()  # no error: the second try went through
+    history = sorted(client.get_metric_history(tracker.run_id, "val_logloss"),
+                     key=lambda m: (m.timestamp, m.step))
+    assert [m.step for m in history] == [100, 200, 300]
+
+
 def test_a_failing_trial_flushes_what_it_logged(monkeypatch, data, tmp_path) -> None:
     """A trial that fails after two reports: both are in MLflow when the error leaves
     the trial function (a retry will not log them again)."""

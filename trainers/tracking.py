@@ -78,6 +78,7 @@ __all__ = [
     "log_metric_series",
     "log_metrics",
     "log_params",
+    "metric_batch",
     "set_tags",
     "set_trial_status",
 ]
@@ -127,13 +128,17 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> 
         client.log_batch(run_id, params=items[i : i + _PARAM_BATCH])
 
 
+def metric_batch(metrics: Mapping[str, Any], step: int) -> list[Metric]:
+    """The numeric entries of ``metrics`` as MLflow metrics at ``step``, stamped now."""
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)]
+
+
 def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, Any], step: int,
                 synchronous: bool = True) -> Any:
     """The numeric entries of ``metrics`` at ``step``, in one batch."""
-    now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-             if isinstance(v, int | float) and not isinstance(v, bool)]
-    return client.log_batch(run_id, metrics=batch, synchronous=synchronous)
+    return client.log_batch(run_id, metrics=metric_batch(metrics, step), synchronous=synchronous)
 
 
 def log_metric_series(client: MlflowClient, run_id: str, key: str,
@@ -296,17 +301,19 @@ class TrialTracker:
         #: what the trial had cost by its last logged report (``WORK_ATTR``; 0 if new)
         self.logged_work = (logged_work(self.client, self.client.get_run(run_id), self.logged_upto)
                             if existing else 0.0)
-        self._pending: list[Any] = []  # MLflow's asynchronous metric writes
+        #: MLflow's asynchronous metric writes, each with the batch it sends
+        self._pending: list[tuple[Any, list[Metric]]] = []
         self._files: Any = None  # the thread that writes the val-loss artifacts
-        self._file_writes: list[Any] = []
+        self._file_writes: list[tuple[Any, int, Any]] = []  # (future, train_flops, losses)
 
     def log(self, metrics: dict[str, float]) -> None:
         """One batched, asynchronous write per report, at ``step = train_flops``."""
         if int(metrics[STEP_AXIS]) <= self.logged_upto:
             return
         varying = {k: v for k, v in metrics.items() if k not in CONSTANT_METRICS}
-        self._pending.append(log_metrics(self.client, self.run_id, varying,
-                                         step=int(metrics[STEP_AXIS]), synchronous=False))
+        batch = metric_batch(varying, int(metrics[STEP_AXIS]))
+        self._pending.append((self.client.log_batch(self.run_id, metrics=batch, synchronous=False),
+                              batch))
 
     def log_val_losses(self, train_flops: int, losses: Any) -> None:
         """The per-example validation losses of the report at ``train_flops`` (an ASHA
@@ -320,7 +327,8 @@ class TrialTracker:
 
             self._files = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-files")
         array = np.asarray(losses, dtype=np.float16)  # a copy: the caller's may change
-        self._file_writes.append(self._files.submit(self._write_losses, int(train_flops), array))
+        self._file_writes.append((self._files.submit(self._write_losses, int(train_flops), array),
+                                  int(train_flops), array))
 
     def _write_losses(self, train_flops: int, losses: Any) -> None:
         import tempfile
@@ -335,16 +343,32 @@ class TrialTracker:
     def flush(self, raise_errors: bool = True) -> None:
         """Wait for every write this tracker started (metrics go through MLflow's
         asynchronous logging, val-loss artifacts through the tracker's own thread, both
-        off the training thread). Each is waited for, even after one failed; then the
-        first failure is raised, or with ``raise_errors=False`` (a trial already
-        failing) logged."""
+        off the training thread). A write that failed (the store was down when it was
+        sent) is sent once more, now, the same batch with its first time stamps, so a
+        store that came back holds every report in order; a retry that fails too is an
+        error. Each is waited for, even after one failed; then the first failure is
+        raised, or with ``raise_errors=False`` (a trial already failing) logged.
+
+        Without the retry, a report lost in an outage stayed missing: the trial failed
+        here, Tune retried it from its checkpoint, and the restored trial logs only
+        reports past the last one MLflow holds (``logged_upto``)."""
         errors: list[BaseException] = []
-        waits = [op.wait for op in self._pending] + [fut.result for fut in self._file_writes]
-        for wait in waits:
+        for op, batch in self._pending:
             try:
-                wait()
-            except Exception as err:
-                errors.append(err)
+                op.wait()
+            except Exception:
+                try:
+                    self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+                except Exception as err:
+                    errors.append(err)
+        for fut, train_flops, losses in self._file_writes:
+            try:
+                fut.result()
+            except Exception:
+                try:
+                    self._write_losses(train_flops, losses)
+                except Exception as err:
+                    errors.append(err)
         self._pending.clear()
         self._file_writes.clear()
         if self._files is not None:
