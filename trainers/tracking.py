@@ -353,22 +353,30 @@ class TrialTracker:
         here, Tune retried it from its checkpoint, and the restored trial logs only
         reports past the last one MLflow holds (``logged_upto``)."""
         errors: list[BaseException] = []
+        # every write is waited for first: the later ones, still retrying, drain while
+        # the store comes back, and the failed ones are then sent into a store that is up
+        failed_batches = []
         for op, batch in self._pending:
             try:
                 op.wait()
             except Exception:
-                try:
-                    self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
-                except Exception as err:
-                    errors.append(err)
+                failed_batches.append(batch)
+        failed_files = []
         for fut, train_flops, losses in self._file_writes:
             try:
                 fut.result()
             except Exception:
-                try:
-                    self._write_losses(train_flops, losses)
-                except Exception as err:
-                    errors.append(err)
+                failed_files.append((train_flops, losses))
+        for batch in failed_batches:
+            try:
+                self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+            except Exception as err:
+                errors.append(err)
+        for train_flops, losses in failed_files:
+            try:
+                self._write_losses(train_flops, losses)
+            except Exception as err:
+                errors.append(err)
         self._pending.clear()
         self._file_writes.clear()
         if self._files is not None:
