@@ -38,7 +38,7 @@ from trainers.contracts import TIME_ATTR, WORK_ATTR
 
 __all__ = ["BudgetPolicy", "BudgetStopper", "counted_spend", "note_tune_trials",
            "reported_work", "set_untracked_spend", "set_work_floors", "tune_view",
-           "untracked_spend", "work_floors"]
+           "untracked_spend"]
 
 _UNTRACKED = {"flops": 0.0}  # this driver process's; set once per (re)start by the runner
 _FLOORS: dict[str, float] = {}  # likewise: trial id -> work its run logged (MLflow)
@@ -57,10 +57,6 @@ def set_work_floors(floors: Mapping[str, float]) -> None:
     """The work each restored trial's run logged (see the module docstring)."""
     _FLOORS.clear()
     _FLOORS.update({str(k): float(v) for k, v in floors.items()})
-
-
-def work_floors() -> dict[str, float]:
-    return dict(_FLOORS)
 
 
 def reported_work(result: Mapping[str, Any]) -> float | None:

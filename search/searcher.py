@@ -155,7 +155,6 @@ class BudgetedOptunaSearch(OptunaSearch):
             if ok:
                 self._live[trial_id] = tune_view()[0]
                 self._spent.setdefault(trial_id, 0.0)
-                self._work_done().setdefault(trial_id, 0.0)
                 return params
             self.rejected.append(reason)
             assert self._ot_study is not None

@@ -264,6 +264,7 @@ class TrialTracker:
         self.client = MlflowClient(tracking_uri)
         run_id = find_trial_run(self.client, exp_id, parent_run_id, trial_id)
         existing = run_id is not None
+        before: Run | None = None  # the run as a restored or retried trial finds it
         #: how the trial's run says it ended (COMPLETED, STOPPED, DIVERGED), when Tune
         #: restores a trial it had finished after its last saved state; else None
         self.finished: str | None = None
@@ -299,8 +300,8 @@ class TrialTracker:
         # already holds, and are not logged twice (no duplicate or backward steps).
         self.logged_upto = last_step(self.client, run_id) if existing else -1
         #: what the trial had cost by its last logged report (``WORK_ATTR``; 0 if new)
-        self.logged_work = (logged_work(self.client, self.client.get_run(run_id), self.logged_upto)
-                            if existing else 0.0)
+        self.logged_work = (logged_work(self.client, before, self.logged_upto)
+                            if before is not None else 0.0)
         #: MLflow's asynchronous metric writes, each with the batch it sends
         self._pending: list[tuple[Any, list[Metric]]] = []
         self._files: Any = None  # the thread that writes the val-loss artifacts
