@@ -14,7 +14,7 @@ from ray.tune.logger import TBXLoggerCallback
 from trainers.contracts import SEARCH_PREFIX, TIME_ATTR
 
 __all__ = ["DriverMemory", "NoTensorBoardEvents", "TrimFinishedTrials", "forget_encoder_log_keys",
-           "malloc_info", "release_free_memory", "trim_finished_trial"]
+           "malloc_info", "release_free_memory", "short_trial_dirname", "trim_finished_trial"]
 
 
 # glibc's allocator, for the driver's native memory (see ``TrimFinishedTrials``).
@@ -142,8 +142,40 @@ class DriverMemory(tune.Callback):
 #   (``deque([0.61, 0.6], maxlen=5)``), only to log a DEBUG line once. Those keys are
 #   forgotten (:func:`forget_encoder_log_keys`); the other ``log_once`` keys stay.
 #
+# * ``trial.run_metadata.last_result`` itself: the trial's own report plus what Tune adds
+#   to every result (:data:`TUNE_RESULT_EXTRAS`: another copy of the config, the
+#   experiment tag, host, pid, dates, per-iteration timers). The extras are dropped; the
+#   report's own keys stay (``search.runner`` reads ``_RESULT_COLUMNS`` and
+#   ``training_iteration``/``done`` from it, ``bench/overhead.py`` the trial's timers).
+# * ``trial._default_result_or_future``: the trainable's auto-filled result, fetched once
+#   by ``Trial.last_result`` for a trial that has not reported yet (the budget stopper
+#   reads every trial's last result at each step) and kept for ever. A trial with a
+#   report of its own never reads it again. Dropped.
+# * ``trial.evaluated_params`` and the unresolved config: two more dicts equal to
+#   ``trial.config`` (recscale's configs are flat and hold no placeholders). Made the same
+#   object, which the JSON still writes three times but the driver holds once.
+# * ``trial.experiment_tag``: ``<n>_<every sampled value>`` (~0.5 KB), written into the
+#   JSON and read back only for display: cut to ``<n>``. With the short trial folder names
+#   the runner gives Tune (:func:`short_trial_dirname`) the pickled storage context in
+#   the JSON is ~0.3 KB smaller too.
+#
 # Trials that errored keep everything: a resumed search retries them from their
 # checkpoints (``resume_errored=True``).
+
+
+#: what Tune adds to every result (``ray.tune.result`` auto-filled keys and the config),
+#: dropped from a finished trial's ``last_result``
+TUNE_RESULT_EXTRAS = ("config", "experiment_tag", "hostname", "node_ip", "pid", "date",
+                      "timestamp", "time_this_iter_s", "time_since_restore",
+                      "iterations_since_restore", "timesteps_since_restore", "should_checkpoint",
+                      "checkpoint_dir_name", "timesteps_total", "episodes_total")
+
+
+def short_trial_dirname(trial: Any) -> str:
+    """The folder name of a trial's results: ``<trainable>_<trial id>``. Tune's default
+    appends every sampled value and a date (~150 characters), which its state then
+    carries twice per trial; the trial id is unique within a search."""
+    return f"{trial.trainable_name}_{trial.trial_id}"
 
 
 #: what a finished trial's last checkpoint keeps of the report it was saved with
@@ -163,6 +195,18 @@ def trim_finished_trial(trial: Any) -> None:
         return
     meta.metric_analysis = {}
     meta.metric_n_steps = {}
+    result = meta.last_result or {}
+    if any(k != "trial_id" for k in result):  # a report of its own
+        meta.last_result = {k: v for k, v in result.items() if k not in TUNE_RESULT_EXTRAS}
+        trial._default_result_or_future = None
+    config = getattr(trial, "config", None)
+    if config is not None:
+        if trial.evaluated_params == config:
+            trial.evaluated_params = config
+        if getattr(trial, "_Trial__unresolved_config", None) == config:
+            trial._Trial__unresolved_config = config
+    tag = getattr(trial, "experiment_tag", "") or ""
+    trial.experiment_tag = tag.split("_", 1)[0]
     manager = getattr(meta, "checkpoint_manager", None)
     if manager is not None:
         latest = manager._latest_checkpoint_result

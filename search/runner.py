@@ -29,7 +29,12 @@ from search.budget import (
 from search.checkpoints import prune_finished
 from search.checks import ConfigCheck
 from search.lock import SearchLock
-from search.monitor import DriverMemory, NoTensorBoardEvents, TrimFinishedTrials
+from search.monitor import (
+    DriverMemory,
+    NoTensorBoardEvents,
+    TrimFinishedTrials,
+    short_trial_dirname,
+)
 from search.references import (
     Lift,
     is_reference,
@@ -498,9 +503,11 @@ def build_tuner(plan: SearchPlan, tracking: Tracking, verbose: int = 1) -> Any:
     stopper = BudgetStopper(plan.policy.budget_flops)  # what the references left
     callbacks = [stopper, TrialStatusCallback(tracking.uri, tracking.experiment_id,
                                               tracking.parent_run_id),
-                 DriverMemory(tracking.uri, tracking.parent_run_id),
                  DropFinishedCheckpoints(plan.exp_path),  # finished trials: last one only
                  TrimFinishedTrials(),  # ... and in the driver's memory too
+                 # after the trim: what the driver keeps of a finished trial, once glibc
+                 # has handed back the pages the trial's bookkeeping freed
+                 DriverMemory(tracking.uri, tracking.parent_run_id),
                  NoTensorBoardEvents()]  # instead of Tune's TensorBoard logger (a leak)
     run_config = tune.RunConfig(
         name=cfg.name, storage_path=str(plan.storage_path), stop=stopper,
@@ -516,7 +523,8 @@ def build_tuner(plan: SearchPlan, tracking: Tracking, verbose: int = 1) -> Any:
         trainable,
         tune_config=tune.TuneConfig(search_alg=make_searcher(plan), scheduler=make_scheduler(cfg),
                                     num_samples=-1, max_concurrent_trials=cfg.max_concurrent,
-                                    reuse_actors=cfg.reuse_actors),
+                                    reuse_actors=cfg.reuse_actors,
+                                    trial_dirname_creator=short_trial_dirname),
         run_config=run_config,
     )
 

@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 Feasibility = Callable[[dict[str, Any]], tuple[bool, float, str]]
 
 MAX_RESAMPLES = 500
+#: how many samples an enqueued point (a family to cover) gets to find a feasible config
+#: before it is dropped and the search samples freely: a family with a sliver of its
+#: space under the serving cap (Wukong at 2e4 FLOPs/example: ~0 of 400 random draws)
+#: must not end the search
+MAX_FIXED_RESAMPLES = 100
 
 #: OptunaSearch's warning that the define-by-run space is slow (it is TPE that is)
 _SLOW_SPACE_WARNING = "Define-by-run function passed in the `space` argument took"
@@ -146,6 +151,7 @@ class BudgetedOptunaSearch(OptunaSearch):
                 return Searcher.FINISHED
             if decision == "wait":
                 return None
+        tries: dict[str, int] = {}  # an enqueued point's fixed part -> its rejections
         for _ in range(MAX_RESAMPLES):
             params = super().suggest(trial_id)
             assert params is not None
@@ -163,8 +169,15 @@ class BudgetedOptunaSearch(OptunaSearch):
             del self._ot_trials[trial_id]
             if self.forget_finished:
                 self._compact(ot_trial._trial_id)
-            if fixed:  # an enqueued point (e.g. a family to cover) keeps its fixed part
+            key = repr(sorted(fixed.items())) if fixed else ""
+            tries[key] = tries.get(key, 0) + 1
+            if fixed and tries[key] < MAX_FIXED_RESAMPLES:
+                # an enqueued point (e.g. a family to cover) keeps its fixed part ...
                 self._ot_study.enqueue_trial(fixed, skip_if_exists=False)
+            elif fixed:  # ... unless almost none of it fits: then it is given up, not the search
+                log.warning("no feasible config with %s in %d samples (last reason: %s); "
+                            "it is dropped from the points to evaluate", fixed,
+                            MAX_FIXED_RESAMPLES, reason)
         log.error("no feasible config in %d samples; last reason: %s", MAX_RESAMPLES, reason)
         return Searcher.FINISHED
 

@@ -18,7 +18,13 @@ from ray.train._internal.session import _TrainingResult
 from ray.tune import CheckpointConfig, PlacementGroupFactory
 from ray.tune.experiment import Trial
 
-from search.monitor import TrimFinishedTrials, malloc_info, trim_finished_trial
+from search.monitor import (
+    TUNE_RESULT_EXTRAS,
+    TrimFinishedTrials,
+    malloc_info,
+    short_trial_dirname,
+    trim_finished_trial,
+)
 from search.tracking import TrialStatusCallback
 from tests.bench_scripts import load_bench
 
@@ -69,7 +75,9 @@ def test_trim_keeps_the_result_and_the_last_checkpoint(tmp_path: Path) -> None:
 
     TrimFinishedTrials().on_trial_complete(iteration=1, trials=[trial], trial=trial)
 
-    assert trial.last_result == last
+    # the report's own keys stay; what Tune adds to every result (another config) goes
+    assert "config" in last and "config" not in trial.last_result
+    assert trial.last_result == {k: v for k, v in last.items() if k not in TUNE_RESULT_EXTRAS}
     assert trial.checkpoint is not None and trial.checkpoint.path.endswith("checkpoint_000004")
     manager = trial.run_metadata.checkpoint_manager
     assert manager._checkpoint_results == [manager._latest_checkpoint_result]
@@ -79,6 +87,42 @@ def test_trim_keeps_the_result_and_the_last_checkpoint(tmp_path: Path) -> None:
     assert trial.metric_analysis == {} and trial.metric_n_steps == {}
     after = _json_size(trial)  # the caches were rebuilt, not served stale
     assert after < before / 2, (before, after)
+
+
+def test_trim_drops_the_copies_tune_keeps_besides_the_result(tmp_path: Path) -> None:
+    """The auto-filled default result, the config's equal copies and the long experiment
+    tag: what a finished trial with reports of its own never reads again."""
+    trial = _finished_trial(tmp_path)
+    trial._default_result_or_future = {"trial_id": "t0001", "pid": 1, "hostname": "h"}
+    trial.evaluated_params = dict(trial.config)
+    trial.experiment_tag = "7_model.block=wukong,model.d_model=16"
+    config = trial.config
+    trim_finished_trial(trial)
+    assert trial._default_result_or_future is None
+    assert trial.evaluated_params is config and trial._Trial__unresolved_config is config
+    assert trial.config == {"model.block": "wukong", "model.d_model": 16}
+    assert trial.experiment_tag == "7"
+    # a copy that differs (a scheduler that mutates configs) is left alone
+    (tmp_path / "other").mkdir()
+    other = _finished_trial(tmp_path / "other")
+    other.evaluated_params = {"model.block": "wukong"}
+    trim_finished_trial(other)
+    assert other.evaluated_params == {"model.block": "wukong"}
+
+
+def test_a_trial_that_never_reported_keeps_its_default_result(tmp_path: Path) -> None:
+    """Without a report of its own, ``last_result`` is the default result: kept."""
+    trial = Trial("fake_trainable", stub=True, trial_id="t0004", config={"a": 1})
+    trial._default_result_or_future = {"trial_id": "t0004", "pid": 1}
+    trial.status = Trial.TERMINATED
+    trim_finished_trial(trial)
+    assert trial.last_result == {"trial_id": "t0004", "pid": 1}
+
+
+def test_trial_folders_are_named_by_trainable_and_id() -> None:
+    trial = Trial("run_trial", stub=True, trial_id="ab12cd34",
+                  config={"model.block": "wukong", "train.lr": 0.001})
+    assert short_trial_dirname(trial) == "run_trial_ab12cd34"
 
 
 def test_a_trimmed_trial_restores_from_its_saved_state(tmp_path: Path) -> None:

@@ -72,6 +72,22 @@ def test_budget_is_held(unified) -> None:
     assert cfg.budget_flops - out.spent_flops < cfg.grace + cfg.max_concurrent * interval
 
 
+def test_trial_folders_are_short_and_finished_results_trimmed(unified) -> None:
+    """Tune's folder per trial is ``run_trial_<id>`` (``search.monitor.short_trial_dirname``),
+    and what Tune saved of a finished trial is its report without Tune's extras, which
+    the outcome's table does not need."""
+    from ray.tune import ExperimentAnalysis
+
+    cfg, out = unified
+    folders = {p.name for p in Path(out.storage_path).iterdir() if p.is_dir()}
+    assert {f"run_trial_{t}" for t in out.trials["trial_id"]} <= folders
+    finished = [t for t in ExperimentAnalysis(out.storage_path).trials if t.status == "TERMINATED"]
+    assert finished
+    for trial in finished:
+        assert "config" not in trial.last_result and "hostname" not in trial.last_result
+        assert "train_flops" in trial.last_result and "val_logloss" in trial.last_result
+
+
 def test_no_trained_config_over_the_cap(unified) -> None:
     _, out = unified
     assert (out.trials["flops_per_example"] <= CAP).all()
