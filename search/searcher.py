@@ -169,12 +169,14 @@ class BudgetedOptunaSearch(OptunaSearch):
             del self._ot_trials[trial_id]
             if self.forget_finished:
                 self._compact(ot_trial._trial_id)
-            key = repr(sorted(fixed.items())) if fixed else ""
+            if not fixed:
+                continue
+            key = repr(sorted(fixed.items()))
             tries[key] = tries.get(key, 0) + 1
-            if fixed and tries[key] < MAX_FIXED_RESAMPLES:
+            if tries[key] < MAX_FIXED_RESAMPLES:
                 # an enqueued point (e.g. a family to cover) keeps its fixed part ...
                 self._ot_study.enqueue_trial(fixed, skip_if_exists=False)
-            elif fixed:  # ... unless almost none of it fits: then it is given up, not the search
+            else:  # ... unless almost none of it fits: then it is given up, not the search
                 log.warning("no feasible config with %s in %d samples (last reason: %s); "
                             "it is dropped from the points to evaluate", fixed,
                             MAX_FIXED_RESAMPLES, reason)
