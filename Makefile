@@ -35,7 +35,7 @@ browser:
 	  else echo "no chromium and not root with apt-get: the browser test will skip"; fi; }
 
 unit: setup browser
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
 
 test: lint typecheck unit
 

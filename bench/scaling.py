@@ -69,6 +69,17 @@ def configs(parts: list[str], families: tuple[str, ...] = FAMILIES) -> dict[str,
             name="bench-scaling-movielens-small", data=DataConfig(name="movielens-1m"),
             budgets=ladder(1e9, 3, 4.0), center_ratio=300.0,
             eval_max_examples=100_000, **small)  # type: ignore[arg-type]
+    if "movielens_small4" in parts:
+        # movielens_small with a fourth budget (6.4e10), so that two profiles can
+        # converge (1.6e10 did; 1e9 and 4e9 sit below the smallest size that trains), and
+        # spreads centred at D/N = 1000 (the 1.6e10 minimum implied ~1000)
+        small = {**common, "model": {"n_tokens": 2, "embed_dim": 8, "head_hidden": [8],
+                                     "tokenizer": "grouped", "pooling": "mean"},
+                 "widths": (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)}
+        out["movielens_small4"] = StudyConfig(
+            name="bench-scaling-movielens-small4", data=DataConfig(name="movielens-1m"),
+            budgets=ladder(1e9, 4, 4.0), center_ratio=1000.0,
+            eval_max_examples=100_000, **small)  # type: ignore[arg-type]
     if "synthetic_small" in parts:
         # the first synthetic study centred its spreads at D/N = 15 and found N* at or
         # below its smallest sizes; its converged minima implied D/N ~ 45-130. This one:
@@ -85,6 +96,23 @@ def configs(parts: list[str], families: tuple[str, ...] = FAMILIES) -> dict[str,
             name="bench-scaling-synthetic-small",
             data=DataConfig(name="synthetic", synthetic=syn),
             budgets=ladder(6.25e8, 4, 4.0), center_ratio=100.0, max_epochs=1.0,
+            eval_max_examples=100_000, **small)  # type: ignore[arg-type]
+    if "synthetic_small5" in parts:
+        # synthetic_small with two more 4x rungs (1.6e11 and, at the 10x target, verify
+        # at 1.6e12): its two converged profiles (1e10, 4e10) gave a law that missed the
+        # 0.005-nat target and picked an N* that lost to N*/2. 30M fresh rows (24M train)
+        # so that neither the largest study point nor a verify run at 1.6e12 repeats one
+        syn = SyntheticConfig(n_rows=30_000_000, n_cat_fields=8, cardinality=100, order=3,
+                              n_interactions=6, noise=0.1, seed=0)
+        small = {**common, "model": {"n_tokens": 2, "embed_dim": 8, "head_hidden": [8],
+                                     "tokenizer": "grouped", "pooling": "mean"},
+                 "widths": (4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128,
+                            160, 192, 256),
+                 "depths": (2,)}
+        out["synthetic_small5"] = StudyConfig(
+            name="bench-scaling-synthetic-small5",
+            data=DataConfig(name="synthetic", synthetic=syn),
+            budgets=ladder(6.25e8, 5, 4.0), center_ratio=100.0, max_epochs=1.0,
             eval_max_examples=100_000, **small)  # type: ignore[arg-type]
     return out
 
