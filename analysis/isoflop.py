@@ -10,7 +10,12 @@ N)``: the lowest loss is kept (the searcher's per-size tuning).
   and ``N*`` inside the sizes measured; a minimum at or beyond the smallest or largest
   size is ``hit_bound`` (the data do not pin it down) and is left out of the laws.
 * **Laws across budgets** (per family): ``N*(C) = G·C^a`` and ``L*(C) = K·C^(−b)``,
-  least squares in log–log; ``D*(C) = C / (3·N*(C))``. ``b`` is the pure power law
+  least squares in log–log; ``D*(C) = C / (3·N*(C))``. The ``N*`` line is weighted by
+  each profile's inverse variance of ``ln N*`` (:func:`n_star_weights`): a minimum near
+  the edge of its sizes is known only to within a factor 20 and, with equal weights,
+  steepened ``a`` enough that ``N*`` lost to ``N*/2`` at a 10× verification (bench/
+  RESULTS.md, synthetic_small5). ``L*`` stays unweighted: its intervals are narrow at
+  every budget (at most ±0.012 nats, ~2% of the loss) where ``N*``'s reach ×20. ``b`` is the pure power law
   exponent the seed papers report (RankMixer/UniMixer); it has no floor, so it is not
   used to extrapolate the loss.
 * **Loss predictions** use the joint law ``L(N, D) = E + A·N^(−α) + B·D^(−β)``
@@ -63,6 +68,7 @@ __all__ = [
     "dead_points",
     "fit_family",
     "fit_profile",
+    "n_star_weights",
     "study_points",
 ]
 
@@ -342,10 +348,44 @@ class FamilyScaling:
                 "profiles": [p.as_dict() for p in self.profiles]}
 
 
-def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Least-squares ``y = c + s·x``: ``(s, c)``."""
-    s, c = np.polyfit(x, y, 1)
+def _line(x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> tuple[float, float]:
+    """Least-squares ``y = c + s·x`` (weighted by ``w`` when given): ``(s, c)``."""
+    s, c = np.polyfit(x, y, 1, w=None if w is None else np.sqrt(w))
     return float(s), float(c)
+
+
+def n_star_weights(profiles: Sequence[IsoProfile], x: np.ndarray) -> np.ndarray | None:
+    """Inverse-variance weights for the ``ln N*`` against ``ln C`` line (random effects).
+
+    Each profile's variance of ``ln N*`` is read off its bootstrap (the 95% interval's
+    width / 3.92, robust to the heavy tails of a minimum near the edge of the sizes);
+    the scatter of the minima about the line beyond those variances (``τ²``,
+    DerSimonian–Laird method of moments for a regression) is added to each. An ``N*``
+    known only to within a factor 20 (a minimum next to the smallest size) then counts
+    for little, one pinned to ±5% for much, and none counts for more than the line's own
+    scatter allows. ``None`` (equal weights) where a profile has too few replicates.
+    """
+    var = []
+    for p in profiles:
+        s = p.samples[:, 0] if len(p.samples) else np.empty(0)
+        s = s[np.isfinite(s)]
+        if len(s) < _MIN_BOOT:
+            return None
+        lo, hi = np.percentile(s, [2.5, 97.5])
+        var.append(max(((hi - lo) / 3.92) ** 2, 1e-12))
+    v = np.asarray(var)
+    y = np.log([p.n_star for p in profiles])
+    X = np.column_stack([np.ones_like(x), x])
+    w = 1.0 / v
+    k = len(profiles)
+    if k > 2:  # tau² from the fixed-effect residuals (needs a degree of freedom)
+        xtwx_inv = np.linalg.inv(X.T @ (w[:, None] * X))
+        beta = xtwx_inv @ (X.T @ (w * y))
+        q = float(np.sum(w * (y - X @ beta) ** 2))
+        denom = float(w.sum() - np.trace(xtwx_inv @ (X.T @ ((w ** 2)[:, None] * X))))
+        tau2 = max(0.0, (q - (k - 2)) / denom) if denom > 0 else 0.0
+        w = 1.0 / (v + tau2)
+    return w
 
 
 def fit_family(family: str, profiles: Sequence[IsoProfile], n_boot: int = 200,
@@ -364,7 +404,8 @@ def fit_family(family: str, profiles: Sequence[IsoProfile], n_boot: int = 200,
                              f"{len(good)} budget(s) with a converged profile; the laws "
                              f"need 2 (3 for a check){note}", profiles, joint)
     lc = np.log([p.budget for p in good])
-    a, log_g = _line(lc, np.log([p.n_star for p in good]))
+    w_n = n_star_weights(good, lc)
+    a, log_g = _line(lc, np.log([p.n_star for p in good]), w_n)
     mb, log_k = _line(lc, np.log([p.l_star for p in good]))
     curv = float(np.mean([p.curvature for p in good]))
     dof = [len(p.N) - 3 for p in good]
@@ -378,7 +419,7 @@ def fit_family(family: str, profiles: Sequence[IsoProfile], n_boot: int = 200,
         ks = np.array([p.samples[i, 2] for p in good])
         if not (np.all(np.isfinite(xs)) and np.all(ls > 0)):
             continue
-        ba, bg = _line(lc, xs)
+        ba, bg = _line(lc, xs, w_n)
         bb, bk = _line(lc, np.log(ls))
         rows[i] = (ba, bg, -bb, bk, float(np.mean(ks)))
     rows = rows[np.all(np.isfinite(rows), axis=1)]
