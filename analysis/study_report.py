@@ -69,7 +69,7 @@ def table_rows(fit: StudyFit, verify: Any = None) -> list[tuple[str, str, str, s
                      _ci(pred.loss_ci), tag))
         rows.append((f"pick at C={pk.budget:.3g}: passes over the training data",
                      _fmt(pk.epochs, 3) if fit.n_train else "fresh data",
-                     f"measured up to {_fmt(pk.max_epochs_measured, 3)}", tag))
+                     f"measured up to {_fmt(pk.max_epochs_measured, 3)} at sizes >= N/2", tag))
     if verify is not None:
         for r in verify.rows:
             rows.append((f"verify {r.role} (N={r.N:.3g}, D={r.D:.3g}): predicted / measured",
