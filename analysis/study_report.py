@@ -146,11 +146,14 @@ def _figures(fit: StudyFit, verify: Any, out: Path) -> list[Path]:
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("N (forward FLOPs per example)")
         ax.set_ylabel("validation log loss")
-        ax.set_title(f"{fam}: isoFLOP profiles (star = fitted minimum)")
-        ax.legend(fontsize=7)
+        ax.set_title(f"{fam}: isoFLOP profiles\n(star: fitted minimum; bar under it: N* 95%)",
+                     fontsize=10)
+        # below the axes: a legend inside covered the points (a verify run at 0.74)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2,
+                  frameon=False)
     fig.tight_layout()
     paths.append(out / "isoflop.png")
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
     plt.close(fig)
 
     fig, (axn, axl) = plt.subplots(1, 2, figsize=(11, 4.2))

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from analysis.isoflop import StudyFit, analyze_study
 from search.study import (
     PointTrainer,
@@ -37,7 +39,7 @@ from search.study import (
 )
 from trainers.contracts import KIND_VERIFY, OBJECTIVE
 
-__all__ = ["ROLES", "VerifyOutcome", "VerifyRow", "plan_verify", "run_verify"]
+__all__ = ["ROLES", "VerifyOutcome", "VerifyRow", "plan_verify", "rescore_verify", "run_verify"]
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +216,32 @@ def run_verify(name: str, budget_flops: float | None = None, tracking_uri: str |
         if r.get("mlflow_run_id"):
             _log_prediction(record.tracking_uri, str(r["mlflow_run_id"]), pred.loss, pred.loss_ci)
     return VerifyOutcome(name, target, fam, fit.pick.status, fit.pick.message, tuple(rows))
+
+
+def rescore_verify(record: Any, fit: StudyFit, budget: float) -> VerifyOutcome | None:
+    """The verification runs ``record`` holds at ``budget``, scored against ``fit`` (a
+    law refitted after they ran: post hoc, so not a test of it). Roles are the ones the
+    runs were trained for; ``None`` when the study has no verification at ``budget``.
+    """
+    v = record.verify
+    if v is None or v.empty:
+        return None
+    rows_at = v[np.isclose(v["budget"].astype(float), budget, rtol=1e-6)]
+    if rows_at.empty:
+        return None
+    fam = str(rows_at["family"].iloc[0])
+    scaling = fit.families.get(fam)
+    if scaling is None or not scaling.ok:
+        return None
+    rows = []
+    for r in rows_at.sort_values("N").itertuples():
+        pred = scaling.predict(budget, float(r.N))
+        rows.append(VerifyRow(str(r.role), fam, budget, int(r.N), int(r.D), pred.loss,
+                              pred.loss_ci, float(r.loss),
+                              float(r.D) / record.n_train if record.n_train else None,
+                              str(r.run_id)))
+    return VerifyOutcome(record.name, budget, fam, fit.pick.status,
+                         f"rescored post hoc: {fit.pick.message}", tuple(rows))
 
 
 def _log_prediction(uri: str, run_id: str, loss: float, ci: tuple[float, float]) -> None:

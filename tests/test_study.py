@@ -178,7 +178,7 @@ def test_planted_truth_end_to_end(tmp_path) -> None:
 
     from analysis.isoflop import analyze_study
     from analysis.study_report import build_study_report
-    from analysis.verify import run_verify
+    from analysis.verify import rescore_verify, run_verify
     from search.study import load_study, run_study
     from trainers.data import load_dataset
 
@@ -218,6 +218,13 @@ def test_planted_truth_end_to_end(tmp_path) -> None:
         print(ver.table())
         rec2 = load_study("planted", uri)
         assert len(rec2.verify) == 3 and set(rec2.verify["role"]) == {"N*", "N*/2", "2N*"}
+        # the recorded runs, read back and scored against the same fit, are the same table
+        again = rescore_verify(rec2, fit, target)
+        assert again is not None and [r.role for r in again.rows] == ["N*/2", "N*", "2N*"]
+        for r, s in zip(ver.rows, again.rows):
+            assert (s.N, s.measured) == (r.N, pytest.approx(r.measured, abs=1e-6))
+            assert s.predicted == pytest.approx(r.predicted, abs=1e-9) and s.ci == r.ci
+        assert rescore_verify(rec2, fit, 2 * target) is None
     finally:
         ray.shutdown()
     report = build_study_report(rec2, fit, ver, tmp_path / "report")
