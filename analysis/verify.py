@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,8 +219,10 @@ def run_verify(name: str, budget_flops: float | None = None, tracking_uri: str |
     return VerifyOutcome(name, target, fam, fit.pick.status, fit.pick.message, tuple(rows))
 
 
-def rescore_verify(record: Any, fit: StudyFit, budget: float) -> VerifyOutcome | None:
-    """The verification runs ``record`` holds at ``budget``, scored against ``fit`` (a
+def rescore_verify(record: Any, fit: StudyFit, budget: float,
+                   run_ids: Collection[str] | None = None) -> VerifyOutcome | None:
+    """The verification runs ``record`` holds at ``budget`` (only ``run_ids`` when
+    given: one verification among several at that budget), scored against ``fit`` (a
     law refitted after they ran: post hoc, so not a test of it). Roles are the ones the
     runs were trained for; ``None`` when the study has no verification at ``budget``.
     """
@@ -227,6 +230,8 @@ def rescore_verify(record: Any, fit: StudyFit, budget: float) -> VerifyOutcome |
     if v is None or v.empty:
         return None
     rows_at = v[np.isclose(v["budget"].astype(float), budget, rtol=1e-6)]
+    if run_ids is not None:
+        rows_at = rows_at[rows_at["run_id"].isin(list(run_ids))]
     if rows_at.empty:
         return None
     fam = str(rows_at["family"].iloc[0])

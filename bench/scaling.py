@@ -211,7 +211,8 @@ def main() -> int:
             # as it was recorded, with the report built then
             from analysis.verify import rescore_verify
 
-            rescored = rescore_verify(record, fit, target)
+            ids = [r["run_id"] for v in before["verify"].values() for r in v["rows"]]
+            rescored = rescore_verify(record, fit, target, run_ids=ids)
             results[part] = {**before, "verify_also": also,
                              "refit": json.loads(json.dumps(fit.as_dict(), default=float)),
                              "verify_rescored": rescored.as_dict() if rescored else None}
