@@ -1,13 +1,15 @@
 """isoFLOP scaling studies, then ``verify`` at 10x the largest budget studied.
 
-    .venv/bin/python bench/scaling.py                      # both datasets
-    .venv/bin/python bench/scaling.py --parts synthetic --dry-run   # plan and cost only
+    .venv/bin/python bench/scaling.py --families tokenmixer   # both datasets, ~24 min
+    .venv/bin/python bench/scaling.py --parts synthetic_small5 --dry-run   # plan and cost
 
 For each dataset: a study (budget ladder x sizes per family, each point trained for
 D = C/(3N) with a WSD schedule) through Ray Tune + MLflow (SQLite under --work), the
 isoFLOP fits, ``verify`` at the target (N*, N*/2, 2N*), and the report
 (``bench/results/scaling_<part>/``: isoflop.png, scaling.png, summary.json, report.md).
-Numbers go to ``bench/results/scaling.json``. Sized for ~25 minutes on 2 shared cores.
+Numbers go to ``bench/results/scaling.json``. The default parts (``synthetic_small5``,
+``movielens_small4``) are the ones verified at 10x; the others are the earlier studies
+bench/RESULTS.md describes. ~24 minutes on 2 quiet cores with ``--families tokenmixer``.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ def _seconds(n: float, d: float) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--parts", default="synthetic,movielens")
+    ap.add_argument("--parts", default="synthetic_small5,movielens_small4")
     ap.add_argument("--work", default="/tmp/recscale-bench-scaling",
                     help="MLflow SQLite, Ray state, data cache")
     ap.add_argument("--out", default=str(ROOT / "bench/results/scaling.json"))
