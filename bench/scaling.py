@@ -38,6 +38,8 @@ from trainers.data import DataConfig, SyntheticConfig, load_dataset  # noqa: E40
 _EX_PER_S, _FLOPS_PER_S, _TRIAL_S = 35_000.0, 18e9, 3.0
 
 FAMILIES = ("tokenmixer", "unimixing_lite")
+ML_WIDTHS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+SYN_WIDTHS = (4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128)
 
 
 def configs(parts: list[str], families: tuple[str, ...] = FAMILIES) -> dict[str, StudyConfig]:
@@ -47,13 +49,23 @@ def configs(parts: list[str], families: tuple[str, ...] = FAMILIES) -> dict[str,
                   model={"n_tokens": 4, "embed_dim": 8, "head_hidden": [32],
                          "tokenizer": "grouped", "pooling": "mean"},
                   max_concurrent=2)
+    small_frame = {"n_tokens": 2, "embed_dim": 8, "head_hidden": [8],
+                   "tokenizer": "grouped", "pooling": "mean"}
+
+    def small(widths: tuple[int, ...], **kw: object) -> dict[str, object]:
+        """The small frame (2 tokens, head [8]) with these widths."""
+        return {**common, "model": small_frame, "widths": widths, **kw}
+
+    def teacher(n_rows: int) -> DataConfig:
+        return DataConfig(name="synthetic", synthetic=SyntheticConfig(
+            n_rows=n_rows, n_cat_fields=8, cardinality=100, order=3, n_interactions=6,
+            noise=0.1, seed=0))
+
     out = {}
     if "synthetic" in parts:
         # fresh examples: every point, and every verify run, sees each row at most once
-        syn = SyntheticConfig(n_rows=7_000_000, n_cat_fields=8, cardinality=100, order=3,
-                              n_interactions=6, noise=0.1, seed=0)
         out["synthetic"] = StudyConfig(
-            name="bench-scaling-synthetic", data=DataConfig(name="synthetic", synthetic=syn),
+            name="bench-scaling-synthetic", data=teacher(7_000_000),
             budgets=ladder(1.25e9, 4, 4.0), center_ratio=15.0, max_epochs=1.0,
             eval_max_examples=100_000, **common)  # type: ignore[arg-type]
     if "movielens" in parts:
@@ -65,58 +77,37 @@ def configs(parts: list[str], families: tuple[str, ...] = FAMILIES) -> dict[str,
         # a second MovieLens study after the first found N* at or below its smallest
         # sizes: a smaller frame (2 tokens, head [8], widths from 2) and spreads centred
         # at D/N = 300 (the first study's converged minimum implies ~350), 3 budgets
-        small = {**common, "model": {"n_tokens": 2, "embed_dim": 8, "head_hidden": [8],
-                                     "tokenizer": "grouped", "pooling": "mean"},
-                 "widths": (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)}
         out["movielens_small"] = StudyConfig(
             name="bench-scaling-movielens-small", data=DataConfig(name="movielens-1m"),
             budgets=ladder(1e9, 3, 4.0), center_ratio=300.0,
-            eval_max_examples=100_000, **small)  # type: ignore[arg-type]
+            eval_max_examples=100_000, **small(ML_WIDTHS))  # type: ignore[arg-type]
     if "movielens_small4" in parts:
         # movielens_small with a fourth budget (6.4e10), so that two profiles can
         # converge (1.6e10 did; 1e9 and 4e9 sit below the smallest size that trains), and
         # spreads centred at D/N = 1000 (the 1.6e10 minimum implied ~1000)
-        small = {**common, "model": {"n_tokens": 2, "embed_dim": 8, "head_hidden": [8],
-                                     "tokenizer": "grouped", "pooling": "mean"},
-                 "widths": (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)}
         out["movielens_small4"] = StudyConfig(
             name="bench-scaling-movielens-small4", data=DataConfig(name="movielens-1m"),
             budgets=ladder(1e9, 4, 4.0), center_ratio=1000.0,
-            eval_max_examples=100_000, **small)  # type: ignore[arg-type]
+            eval_max_examples=100_000, **small(ML_WIDTHS))  # type: ignore[arg-type]
     if "synthetic_small" in parts:
         # the first synthetic study centred its spreads at D/N = 15 and found N* at or
         # below its smallest sizes; its converged minima implied D/N ~ 45-130. This one:
         # a smaller frame (2 tokens, head [8]), one depth (2) so neighbouring sizes differ
         # only in width, spreads centred at D/N = 100, budgets low enough that the
         # verify runs at 10x fit the time box; 10M fresh rows so nothing repeats
-        syn = SyntheticConfig(n_rows=10_000_000, n_cat_fields=8, cardinality=100, order=3,
-                              n_interactions=6, noise=0.1, seed=0)
-        small = {**common, "model": {"n_tokens": 2, "embed_dim": 8, "head_hidden": [8],
-                                     "tokenizer": "grouped", "pooling": "mean"},
-                 "widths": (4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128),
-                 "depths": (2,)}
         out["synthetic_small"] = StudyConfig(
-            name="bench-scaling-synthetic-small",
-            data=DataConfig(name="synthetic", synthetic=syn),
+            name="bench-scaling-synthetic-small", data=teacher(10_000_000),
             budgets=ladder(6.25e8, 4, 4.0), center_ratio=100.0, max_epochs=1.0,
-            eval_max_examples=100_000, **small)  # type: ignore[arg-type]
+            eval_max_examples=100_000, **small(SYN_WIDTHS, depths=(2,)))  # type: ignore[arg-type]
     if "synthetic_small5" in parts:
         # synthetic_small with two more 4x rungs (1.6e11 and, at the 10x target, verify
         # at 1.6e12): its two converged profiles (1e10, 4e10) gave a law that missed the
         # 0.005-nat target and picked an N* that lost to N*/2. 30M fresh rows (24M train)
         # so that neither the largest study point nor a verify run at 1.6e12 repeats one
-        syn = SyntheticConfig(n_rows=30_000_000, n_cat_fields=8, cardinality=100, order=3,
-                              n_interactions=6, noise=0.1, seed=0)
-        small = {**common, "model": {"n_tokens": 2, "embed_dim": 8, "head_hidden": [8],
-                                     "tokenizer": "grouped", "pooling": "mean"},
-                 "widths": (4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128,
-                            160, 192, 256),
-                 "depths": (2,)}
         out["synthetic_small5"] = StudyConfig(
-            name="bench-scaling-synthetic-small5",
-            data=DataConfig(name="synthetic", synthetic=syn),
+            name="bench-scaling-synthetic-small5", data=teacher(30_000_000),
             budgets=ladder(6.25e8, 5, 4.0), center_ratio=100.0, max_epochs=1.0,
-            eval_max_examples=100_000, **small)  # type: ignore[arg-type]
+            eval_max_examples=100_000, **small(SYN_WIDTHS + (160, 192, 256), depths=(2,)))  # type: ignore[arg-type]
     return out
 
 
