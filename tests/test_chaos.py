@@ -465,3 +465,36 @@ def test_a_restored_trial_is_counted_once_by_the_stopper_and_the_searcher() -> N
         assert counted_spend({"t3": 100.0}) == 900.0 + 100.0
     finally:
         set_work_floors({})
+
+
+def test_a_restored_trial_with_nothing_to_report_does_not_end_the_search(monkeypatch) -> None:
+    """A trial stopped before its first report, restored as unfinished, returns at once;
+    Tune re-sends its restored last_result (config, no metric). Its strict metric check
+    ended a whole chaos search with a ValueError; the search driver turns it off."""
+    from types import SimpleNamespace
+
+    from ray.tune.execution.tune_controller import TuneController
+
+    import search.runner as runner
+
+    restored = {"trial_id": "074a6cb1", "done": True, "pid": 1, "hostname": "vm",
+                "config/model.block": "fm", "config/train.lr": 7e-4}
+    fake = SimpleNamespace(_metric="val_logloss",
+                           _scheduler_alg=SimpleNamespace(metric="val_logloss"),
+                           _search_alg=SimpleNamespace(metric="val_logloss"))
+    monkeypatch.setenv("TUNE_DISABLE_STRICT_METRIC_CHECKING", "0")  # restored after
+    monkeypatch.delenv("TUNE_DISABLE_STRICT_METRIC_CHECKING")
+    with pytest.raises(ValueError, match="did not include the specified metric"):
+        TuneController._validate_result_metrics(fake, restored)
+
+    class Planned(Exception):
+        pass
+
+    def stop_at_plan(*args: object, **kwargs: object) -> None:
+        raise Planned
+
+    monkeypatch.setattr(runner, "plan_search", stop_at_plan)
+    with pytest.raises(Planned):
+        runner.run_search(None)  # type: ignore[arg-type]
+    assert os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] == "1"
+    TuneController._validate_result_metrics(fake, restored)  # no longer raises
