@@ -13,11 +13,11 @@ N)``: the lowest loss is kept (the searcher's per-size tuning).
   least squares in log–log; ``D*(C) = C / (3·N*(C))``. The ``N*`` line is weighted by
   each profile's inverse variance of ``ln N*`` (:func:`n_star_weights`): a minimum near
   the edge of its sizes is known only to within a factor 20 and, with equal weights,
-  steepened ``a`` enough that ``N*`` lost to ``N*/2`` at a 10× verification (bench/
-  RESULTS.md, synthetic_small5). ``L*`` stays unweighted: its intervals are narrow at
-  every budget (at most ±0.012 nats, ~2% of the loss) where ``N*``'s reach ×20. ``b`` is the pure power law
-  exponent the seed papers report (RankMixer/UniMixer); it has no floor, so it is not
-  used to extrapolate the loss.
+  steepened ``a`` enough that ``N*`` lost to ``N*/2`` at a 10× verification
+  (bench/RESULTS.md, synthetic_small5). ``L*`` stays unweighted: its intervals are
+  narrow at every budget (at most ±0.012 nats, ~2% of the loss) where ``N*``'s reach
+  ×20. ``b`` is the pure power law exponent the seed papers report
+  (RankMixer/UniMixer); it has no floor, so it is not used to extrapolate the loss.
 * **Loss predictions** use the joint law ``L(N, D) = E + A·N^(−α) + B·D^(−β)``
   (:func:`analysis.fits.fit_joint`) fitted on every point of the family: it has the
   irreducible ``E`` a pure power law lacks (on a planted law with ``E`` = 70% of the loss
@@ -32,7 +32,8 @@ N)``: the lowest loss is kept (the searcher's per-size tuning).
   residual standard deviation). 95% percentile intervals.
 * **Extrapolation**: a budget more than :data:`MAX_EXTRAPOLATION` × the largest
   studied, below the smallest, or implying more passes over the training data than the
-  study measured at sizes ``>= N/2`` (:func:`passes_measured`) is ``extrapolated``: numbers are shown as such, not as the answer.
+  study measured at sizes ``>= N/2`` (:func:`passes_measured`) is ``extrapolated``:
+  numbers are shown as such, not as the answer.
 
 Fits never raise on bad data; each result has a ``status`` (as in
 :mod:`analysis.fits`) and a one-line ``message``.

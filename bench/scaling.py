@@ -193,8 +193,8 @@ def main() -> int:
             print(ver.table(), f"\n[{part}] verify {fam} at {extra:.3g} "
                   f"{time.perf_counter() - t1:.0f} s", flush=True)
             also[f"{extra:.3g}"] = {**ver.as_dict(), "seconds": time.perf_counter() - t1}
-            extra_fit = analyze_study(load_study(cfg.name, uri).points, extra, None,
-                                      record.n_train)
+            # the study's points are the same (verify runs are kept apart): refit only
+            extra_fit = analyze_study(record.points, extra, None, record.n_train)
             build_study_report(load_study(cfg.name, uri), extra_fit, ver,
                                ROOT / f"bench/results/scaling_{part}_at_{extra:.3g}")
         record = load_study(cfg.name, uri)
