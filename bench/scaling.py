@@ -40,6 +40,14 @@ _EX_PER_S, _FLOPS_PER_S, _TRIAL_S = 35_000.0, 18e9, 3.0
 FAMILIES = ("tokenmixer", "unimixing_lite")
 ML_WIDTHS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 SYN_WIDTHS = (4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128)
+#: per-family knobs of the ``*_families`` parts: the defaults put UniMixing's and
+#: Wukong's smallest sizes 4-30x above tokenmixer's (a 16-wide mixing block needs
+#: T*D >= 16; Wukong's FM MLP is 128 wide), so no small budget could bracket N*
+FAMILY_KNOBS: dict[str, dict[str, int]] = {
+    "unimixing_lite": {"block_size": 4, "rank": 2, "n_bases": 2},
+    "unimixing": {"block_size": 4},
+    "wukong": {"n_fm": 2, "n_lc": 2, "k": 4, "mlp_hidden": 16},
+}
 
 
 def configs(parts: list[str], families: tuple[str, ...] = FAMILIES) -> dict[str, StudyConfig]:
@@ -108,6 +116,37 @@ def configs(parts: list[str], families: tuple[str, ...] = FAMILIES) -> dict[str,
             name="bench-scaling-synthetic-small5", data=teacher(30_000_000),
             budgets=ladder(6.25e8, 5, 4.0), center_ratio=100.0, max_epochs=1.0,
             eval_max_examples=100_000, **small(SYN_WIDTHS + (160, 192, 256), depths=(2,)))  # type: ignore[arg-type]
+    if "synthetic_small6" in parts:
+        # synthetic_small5 with a sixth rung (6.4e11) and verify at 6.4e12: at 1.6e12 its
+        # L*(C) power law was 0.008 nats optimistic (the curve bends toward a floor) and
+        # a fifth converged budget gives a floored law two degrees of freedom. 50M fresh
+        # rows (40M train) so that no study point and no verify run repeats one
+        out["synthetic_small6"] = StudyConfig(
+            name="bench-scaling-synthetic-small6", data=teacher(50_000_000),
+            budgets=ladder(6.25e8, 6, 4.0), center_ratio=100.0, max_epochs=1.0,
+            eval_max_examples=100_000,
+            **small(SYN_WIDTHS + (160, 192, 256, 320, 384, 512), depths=(2,)))  # type: ignore[arg-type]
+    if "synthetic_families" in parts:
+        # the other families on synthetic_small5's frame and data, for their exponents:
+        # budgets 2.5e9 ... 1.6e11 (6.25e8 cannot spread them; it was hit_bound for
+        # tokenmixer too), each family's own knobs shrunk (FAMILY_KNOBS) so its sizes
+        # reach ~1e3 FLOPs/example like tokenmixer's
+        fams = tuple(f for f in families if f != "tokenmixer")
+        out["synthetic_families"] = StudyConfig(
+            name="bench-scaling-synthetic-families", data=teacher(30_000_000),
+            budgets=ladder(2.5e9, 4, 4.0), center_ratio=100.0, max_epochs=1.0,
+            eval_max_examples=100_000,
+            **{**small(SYN_WIDTHS + (160, 192, 256), depths=(2,)), "families": fams,
+               "model": {**small_frame, **{f: FAMILY_KNOBS[f] for f in fams if f in FAMILY_KNOBS}}})  # type: ignore[arg-type]
+    if "movielens_families" in parts:
+        # the other families on movielens_small4's frame: budgets 4e9 ... 6.4e10 (at 1e9
+        # three of tokenmixer's five sizes never beat the base rate), FAMILY_KNOBS
+        fams = tuple(f for f in families if f != "tokenmixer")
+        out["movielens_families"] = StudyConfig(
+            name="bench-scaling-movielens-families", data=DataConfig(name="movielens-1m"),
+            budgets=ladder(4e9, 3, 4.0), center_ratio=1000.0, eval_max_examples=100_000,
+            **{**small(ML_WIDTHS), "families": fams,
+               "model": {**small_frame, **{f: FAMILY_KNOBS[f] for f in fams if f in FAMILY_KNOBS}}})  # type: ignore[arg-type]
     return out
 
 

@@ -164,7 +164,8 @@ class StudyConfig(BaseModel):
         span: largest / smallest ``N`` targeted at each budget.
         center_ratio: ``D/N`` at the centre of each spread (``N_c = sqrt(C/3ρ)``).
         model: frame knobs shared by every size (``n_tokens``, ``embed_dim``,
-            ``head_hidden``, …); the family's own section may be given under its name.
+            ``head_hidden``, …); each family's own section may be given under its name
+            (a study of several families gives each point its own family's only).
         widths, depths: the ``d_model`` and ``n_layers`` values sizes are drawn from.
         train: ``TrainConfig`` fields for every point (batch size, optimiser, …);
             ``max_examples``, ``schedule`` and ``eval_every`` are set per point.
@@ -303,11 +304,13 @@ def size_candidates(cfg: StudyConfig, family: str,
     ``N`` (one config per distinct ``N``: the shallower one)."""
     block, k = split_series(family)
     history = {} if k is None else {"seq_len": k}
+    # a study of several families may give each its own section; this family's only
+    frame = {key: v for key, v in cfg.model.items() if key == block or key not in block_names()}
     out: dict[int, ModelConfig] = {}
     for depth in sorted(cfg.depths):
         for width in sorted(cfg.widths):
             try:
-                m = ModelConfig(**{**cfg.model, **history, "block": block, "d_model": width,
+                m = ModelConfig(**{**frame, **history, "block": block, "d_model": width,
                                    "n_layers": depth})
                 n = int(model_cost(m, spec).flops_per_example)
             except (ValidationError, BlockDimensionError, UnknownBlockError, ValueError):

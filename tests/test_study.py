@@ -92,6 +92,26 @@ def test_sizes_come_from_width_and_depth() -> None:
     assert [n for n, _ in cands] == sorted({n for n, _ in cands})
 
 
+def test_each_family_of_a_study_gets_its_own_section() -> None:
+    """A study of several families with a section for each: every family is built with
+    its own knobs (a section for another family would make ModelConfig refuse, and the
+    family would have no buildable size)."""
+    sections = {"unimixing_lite": {"block_size": 4, "rank": 2}, "wukong": {"k": 4}}
+    cfg = _cfg(families=("unimixing_lite", "wukong", "tokenmixer"),
+               model={"n_tokens": 2, "embed_dim": 8, "head_hidden": [8], **sections})
+    for fam in cfg.families:
+        cands = size_candidates(cfg, fam, SPEC)
+        assert cands, fam
+        for _, m in cands:
+            for key, value in sections.get(fam, {}).items():
+                assert getattr(m.mixer, key) == value
+    # the knobs move the sizes: UniMixing-Lite's default 16-wide blocks need T*D >= 16
+    default = size_candidates(_cfg(families=("unimixing_lite",),
+                                   model={"n_tokens": 2, "embed_dim": 8, "head_hidden": [8]}),
+                              "unimixing_lite", SPEC)
+    assert size_candidates(cfg, "unimixing_lite", SPEC)[0][0] < default[0][0]
+
+
 def test_lr_grid_multiplies_points() -> None:
     assert len(plan_study(_cfg(lrs=(1e-3, 3e-3)), SPEC, None)) == 2 * 4 * 5
 
