@@ -17,14 +17,22 @@ N)``: the lowest loss is kept (the searcher's per-size tuning).
   (bench/RESULTS.md, synthetic_small5). ``L*`` stays unweighted: its intervals are
   narrow at every budget (at most ±0.012 nats, ~2% of the loss) where ``N*``'s reach
   ×20. ``b`` is the pure power law exponent the seed papers report
-  (RankMixer/UniMixer); it has no floor, so it is not used to extrapolate the loss.
+  (RankMixer/UniMixer); it has no floor.
+* **The floored law** ``L*(C) = E + K_f·C^(−b_f)`` (:func:`fit_floor`), the form the
+  joint law implies for the minima (``b_f = αβ/(α+β)``): with 4+ converged budgets (one
+  degree of freedom beyond its three parameters) and ``E`` inside ``(0, min L*)``
+  (``converged``), it extrapolates the loss where the joint law is not usable; a floor
+  pinned at 0 is the pure power law and is not used. The pure power law has no floor:
+  on the synthetic teacher it predicted 0.4453 at 1.6e12, *below* the data's Bayes loss
+  (0.4475), and the run measured 0.4535 (bench/RESULTS.md, synthetic_small5).
 * **Loss predictions** use the joint law ``L(N, D) = E + A·N^(−α) + B·D^(−β)``
   (:func:`analysis.fits.fit_joint`) fitted on every point of the family: it has the
   irreducible ``E`` a pure power law lacks (on a planted law with ``E`` = 70% of the loss
   the pure power law misses a 10× extrapolation by 0.02 nats, the joint law by 0.002).
   Where the joint fit is not ``converged`` (it failed, or an optimum sits at a bound),
-  ``L*(C) + k·ln²(N/N*)`` (``k`` the mean profile curvature) is used and the prediction
-  says so (``loss_law``).
+  ``L*(C) + k·ln²(N/N*)`` (``k`` the mean profile curvature) is used, with the floored
+  ``L*(C)`` where it converged and the pure power law otherwise, and the prediction
+  says so (``loss_law``: ``joint``, ``floored`` or ``power``).
 * **Intervals**: a residual bootstrap of every profile (the parabola's residuals,
   rescaled for its three parameters, resampled and refitted); replicate ``i`` of every
   budget feeds replicate ``i`` of the laws, so intervals carry the correlation. A
@@ -68,6 +76,7 @@ __all__ = [
     "analyze_study",
     "dead_points",
     "fit_family",
+    "fit_floor",
     "fit_profile",
     "n_star_weights",
     "passes_measured",
@@ -227,7 +236,7 @@ class Prediction:
     loss: float
     loss_ci: tuple[float, float]
     n_ci: tuple[float, float] = (_NAN, _NAN)
-    loss_law: Literal["joint", "power"] = "joint"
+    loss_law: Literal["joint", "floored", "power"] = "joint"
 
     def as_dict(self) -> dict[str, Any]:
         return {"family": self.family, "budget_flops": self.budget, "N": self.N,
@@ -238,9 +247,11 @@ class Prediction:
 
 @dataclass(frozen=True)
 class FamilyScaling:
-    """One family's laws: ``N*(C) = G·C^a``, ``L*(C) = K·C^(−b)``, curvature ``k``.
+    """One family's laws: ``N*(C) = G·C^a``, ``L*(C) = K·C^(−b)``, curvature ``k``, and
+    the floored ``L*(C) = E + K_f·C^(−b_f)`` (``floor``: ``(E, b_f, ln K_f)``, used where
+    ``floor_status`` is ``converged``).
 
-    ``samples`` rows: ``(a, ln G, b, ln K, k)`` per bootstrap replicate;
+    ``samples`` rows: ``(a, ln G, b, ln K, k, E, b_f, ln K_f)`` per bootstrap replicate;
     ``noise_sd``: pooled residual standard deviation of the profiles (one run's noise);
     ``joint``: the joint law on every point of the family (loss predictions).
     """
@@ -257,12 +268,25 @@ class FamilyScaling:
     curvature: float = _NAN
     noise_sd: float = _NAN
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
-    samples: np.ndarray = field(default_factory=lambda: np.empty((0, 5)), repr=False,
+    samples: np.ndarray = field(default_factory=lambda: np.empty((0, 8)), repr=False,
                                 compare=False)
+    floor: tuple[float, float, float] = (_NAN, _NAN, _NAN)
+    floor_status: FitStatus = "too_few_points"
+    floor_message: str = "not fitted"
 
     @property
     def ok(self) -> bool:
         return self.status in ("converged", "hit_bound")
+
+    @property
+    def floor_ok(self) -> bool:
+        """Whether ``L*(C)`` is the floored law (else the pure power law)."""
+        return self.floor_status == "converged"
+
+    @property
+    def loss_law(self) -> Literal["joint", "floored", "power"]:
+        """Which law the loss predictions come from (module docstring)."""
+        return "joint" if self.joint_ok else "floored" if self.floor_ok else "power"
 
     @property
     def budgets_used(self) -> tuple[float, ...]:
@@ -272,7 +296,18 @@ class FamilyScaling:
         return np.asarray(np.exp(self.log_G + self.a * np.log(C)))
 
     def l_star(self, C: float | np.ndarray) -> np.ndarray:
+        """The loss at the optimum: the floored law where it converged, else the power law."""
+        if self.floor_ok:
+            e, bf, lkf = self.floor
+            return np.asarray(e + np.exp(lkf - bf * np.log(C)))
         return np.asarray(np.exp(self.log_K - self.b * np.log(C)))
+
+    def _l_star_samples(self, lc: np.ndarray) -> np.ndarray:
+        """``L*`` of every bootstrap replicate at ``ln C`` values ``lc`` (rows: replicates)."""
+        s = self.samples
+        if self.floor_ok:
+            return np.asarray(s[:, 5:6] + np.exp(s[:, 7:8] - s[:, 6:7] * lc))
+        return np.asarray(np.exp(s[:, 3:4] - s[:, 2:3] * lc))
 
     def band(self, C: np.ndarray, what: Literal["n", "l"]) -> tuple[np.ndarray, np.ndarray]:
         """95% band of ``N*(C)`` or ``L*(C)`` over ``C`` (NaN without samples)."""
@@ -291,7 +326,7 @@ class FamilyScaling:
             e, a, al, b, be = (j[k, i : i + 1] for i in range(5))
             v = e + a * ns ** (-al) + b * (C[None, :] / (3 * ns)) ** (-be)
         else:
-            v = np.exp(s[:, 3:4] - s[:, 2:3] * lc)
+            v = self._l_star_samples(lc)
         lo, hi = np.nanpercentile(v, [2.5, 97.5], axis=0)
         return lo, hi
 
@@ -330,12 +365,12 @@ class FamilyScaling:
                 j = self.joint.samples[np.arange(len(s)) % len(self.joint.samples)]
                 ls = j[:, 0] + j[:, 1] * nn ** (-j[:, 2]) + j[:, 3] * (C / (3 * nn)) ** (-j[:, 4])
             else:
-                ls = np.exp(s[:, 3] - s[:, 2] * lc) + s[:, 4] * np.log(nn / ns) ** 2
+                ls = self._l_star_samples(np.array([lc]))[:, 0] + s[:, 4] * np.log(nn / ns) ** 2
             noise = np.random.default_rng(seed).normal(0.0, self.noise_sd, len(s))
             loss_ci = _interval(ls + (noise if math.isfinite(self.noise_sd) else 0.0))
             n_ci = _interval(ns)
         return Prediction(self.family, float(C), n, float(C) / (3 * n), loss, loss_ci, n_ci,
-                          "joint" if self.joint_ok else "power")
+                          self.loss_law)
 
     def as_dict(self) -> dict[str, Any]:
         return {"family": self.family, "status": self.status, "message": self.message,
@@ -343,6 +378,11 @@ class FamilyScaling:
                 "G": _clean(math.exp(self.log_G)) if math.isfinite(self.log_G) else None,
                 "law_L": "L*(C) = K*C^(-b)", "b": _clean(self.b),
                 "K": _clean(math.exp(self.log_K)) if math.isfinite(self.log_K) else None,
+                "law_L_floored": "L*(C) = E + K_f*C^(-b_f)", "floor_status": self.floor_status,
+                "floor_message": self.floor_message, "E": _clean(self.floor[0]),
+                "b_f": _clean(self.floor[1]),
+                "K_f": _clean(math.exp(self.floor[2])) if math.isfinite(self.floor[2]) else None,
+                "loss_law": self.loss_law,
                 "law_D": "D*(C) = C/(3*N*(C)) = C^(1-a)/(3G)",
                 "curvature": _clean(self.curvature), "noise_sd": _clean(self.noise_sd),
                 "joint": self.joint.as_dict() if self.joint is not None else None,
@@ -390,6 +430,71 @@ def n_star_weights(profiles: Sequence[IsoProfile], x: np.ndarray) -> np.ndarray 
     return w
 
 
+#: budgets with a converged profile the floored law needs: 3 parameters + 1 to check
+MIN_FLOOR_BUDGETS = 4
+
+
+def fit_floor(lc: np.ndarray, ls: np.ndarray) -> tuple[float, float, float]:
+    """Least squares ``ls = E + exp(ln K − b·lc)`` with ``0 <= E < min(ls)``, ``K > 0``
+    and ``0 < b <= 3``: ``(E, b, ln K)`` (NaN where nothing fits).
+
+    For a fixed ``b`` the law is linear in ``(E, K)``, solved in closed form (``E``
+    clipped to its bounds); ``b`` is found on a log grid, then refined between the grid
+    neighbours of the best (variable projection: one 1-D search, no starting point).
+    """
+    from scipy.optimize import minimize_scalar
+
+    lc, ls = np.asarray(lc, dtype=float), np.asarray(ls, dtype=float)
+    top = float(ls.min()) if len(ls) else _NAN
+    if len(ls) < 3 or not top > 0:
+        return _NAN, _NAN, _NAN
+    mid = float(lc.mean())
+    z = lc - mid
+
+    def solve(b: float) -> tuple[float, float, float]:
+        x = np.exp(-b * z)
+        xc = x - x.mean()
+        sxx = float(xc @ xc)
+        if not sxx > 0:
+            return math.inf, _NAN, _NAN
+        k = float(xc @ (ls - ls.mean())) / sxx
+        e = float(ls.mean() - k * x.mean())
+        if not 0.0 <= e < top:  # on a bound: E fixed there, K alone
+            e = min(max(e, 0.0), top * (1 - 1e-9))
+            k = float(x @ (ls - e)) / float(x @ x)
+        if not k > 0:
+            return math.inf, _NAN, _NAN
+        r = e + k * x - ls
+        return float(r @ r), e, k
+
+    grid = np.geomspace(1e-3, 3.0, 121)
+    costs = [solve(float(b))[0] for b in grid]
+    i = int(np.argmin(costs))
+    if not math.isfinite(costs[i]):
+        return _NAN, _NAN, _NAN
+    lo, hi = float(grid[max(i - 1, 0)]), float(grid[min(i + 1, len(grid) - 1)])
+    res = minimize_scalar(lambda b: solve(b)[0], bounds=(lo, hi), method="bounded",
+                          options={"xatol": 1e-7})
+    b = float(res.x) if solve(float(res.x))[0] <= costs[i] else float(grid[i])
+    _, e, k = solve(b)
+    return e, b, math.log(k) + b * mid
+
+
+def _floor_status(e: float, ls: np.ndarray) -> tuple[FitStatus, str]:
+    top = float(np.min(ls))
+    if len(ls) < MIN_FLOOR_BUDGETS:
+        return "too_few_points", (f"{len(ls)} converged budgets; the floored law needs "
+                                  f"{MIN_FLOOR_BUDGETS}")
+    if not math.isfinite(e):
+        return "failed", "the floored law did not converge"
+    if e < 1e-3 * top:
+        return "hit_bound", (f"floor E={e:.3g} pinned at 0: the minima show no floor yet "
+                             f"(the pure power law is used)")
+    if e > top - 1e-4:
+        return "hit_bound", f"floor E={e:.4g} at the lowest L* measured ({top:.4g})"
+    return "converged", f"E={e:.4g}"
+
+
 def fit_family(family: str, profiles: Sequence[IsoProfile], n_boot: int = 200,
                seed: int = 0) -> FamilyScaling:
     """``N*(C)``, ``L*(C)``, their bootstrap, and the joint law from one family's profiles."""
@@ -408,13 +513,16 @@ def fit_family(family: str, profiles: Sequence[IsoProfile], n_boot: int = 200,
     lc = np.log([p.budget for p in good])
     w_n = n_star_weights(good, lc)
     a, log_g = _line(lc, np.log([p.n_star for p in good]), w_n)
-    mb, log_k = _line(lc, np.log([p.l_star for p in good]))
+    l_stars = np.array([p.l_star for p in good])
+    mb, log_k = _line(lc, np.log(l_stars))
+    floor = fit_floor(lc, l_stars)
+    floor_status, floor_msg = _floor_status(floor[0], l_stars)
     curv = float(np.mean([p.curvature for p in good]))
     dof = [len(p.N) - 3 for p in good]
     ss = sum(d * p.resid_sd ** 2 for d, p in zip(dof, good) if d > 0)
     noise = math.sqrt(ss / sum(d for d in dof if d > 0)) if sum(dof) > 0 else _NAN
     n_boot = min(len(p.samples) for p in good)
-    rows = np.full((n_boot, 5), _NAN)
+    rows = np.full((n_boot, 8), _NAN)
     for i in range(n_boot):
         xs = np.array([p.samples[i, 0] for p in good])
         ls = np.array([p.samples[i, 1] for p in good])
@@ -423,17 +531,26 @@ def fit_family(family: str, profiles: Sequence[IsoProfile], n_boot: int = 200,
             continue
         ba, bg = _line(lc, xs, w_n)
         bb, bk = _line(lc, np.log(ls))
-        rows[i] = (ba, bg, -bb, bk, float(np.mean(ks)))
+        fl = fit_floor(lc, ls) if floor_status == "converged" else (0.0, 0.0, 0.0)
+        rows[i] = (ba, bg, -bb, bk, float(np.mean(ks)), *fl)
     rows = rows[np.all(np.isfinite(rows), axis=1)]
     ci = {"a": _interval(rows[:, 0]), "b": _interval(rows[:, 2]),
           "curvature": _interval(rows[:, 4])}
+    if floor_status == "converged":
+        ci.update({"E": _interval(rows[:, 5]), "b_f": _interval(rows[:, 6])})
+        if not ci["E"][0] > 1e-3 * float(l_stars.min()):  # the bootstrap reaches E = 0
+            floor_status = "hit_bound"
+            floor_msg = (f"floor E={floor[0]:.3g} not told from 0 (95% interval "
+                         f"[{ci['E'][0]:.3g}, {ci['E'][1]:.3g}]): the pure power law is used")
     status: FitStatus = "converged" if len(good) >= 3 else "hit_bound"
     msg = (f"{len(good)} budgets; a={a:.3f}, b={-mb:.4f}{note}" if len(good) >= 3 else
            f"only 2 budgets: the laws pass through both minima exactly, no check{note}")
     if joint is not None and not joint.ok:
-        msg += f"; joint law {joint.status} ({joint.message}): losses from L*(C) instead"
+        law = "floored" if floor_status == "converged" else "pure power"
+        msg += (f"; joint law {joint.status} ({joint.message}): losses from the {law} "
+                f"L*(C) instead")
     return FamilyScaling(family, status, msg, profiles, joint, a, log_g, -mb, log_k, curv,
-                         noise, ci, rows)
+                         noise, ci, rows, floor, floor_status, floor_msg)
 
 
 # --- the whole study -----------------------------------------------------------------

@@ -45,6 +45,11 @@ def table_rows(fit: StudyFit, verify: Any = None) -> list[tuple[str, str, str, s
                      s.status))
         rows.append((f"{fam}: L*(C) exponent b (pure power law)", _fmt(s.b, 3),
                      _ci(s.ci.get("b"), 3), s.status))
+        rows.append((f"{fam}: L*(C) floor E (floored law E + K*C^-b_f)", _fmt(s.floor[0]),
+                     _ci(s.ci.get("E")), f"{s.floor_status}: {s.floor_message}"))
+        if s.floor_ok:
+            rows.append((f"{fam}: L*(C) exponent b_f (floored law)", _fmt(s.floor[1], 3),
+                         _ci(s.ci.get("b_f"), 3), s.floor_status))
         for p in s.profiles:
             rows.append((f"{fam}: N* at C={p.budget:.3g}", _fmt(p.n_star, 3),
                          _ci(p.ci.get("n_star"), 3), p.status))
@@ -174,7 +179,8 @@ def _figures(fit: StudyFit, verify: Any, out: Path) -> list[Path]:
             band_lo, band_hi = s.band(cs, "n")
             axn.fill_between(cs, band_lo, band_hi, color=col, alpha=0.15)
             axl.plot(cs, s.loss_at(cs, s.n_star(cs)), color=col,
-                     label=f"{fam} ({'joint law' if s.joint_ok else 'power law'})")
+                     label=f"{fam} ({s.loss_law} law"
+                           + (f", floor E={s.floor[0]:.4f}" if s.floor_ok else "") + ")")
             band_lo, band_hi = s.band(cs, "l")
             axl.fill_between(cs, band_lo, band_hi, color=col, alpha=0.15)
     if verify is not None and verify.center is not None:

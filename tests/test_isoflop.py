@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.isoflop import analyze_study, fit_family, fit_profile, n_star_weights
+from analysis.isoflop import analyze_study, fit_family, fit_floor, fit_profile, n_star_weights
 from analysis.study_report import build_study_report
 
 E, A, ALPHA, B, BETA = 0.45, 0.08, 0.30, 0.10, 0.35
@@ -154,6 +154,56 @@ def test_a_joint_law_at_a_bound_is_not_extrapolated() -> None:
     pred = fam.predict(target)
     assert pred.loss_law == "power"
     assert abs(pred.loss - (float(law(pred.N, pred.D)) - E)) < 0.005
+
+
+def _floored_profiles(budgets: list[float], e: float, seed: int = 0) -> list:
+    """Profiles whose minima follow ``L*(C) = e + 2.2·(C/1e9)^-0.15`` (parabolas in
+    ``ln N`` about ``N* = 3·C^0.5``), 0.001 nats of noise."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in budgets:
+        n_star = 3 * c ** 0.5
+        sizes = n_star * np.geomspace(1 / 4, 4, 7)
+        loss = (e + 0.22 * (c / 1e9) ** -0.15 + 0.01 * np.log(sizes / n_star) ** 2
+                + rng.normal(0, 0.001, 7))
+        out.append(fit_profile("f", c, sizes, c / (3 * sizes), loss, n_boot=200, seed=seed))
+    return out
+
+
+def test_the_floored_law_follows_a_floor_the_power_law_misses() -> None:
+    budgets = [1e9 * 4**k for k in range(5)]
+    fam = fit_family("f", _floored_profiles(budgets, e=0.45), n_boot=200)
+    assert fam.floor_status == "converged", fam.floor_message
+    assert fam.floor[0] == pytest.approx(0.45, abs=0.01)
+    assert fam.ci["E"][0] < 0.45 < fam.ci["E"][1]
+    fam = replace(fam, joint=None)  # losses from L*(C), not the joint law
+    target = 10 * budgets[-1]
+    truth = 0.45 + 0.22 * (target / 1e9) ** -0.15
+    pred = fam.predict(target)
+    assert pred.loss_law == "floored" and fam.as_dict()["loss_law"] == "floored"
+    assert abs(pred.loss - truth) < 0.003
+    assert pred.loss_ci[0] < truth < pred.loss_ci[1]
+    # the pure power law through the same minima is too optimistic at 10x
+    power = math.exp(fam.log_K - fam.b * math.log(target))
+    assert truth - power > 0.005
+    lo, hi = fam.band(np.array([target]), "l")
+    assert lo[0] < truth < hi[0]
+
+
+def test_a_floor_at_zero_or_too_few_budgets_keeps_the_power_law() -> None:
+    budgets = [1e9 * 4**k for k in range(5)]
+    lc = np.log(budgets)
+    e, b, lk = fit_floor(lc, 0.22 * (np.asarray(budgets) / 1e9) ** -0.15 + 0.45)
+    assert e == pytest.approx(0.45, abs=1e-6) and b == pytest.approx(0.15, abs=1e-5)
+    # no floor in the minima: E pinned at 0, the pure power law is kept
+    fam = replace(fit_family("f", _floored_profiles(budgets, e=0.0), n_boot=50), joint=None)
+    assert fam.floor_status == "hit_bound" and "from 0" in fam.floor_message
+    assert fam.predict(10 * budgets[-1]).loss_law == "power"
+    # three budgets: three parameters and nothing to check them
+    fam = replace(fit_family("f", _floored_profiles(budgets[:3], e=0.45), n_boot=50),
+                  joint=None)
+    assert fam.floor_status == "too_few_points"
+    assert fam.predict(10 * budgets[2]).loss_law == "power"
 
 
 def test_pick_refuses_beyond_what_was_measured() -> None:
