@@ -600,9 +600,11 @@ class StudyFit:
     pick: Pick
     n_train: int | None
     dead: tuple[str, ...] = ()
+    floor_loss: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"budgets_flops": list(self.budgets), "points_left_out_dead": list(self.dead),
+                "data_floor_logloss": self.floor_loss,
                 "winner_per_budget": [{"budget_flops": c, "family": f}
                                       for c, f in self.winners.items()],
                 "families": {k: v.as_dict() for k, v in self.families.items()},
@@ -637,7 +639,8 @@ def study_points(points: pd.DataFrame) -> pd.DataFrame:
 def analyze_study(points: pd.DataFrame, target_flops: float | None = None,
                   max_n: float | None = None, n_train: int | None = None,
                   n_boot: int = 400, seed: int = 0,
-                  max_extrapolation: float = MAX_EXTRAPOLATION) -> StudyFit:
+                  max_extrapolation: float = MAX_EXTRAPOLATION,
+                  floor_loss: float | None = None) -> StudyFit:
     """Fit every family's profiles and laws, and pick at ``target_flops``.
 
     Args:
@@ -648,6 +651,9 @@ def analyze_study(points: pd.DataFrame, target_flops: float | None = None,
             fresh examples, no repetition).
         n_boot, seed: bootstrap replicates and seed.
         max_extrapolation: how far beyond the largest budget a pick is still an answer.
+        floor_loss: the data's own loss floor where it knows one (a synthetic teacher's
+            Bayes loss, ``search.study.data_floor``): a pick predicted below it is
+            impossible and is marked ``extrapolated``.
     """
     best = study_points(points)
     gone = points[dead_points(points)]
@@ -669,11 +675,11 @@ def analyze_study(points: pd.DataFrame, target_flops: float | None = None,
     passes = ({str(f): (g["N"].to_numpy(float), g["D"].to_numpy(float) / n_train)
                for f, g in best.groupby("family")} if n_train else {})
     pick = _pick(families, budgets, target, max_n, n_train, passes, max_extrapolation,
-                 seed)
+                 seed, floor_loss)
     if dead:
         pick = replace(pick, message=pick.message + f"; {len(dead)} run(s) that did not beat "
                        f"the base rate left out ({', '.join(dead)})")
-    return StudyFit(families, budgets, winners, pick, n_train, dead)
+    return StudyFit(families, budgets, winners, pick, n_train, dead, floor_loss)
 
 
 def passes_measured(sizes: np.ndarray, passes: np.ndarray, n: float) -> tuple[float, float]:
@@ -695,7 +701,7 @@ def passes_measured(sizes: np.ndarray, passes: np.ndarray, n: float) -> tuple[fl
 def _pick(families: dict[str, FamilyScaling], budgets: tuple[float, ...], target: float,
           max_n: float | None, n_train: int | None,
           passes: Mapping[str, tuple[np.ndarray, np.ndarray]],
-          max_extrapolation: float, seed: int) -> Pick:
+          max_extrapolation: float, seed: int, floor_loss: float | None = None) -> Pick:
     usable = {f: s for f, s in families.items() if s.ok}
     if not usable or not budgets:
         why = "; ".join(f"{f}: {s.status} ({s.message})" for f, s in families.items())
@@ -725,6 +731,10 @@ def _pick(families: dict[str, FamilyScaling], budgets: tuple[float, ...], target
         problems.append(f"D*={pred.D:.3g} is {epochs:.2f} passes over {n_train} training rows "
                         f"at N={pred.N:.3g}; the study measured at most {max_epochs:.2f} at "
                         f"sizes >= N/2 ({any_size:.2f} at any size): repetition not measured")
+    if floor_loss is not None and pred.loss < floor_loss:
+        problems.append(f"predicted loss {pred.loss:.4f} is below the data's own floor "
+                        f"{floor_loss:.4f} (its Bayes loss): no model can reach it; the "
+                        f"{pred.loss_law} law has run past the floor")
     if len(ranking) > 1:
         second = ranking[1]
         if not ranking[0][2][1] < second[2][0]:

@@ -55,6 +55,9 @@ def table_rows(fit: StudyFit, verify: Any = None) -> list[tuple[str, str, str, s
                          _ci(p.ci.get("n_star"), 3), p.status))
             rows.append((f"{fam}: L* at C={p.budget:.3g}", _fmt(p.l_star),
                          _ci(p.ci.get("l_star")), p.status))
+    if fit.floor_loss is not None:
+        rows.append(("the data's own loss floor (Bayes loss on validation)",
+                     _fmt(fit.floor_loss), "", "from the data"))
     for c, f in fit.winners.items():
         rows.append((f"winner at C={c:.3g}", f, "", "measured"))
     if fit.dead:
@@ -191,6 +194,9 @@ def _figures(fit: StudyFit, verify: Any, out: Path) -> list[Path]:
                      color="crimson", capsize=3, fmt="none")
         axl.scatter([r.budget], [r.measured], marker="D", color="crimson", edgecolor="k",
                     zorder=5, label="measured at N* (bar: predicted 95%)")
+    if fit.floor_loss is not None:
+        axl.axhline(fit.floor_loss, color="k", ls="--", lw=1,
+                    label=f"the data's Bayes loss {fit.floor_loss:.4f}")
     for ax in (axn, axl):
         ax.axvline(target, color="grey", ls=":", lw=1)
         ax.set_xscale("log")

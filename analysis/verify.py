@@ -189,7 +189,8 @@ def run_verify(name: str, budget_flops: float | None = None, tracking_uri: str |
     target = budget_flops or 10 * max(record.config.budgets)
     if not target > 0:
         raise StudyError(f"--budget-flops must be > 0, got {target:.3g}")
-    fit = analyze_study(record.points, target, max_flops_per_example, record.n_train)
+    fit = analyze_study(record.points, target, max_flops_per_example, record.n_train,
+                        floor_loss=record.floor_loss)
     if family is not None and family not in fit.families:
         raise StudyError(f"family {family!r} is not in study {name!r} "
                          f"(studied: {', '.join(fit.families)})")

@@ -206,7 +206,8 @@ def main() -> int:
         study = run_study(cfg, tracking_uri=uri, storage=work / "ray", dataset=ds, verbose=0)
         t_study = time.perf_counter() - t0
         record = load_study(cfg.name, uri)
-        fit = analyze_study(record.points, target, None, record.n_train)
+        fit = analyze_study(record.points, target, None, record.n_train,
+                            floor_loss=record.floor_loss)
         print(f"[{part}] study {t_study:.0f} s; pick {fit.pick.status}: {fit.pick.message}",
               flush=True)
         verifies = {}
@@ -233,7 +234,8 @@ def main() -> int:
                   f"{time.perf_counter() - t1:.0f} s", flush=True)
             also[f"{extra:.3g}"] = {**ver.as_dict(), "seconds": time.perf_counter() - t1}
             # the study's points are the same (verify runs are kept apart): refit only
-            extra_fit = analyze_study(record.points, extra, None, record.n_train)
+            extra_fit = analyze_study(record.points, extra, None, record.n_train,
+                                      floor_loss=record.floor_loss)
             build_study_report(load_study(cfg.name, uri), extra_fit, ver,
                                ROOT / f"bench/results/scaling_{part}_at_{extra:.3g}")
         record = load_study(cfg.name, uri)

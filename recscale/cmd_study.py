@@ -168,7 +168,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
     run_study(cfg, tracking_uri=args.tracking_uri, storage=args.storage, verbose=args.verbose)
     record = load_study(cfg.name, args.tracking_uri)
     fit = analyze_study(record.points, args.target_flops, args.max_flops_per_example,
-                        record.n_train)
+                        record.n_train, floor_loss=record.floor_loss)
     out = build_study_report(record, fit, None, args.out or f"{cfg.name}_study",
                              log_to_mlflow=True)
     _print(table_rows(fit), out)
@@ -186,7 +186,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                          args.family, args.max_flops_per_example, verbose=args.verbose)
     record = load_study(args.name, args.tracking_uri)
     fit = analyze_study(record.points, outcome.budget, args.max_flops_per_example,
-                        record.n_train)
+                        record.n_train, floor_loss=record.floor_loss)
     out = build_study_report(record, fit, outcome, args.out or f"{args.name}_study",
                              log_to_mlflow=True)
     print(outcome.table())

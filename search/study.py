@@ -556,6 +556,7 @@ def run_study(cfg: StudyConfig, tracking_uri: str | None = None,
     ds = dataset if dataset is not None else load_dataset(cfg.data)
     n_train = len(ds.train)
     points = plan_study(cfg, ds.spec, n_train)
+    floor = data_floor(ds.meta)
     uri = default_tracking_uri(tracking_uri)
     client = MlflowClient(uri)
     found = _find_parent(client, cfg.name)
@@ -568,10 +569,13 @@ def run_study(cfg: StudyConfig, tracking_uri: str | None = None,
             "study.budgets": json.dumps(list(cfg.budgets)),
             "study.families": json.dumps(list(cfg.families)),
             **({"study.seq_lens": json.dumps(list(cfg.seq_lens))} if cfg.seq_lens else {}),
+            **({FLOOR_PARAM: floor} if floor is not None else {}),
             "data.fingerprint": ds.fingerprint})
     else:
         exp_id, parent = found
         client.update_run(parent, status="RUNNING")
+        if floor is not None and FLOOR_PARAM not in client.get_run(parent).data.params:
+            client.log_param(parent, FLOOR_PARAM, floor)  # a study begun before it was kept
     exp_path.mkdir(parents=True, exist_ok=True)
     settings.write_text(cfg.model_dump_json(indent=2))
     t0 = time.perf_counter()
@@ -588,6 +592,18 @@ def run_study(cfg: StudyConfig, tracking_uri: str | None = None,
                         points)
 
 
+#: the parent run's param holding the data's own loss floor (:func:`data_floor`)
+FLOOR_PARAM = "study.floor_logloss"
+
+
+def data_floor(meta: dict[str, Any]) -> float | None:
+    """The lowest validation log loss any model can expect on this data, where the data
+    knows it: a synthetic teacher's own log loss on the validation split (its true
+    probabilities: the Bayes loss). ``None`` for real data."""
+    value = (meta.get("teacher_logloss") or {}).get("val")
+    return float(value) if value is not None and math.isfinite(float(value)) else None
+
+
 # --- reading a study back ------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -596,6 +612,7 @@ class StudyRecord:
 
     ``points``/``verify`` columns: ``family``, ``budget``, ``N``, ``D``, ``lr``, ``key``,
     ``role``, ``loss`` (= :data:`OBJECTIVE`), ``status``, ``run_id`` and every metric.
+    ``floor_loss``: the data's own loss floor where it has one (:func:`data_floor`).
     """
 
     name: str
@@ -606,6 +623,7 @@ class StudyRecord:
     points: pd.DataFrame
     verify: pd.DataFrame
     tracking_uri: str
+    floor_loss: float | None = None
 
 
 def _num(text: str) -> Any:
@@ -636,6 +654,8 @@ def load_study(name: str, tracking_uri: str | None = None) -> StudyRecord:
     cfg = StudyConfig.model_validate_json(prun.data.tags[TAG_CONFIG])
     n_train_text = prun.data.params.get("study.n_train")
     n_train = int(n_train_text) if n_train_text else None
+    floor_text = prun.data.params.get(FLOOR_PARAM)
+    floor_loss = float(floor_text) if floor_text else None
     rows: dict[str, list[dict[str, Any]]] = {KIND_TRIAL: [], KIND_VERIFY: []}
     token = None
     while True:
@@ -665,4 +685,5 @@ def load_study(name: str, tracking_uri: str | None = None) -> StudyRecord:
 
     done = [r for r in rows[KIND_TRIAL] if r["status"] in ("COMPLETED", "DIVERGED")]
     return StudyRecord(name, cfg, exp_id, parent, n_train, frame(done),
-                       frame([r for r in rows[KIND_VERIFY] if r["status"] == "COMPLETED"]), uri)
+                       frame([r for r in rows[KIND_VERIFY] if r["status"] == "COMPLETED"]), uri,
+                       floor_loss)

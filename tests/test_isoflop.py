@@ -206,6 +206,25 @@ def test_a_floor_at_zero_or_too_few_budgets_keeps_the_power_law() -> None:
     assert fam.predict(10 * budgets[2]).loss_law == "power"
 
 
+def test_a_pick_below_the_datas_own_floor_is_not_an_answer(tmp_path) -> None:
+    pts = planted(BUDGETS)
+    target = 10 * BUDGETS[-1]
+    fit = analyze_study(pts, target, n_boot=100)
+    assert fit.pick.status == "ok" and fit.pick.prediction is not None
+    loss = fit.pick.prediction.loss
+    # a floor (the data's Bayes loss) above the predicted loss: no model can reach it
+    below = analyze_study(pts, target, n_boot=100, floor_loss=loss + 0.01)
+    assert below.pick.status == "extrapolated"
+    assert "below the data's own floor" in below.pick.message
+    assert below.as_dict()["data_floor_logloss"] == loss + 0.01
+    # under the prediction, the floor changes nothing
+    assert analyze_study(pts, target, n_boot=100, floor_loss=loss - 0.01).pick.status == "ok"
+    out = build_study_report(None, below, None, tmp_path / "r")
+    table = json.loads((out / "summary.json").read_text())["table"]
+    assert any(r["quantity"].startswith("the data's own loss floor") for r in table)
+    assert any("EXTRAPOLATED" in r["status"] for r in table)
+
+
 def test_pick_refuses_beyond_what_was_measured() -> None:
     pts = planted(BUDGETS)
     far = analyze_study(pts, target_flops=100 * BUDGETS[-1], n_boot=100)

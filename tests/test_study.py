@@ -214,6 +214,8 @@ def test_planted_truth_end_to_end(tmp_path) -> None:
         assert len(out.results) == 24 and (out.results["error"] == "").all()
         rec = load_study("planted", uri)
         assert len(rec.points) == 24
+        # the synthetic teacher's Bayes loss on validation is kept with the study
+        assert rec.floor_loss == pytest.approx(ds.meta["teacher_logloss"]["val"])
         # the planted trainer reads no rows: its D is not passes over the 2.4k-row
         # stand-in dataset, so the fit is told the data are fresh (n_train=None)
         fit = analyze_study(rec.points, n_train=None)
