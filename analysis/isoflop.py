@@ -560,8 +560,11 @@ class Pick:
     """The compute-optimal answer at one target budget, with what limits it.
 
     ``status``: ``ok``; ``capped`` (``N*`` over the serving cap: the cap is used and the
-    loss is read off the profile); ``extrapolated`` (beyond what was measured: see
-    ``message``; the numbers are not an answer); ``failed`` (no family has usable laws).
+    loss is read off the profile); ``extrapolated`` (beyond what was measured, or laws
+    nothing checks: see ``message``; the numbers are not an answer); ``failed`` (no
+    family has usable laws). Families are ranked on checked laws (3+ budgets) when any
+    family has them; a law on 2 budgets passes through both minima and is not ranked
+    then (``message`` says what it would predict).
     ``epochs``: the passes over the training data the pick implies;
     ``max_epochs_measured``: the most the study measured at sizes ``>= N/2``
     (:func:`passes_measured`).
@@ -711,6 +714,12 @@ def _pick(families: dict[str, FamilyScaling], budgets: tuple[float, ...], target
         n_opt = float(s.n_star(target))
         preds[f] = s.predict(target, None if max_n is None or n_opt <= max_n else max_n,
                              seed=seed)
+    # a law on 2 budgets passes through both minima exactly: nothing checks it, and its
+    # slope can carry a family past one that won every budget measured (synthetic
+    # families: attention, 2 budgets, "beat" UniMixing-Lite, 3 budgets, at 10x). Such a
+    # family is ranked only when no family has a checked law
+    checked = {f for f, s in usable.items() if s.status == "converged"}
+    unchecked = {f: preds.pop(f) for f in list(preds) if checked and f not in checked}
     ranking = tuple(sorted(((f, p.loss, p.loss_ci) for f, p in preds.items()),
                            key=lambda t: t[1]))
     fam = ranking[0][0]
@@ -718,11 +727,14 @@ def _pick(families: dict[str, FamilyScaling], budgets: tuple[float, ...], target
     n_opt = float(scaling.n_star(target))
     epochs = pred.D / n_train if n_train else _NAN
     problems = []
-    hi = max(s.budgets_used[-1] for s in usable.values())
-    lo = min(s.budgets_used[0] for s in usable.values())
+    hi = max(usable[f].budgets_used[-1] for f in preds)
+    lo = min(usable[f].budgets_used[0] for f in preds)
     if target > max_extrapolation * hi * (1 + 1e-9):
         problems.append(f"target {target:.3g} is {target / hi:.3g}x the largest budget "
                         f"fitted ({hi:.3g}); the law is trusted to {max_extrapolation:g}x")
+    if scaling.status != "converged":
+        problems.append(f"{fam}'s laws rest on {len(scaling.budgets_used)} budgets and pass "
+                        f"through their minima exactly: nothing checks them")
     if target < lo * (1 - 1e-9):
         problems.append(f"target {target:.3g} is below the smallest budget fitted ({lo:.3g})")
     max_epochs, any_size = passes_measured(*passes[fam], pred.N) if fam in passes else (
@@ -732,9 +744,14 @@ def _pick(families: dict[str, FamilyScaling], budgets: tuple[float, ...], target
                         f"at N={pred.N:.3g}; the study measured at most {max_epochs:.2f} at "
                         f"sizes >= N/2 ({any_size:.2f} at any size): repetition not measured")
     if floor_loss is not None and pred.loss < floor_loss:
+        # what is known without the law: more compute does not raise the best loss, and
+        # none goes below the floor
+        last = [p for p in scaling.profiles if p.ok][-1]
         problems.append(f"predicted loss {pred.loss:.4f} is below the data's own floor "
                         f"{floor_loss:.4f} (its Bayes loss): no model can reach it; the "
-                        f"{pred.loss_law} law has run past the floor")
+                        f"{pred.loss_law} law has run past the floor (all that is known: "
+                        f"between the floor and L*={last.l_star:.4f} measured at "
+                        f"C={last.budget:.3g})")
     if len(ranking) > 1:
         second = ranking[1]
         if not ranking[0][2][1] < second[2][0]:
@@ -743,6 +760,9 @@ def _pick(families: dict[str, FamilyScaling], budgets: tuple[float, ...], target
             problems_note = f"; {fam} beats {second[0]} beyond the intervals"
     else:
         problems_note = ""
+    if unchecked:
+        problems_note += "; not ranked (laws on 2 budgets, unchecked): " + ", ".join(
+            f"{f} (would predict {p.loss:.4f} at N={p.N:.3g})" for f, p in unchecked.items())
     left_out = [f"{f} ({s.status})" for f, s in families.items() if not s.ok]
     if left_out:
         problems_note += f"; families without usable laws left out: {', '.join(left_out)}"

@@ -45,7 +45,8 @@ def table_rows(fit: StudyFit, verify: Any = None) -> list[tuple[str, str, str, s
                      s.status))
         rows.append((f"{fam}: L*(C) exponent b (pure power law)", _fmt(s.b, 3),
                      _ci(s.ci.get("b"), 3), s.status))
-        rows.append((f"{fam}: L*(C) floor E (floored law E + K*C^-b_f)", _fmt(s.floor[0]),
+        floor_e = _fmt(s.floor[0]) if s.floor_status != "too_few_points" else "n/a"
+        rows.append((f"{fam}: L*(C) floor E (floored law E + K*C^-b_f)", floor_e,
                      _ci(s.ci.get("E")), f"{s.floor_status}: {s.floor_message}"))
         if s.floor_ok:
             rows.append((f"{fam}: L*(C) exponent b_f (floored law)", _fmt(s.floor[1], 3),

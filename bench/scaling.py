@@ -10,6 +10,12 @@ isoFLOP fits, ``verify`` at the target (N*, N*/2, 2N*), and the report
 Numbers go to ``bench/results/scaling.json``. The default parts (``synthetic_small5``,
 ``movielens_small4``) are the ones verified at 10x; the others are the earlier studies
 bench/RESULTS.md describes. ~24 minutes on 2 quiet cores with ``--families tokenmixer``.
+
+    .venv/bin/python bench/scaling.py --refit-recorded --parts synthetic_small6
+
+refits recorded parts from the profiles in ``scaling.json`` with today's analysis (no
+training and no MLflow store needed: the store under --work is temporary), under
+``refit`` and ``bench/results/scaling_<part>_refit/``.
 """
 
 from __future__ import annotations
@@ -21,7 +27,10 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the package, not a shadowing bench/ module
@@ -154,6 +163,48 @@ def _seconds(n: float, d: float) -> float:
     return d / min(_EX_PER_S, _FLOPS_PER_S / (3 * n)) + _TRIAL_S
 
 
+def recorded_points(fit: dict[str, Any]) -> pd.DataFrame:
+    """A recorded fit's points back as rows: every profile keeps the best run per size
+    (``family``, ``budget``, ``N``, ``D``, ``loss``), which is what the fit reads."""
+    rows = [{"family": fam, "budget": prof["budget_flops"], "N": n, "D": d, "loss": loss}
+            for fam, f in fit["families"].items() for prof in f["profiles"]
+            for n, d, loss in zip(prof["N"], prof["D"], prof["loss"])]
+    return pd.DataFrame(rows)
+
+
+def refit_recorded(parts: list[str], work: Path, out_path: Path) -> int:
+    """Refit parts from the points recorded in ``out_path`` with today's analysis (no
+    MLflow store needed); the data's floor is read from the recorded fit or, for
+    synthetic data recorded before it was kept, from the regenerated dataset."""
+    from analysis.isoflop import analyze_study
+    from analysis.study_report import build_study_report
+    from search.study import data_floor
+
+    results = json.loads(out_path.read_text())
+    for part in parts:
+        before = results.get(part)
+        if not isinstance(before, dict) or "fit" not in before:
+            print(f"[{part}] nothing recorded in {out_path}", flush=True)
+            continue
+        recorded_cfg = StudyConfig.model_validate(before["config"])
+        floor = before["fit"].get("data_floor_logloss")
+        if floor is None and recorded_cfg.data.name == "synthetic":
+            floor = data_floor(load_dataset(recorded_cfg.data, cache_dir=work / "cache").meta)
+        target = 10 * max(recorded_cfg.budgets)
+        fit = analyze_study(recorded_points(before["fit"]), target, None, before["n_train"],
+                            floor_loss=floor)
+        print(f"[{part}] refit from recorded profiles; floor {floor}; pick "
+              f"{fit.pick.status}: {fit.pick.message}", flush=True)
+        record = SimpleNamespace(name=recorded_cfg.name, parent_run_id=None,
+                                 config=recorded_cfg)
+        build_study_report(record, fit, None, ROOT / f"bench/results/scaling_{part}_refit")
+        results[part] = {**before, "refit": json.loads(json.dumps(fit.as_dict(), default=float)),
+                         "refit_source": "profiles recorded under fit (MLflow store gone); "
+                                         "dead runs were left out then"}
+        out_path.write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--parts", default="synthetic_small5,movielens_small4")
@@ -171,8 +222,15 @@ def main() -> int:
                     help="comma-separated extra targets (FLOPs) to verify the pick's family "
                          "at, recorded under verify_also (e.g. an out-of-sample check of a "
                          "rule changed after the main verify)")
+    ap.add_argument("--refit-recorded", action="store_true",
+                    help="refit each part from the profiles recorded in --out (when its "
+                         "MLflow store is gone): no training; the new fit goes under refit "
+                         "and its report under scaling_<part>_refit")
     ap.add_argument("--dry-run", action="store_true", help="plan and estimate cost only")
     args = ap.parse_args()
+    if args.refit_recorded:
+        return refit_recorded([p for p in args.parts.split(",") if p], Path(args.work),
+                              Path(args.out))
     parts = [p for p in args.parts.split(",") if p]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -216,6 +216,9 @@ def test_a_pick_below_the_datas_own_floor_is_not_an_answer(tmp_path) -> None:
     below = analyze_study(pts, target, n_boot=100, floor_loss=loss + 0.01)
     assert below.pick.status == "extrapolated"
     assert "below the data's own floor" in below.pick.message
+    last = fit.families["f"].profiles[-1]
+    assert f"between the floor and L*={last.l_star:.4f} measured at C={last.budget:.3g}" \
+        in below.pick.message
     assert below.as_dict()["data_floor_logloss"] == loss + 0.01
     # under the prediction, the floor changes nothing
     assert analyze_study(pts, target, n_boot=100, floor_loss=loss - 0.01).pick.status == "ok"
@@ -307,3 +310,48 @@ def test_runs_that_did_not_learn_are_left_out() -> None:
     assert len(fit.dead) == 4 and "did not beat the base rate" in fit.pick.message
     clean = analyze_study(pts.drop(index=dead), n_boot=100)
     assert fit.families["f"].a == pytest.approx(clean.families["f"].a)
+
+
+def test_a_law_on_two_budgets_does_not_outrank_a_checked_one() -> None:
+    # "two" measured at 2 budgets only, 0.01 below "good" there: its laws pass through
+    # both minima exactly, so it is not ranked against a family checked on 4 budgets
+    good = planted(BUDGETS, families=("good",))
+    two = planted(BUDGETS[-2:], families=("two",), offset={"two": -0.01}, seed=1)
+    fit = analyze_study(pd.concat([good, two], ignore_index=True), n_boot=100)
+    assert fit.families["two"].status == "hit_bound" and fit.families["two"].ok
+    assert fit.pick.status == "ok" and fit.pick.family == "good"
+    assert [r[0] for r in fit.pick.ranking] == ["good"]
+    assert "not ranked (laws on 2 budgets, unchecked): two (would predict" in fit.pick.message
+    # alone, the unchecked family gives numbers but not an answer
+    alone = analyze_study(two, n_boot=100).pick
+    assert alone.family == "two" and alone.prediction is not None
+    assert alone.status == "extrapolated" and "nothing checks them" in alone.message
+
+
+def test_a_recorded_fit_refits_to_the_same_answer(tmp_path) -> None:
+    """bench/scaling.py --refit-recorded: the points a recorded fit keeps in its
+    profiles give the same fit back, with today's rules, without the MLflow store."""
+    from tests.bench_scripts import load_bench
+
+    scaling = load_bench("scaling")
+    pts = planted(BUDGETS, families=("a", "b"), offset={"b": 0.01})
+    fit = analyze_study(pts, n_boot=100)
+    recorded = json.loads(json.dumps(fit.as_dict(), default=float))
+    back = scaling.recorded_points(recorded)
+    assert len(back) == len(pts)
+    again = analyze_study(back, n_boot=100)
+    assert again.pick.family == fit.pick.family and again.pick.status == fit.pick.status
+    assert again.pick.n_star == pytest.approx(fit.pick.n_star, rel=1e-9)
+    # the whole path: a part recorded in a results file, refitted with a floor
+    cfg = scaling.configs(["synthetic_small"])["synthetic_small"]
+    out = tmp_path / "scaling.json"
+    floor = fit.pick.prediction.loss + 0.01  # type: ignore[union-attr]
+    out.write_text(json.dumps({"synthetic_small": {
+        "config": json.loads(cfg.model_dump_json()), "n_train": None,
+        "fit": {**recorded, "data_floor_logloss": floor}}}))
+    scaling.ROOT = tmp_path  # the report goes under tmp_path/bench/results
+    assert scaling.refit_recorded(["synthetic_small", "absent"], tmp_path, out) == 0
+    part = json.loads(out.read_text())["synthetic_small"]
+    assert part["refit"]["pick"]["status"] == "extrapolated"
+    assert part["refit"]["data_floor_logloss"] == floor
+    assert (tmp_path / "bench/results/scaling_synthetic_small_refit/report.md").exists()
