@@ -668,10 +668,13 @@ def analyze_study(points: pd.DataFrame, target_flops: float | None = None,
         profs = [fit_profile(str(fam), float(c), g["N"], g["D"], g["loss"], n_boot, seed)
                  for c, g in fdf.groupby("budget", sort=True)]
         families[str(fam)] = fit_family(str(fam), profs, min(n_boot, 200), seed)
+    # the winner at a budget is the family with the best measured run there: a fitted
+    # minimum can sit far below every run (MovieLens, Wukong at 4e9: a parabola through
+    # 4 sizes, one barely trained, put L* 0.035 under the best run and "won")
     winners: dict[float, str] = {}
     for c in budgets:
-        scored = [(f, p.l_star if p.ok else float(min(p.L)))
-                  for f, s in families.items() for p in s.profiles if p.budget == c]
+        scored = [(f, float(min(p.L))) for f, s in families.items() for p in s.profiles
+                  if p.budget == c and len(p.L)]
         if scored:
             winners[c] = min(scored, key=lambda t: t[1])[0]
     target = float(target_flops) if target_flops else (10 * budgets[-1] if budgets else _NAN)

@@ -187,7 +187,8 @@ def refit_recorded(parts: list[str], work: Path, out_path: Path) -> int:
             print(f"[{part}] nothing recorded in {out_path}", flush=True)
             continue
         recorded_cfg = StudyConfig.model_validate(before["config"])
-        floor = before["fit"].get("data_floor_logloss")
+        floor = (before["fit"].get("data_floor_logloss")
+                 or before.get("refit", {}).get("data_floor_logloss"))
         if floor is None and recorded_cfg.data.name == "synthetic":
             floor = data_floor(load_dataset(recorded_cfg.data, cache_dir=work / "cache").meta)
         target = 10 * max(recorded_cfg.budgets)

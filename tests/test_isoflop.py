@@ -355,3 +355,18 @@ def test_a_recorded_fit_refits_to_the_same_answer(tmp_path) -> None:
     assert part["refit"]["pick"]["status"] == "extrapolated"
     assert part["refit"]["data_floor_logloss"] == floor
     assert (tmp_path / "bench/results/scaling_synthetic_small_refit/report.md").exists()
+
+
+def test_the_winner_at_a_budget_is_the_best_measured_run() -> None:
+    # "valley": MovieLens-1M's Wukong profile at 4e9 (4 sizes, the smallest barely
+    # trained): its parabola's minimum sits 0.035 under every run. "steady" has the best
+    # run at that budget, and wins it
+    c = 4e9
+    rows = [{"family": "valley", "budget": c, "N": n, "D": c / (3 * n), "loss": v}
+            for n, v in zip([864, 1160, 1460, 4720], [0.6135, 0.5372, 0.5376, 0.5547])]
+    rows += [{"family": "steady", "budget": c, "N": n, "D": c / (3 * n), "loss": v}
+             for n, v in zip([500, 1000, 2000, 4000, 8000], [0.540, 0.5362, 0.5350, 0.5360, 0.539])]
+    fit = analyze_study(pd.DataFrame(rows), n_boot=50)
+    valley = fit.families["valley"].profiles[0]
+    assert valley.ok and valley.l_star < min(valley.L) - 0.03  # the fitted valley
+    assert fit.winners == {c: "steady"}
