@@ -34,8 +34,12 @@ browser:
 	      >/dev/null 2>&1 || echo "chromium could not be installed: the browser test will skip"; \
 	  else echo "no chromium and not root with apt-get: the browser test will skip"; fi; }
 
+# two pytest-xdist workers; the chaos and cluster modules (own Ray clusters, servers,
+# faults) share one, tests sharing a module fixture stay on one, and the longest work
+# is handed out first (tests/conftest.py orders it; xdist must not reorder)
+WORKERS ?= 2
 unit: setup browser
-	$(VENV)/bin/pytest -q --durations=15
+	$(VENV)/bin/pytest -q -n $(WORKERS) --dist loadgroup --no-loadscope-reorder --durations=15
 
 test: lint typecheck unit
 

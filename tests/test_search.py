@@ -302,7 +302,17 @@ def _saved_rejections(exp_dir: Path, saved: bool = True) -> int:
         return len(pickle.load(f)["rejected"])
 
 
-def test_resume_after_sigkill(tmp_path) -> None:
+def _run_trials(client: MlflowClient, name: str) -> int:
+    exp = client.get_experiment_by_name(name)
+    return len(client.search_runs([exp.experiment_id], "tags.`recscale.kind` = 'trial'",
+                                  max_results=1000)) if exp else 0
+
+
+def test_resume_after_sigkill_then_ctrl_c(tmp_path) -> None:
+    """One search, interrupted twice: SIGKILLed after two finished trials, resumed with
+    ``--resume``, that stopped with Ctrl-C (exit 130, one line saying how to resume, the
+    parent run KILLED), then the same command again runs it to the end: no trial run
+    twice or logged twice, the searcher's rejections and the memory series kept."""
     raytmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": raytmp, "RAY_ADDRESS": "",
            "RECSCALE_CACHE": str(tmp_path / "cache")}
@@ -326,11 +336,34 @@ def test_resume_after_sigkill(tmp_path) -> None:
     history_before = {t: len(client.get_metric_history(r, "val_logloss")) for t, r in before.items()}
     rejected_before = _saved_rejections(tmp_path / "ray" / "resume-test", saved=False)
 
-    res = subprocess.run(_search_cmd(tmp_path, "--resume"), env=env, capture_output=True,
-                         text=True, timeout=600)
+    # resumed, then Ctrl-C once the resumed driver has started a trial of its own
+    cmd = _search_cmd(tmp_path, "--resume")
+    runs_before = _run_trials(client, "resume-test")
+    proc2 = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc2.poll() is None:
+            if _run_trials(client, "resume-test") > runs_before:
+                break
+            time.sleep(1)
+        assert proc2.poll() is None, f"search ended before Ctrl-C: {proc2.stderr.read()[-2000:]}"
+        proc2.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
+        _, err = proc2.communicate(timeout=180)
+    finally:
+        if proc2.poll() is None:
+            proc2.kill()
+        subprocess.run(["pkill", "-9", "-f", raytmp], check=False)
+    assert proc2.returncode == 130, err[-2000:]
+    last = [ln for ln in err.splitlines() if ln.strip()][-1]
+    assert last.startswith("recscale: interrupted") and "same command again to resume" in last
+    exp = client.get_experiment_by_name("resume-test")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`recscale.kind` = 'search'")
+    assert parent.info.status == "KILLED"
+
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     subprocess.run(["pkill", "-9", "-f", raytmp], check=False)
     assert res.returncode == 0, res.stderr[-3000:]
-    exp = client.get_experiment_by_name("resume-test")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     trial_ids = [r.data.tags["trial_id"] for r in runs if r.data.tags.get("recscale.kind") == "trial"]
     assert len(trial_ids) == len(set(trial_ids)), "duplicate MLflow runs for a trial"
@@ -343,7 +376,7 @@ def test_resume_after_sigkill(tmp_path) -> None:
     assert spent <= 5e10 * 1.2 and not math.isnan(spent)
     # the restored searcher keeps its rejections (how many the sampler drew infeasible
     # before the kill depends on timing: none is possible), and the memory series of
-    # both segments
+    # every segment
     assert parent.data.metrics["search.rejected_samples"] >= rejected_before
     memory = [int(m.step) for m in client.get_metric_history(parent.info.run_id,
                                                              "search.driver_rss_mb")]
@@ -354,40 +387,6 @@ def test_resume_after_sigkill(tmp_path) -> None:
     # one sample per finished trial; trials the budget ends with the experiment have none
     assert finished - 2 <= memory[-1] <= finished, (memory, finished)
     assert memory[0] <= len(before), "the first segment's samples were lost on resume"
-
-
-def test_ctrl_c_marks_the_parent_killed_and_the_same_command_resumes(tmp_path) -> None:
-    raytmp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
-    env = {**os.environ, "RAY_TMPDIR": raytmp, "RAY_ADDRESS": "",
-           "RECSCALE_CACHE": str(tmp_path / "cache")}
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    cmd = [a if a != "resume-test" else "ctrlc-test" for a in _search_cmd(tmp_path)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if _finished_trials(client, "ctrlc-test"):
-                break
-            time.sleep(1)
-        assert proc.poll() is None, f"search ended before Ctrl-C: {proc.stderr.read()[-2000:]}"
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
-        _, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        subprocess.run(["pkill", "-9", "-f", raytmp], check=False)
-    assert proc.returncode == 130, err[-2000:]
-    last = [ln for ln in err.splitlines() if ln.strip()][-1]
-    assert last.startswith("recscale: interrupted") and "same command again to resume" in last
-    exp = client.get_experiment_by_name("ctrlc-test")
-    (parent,) = client.search_runs([exp.experiment_id], "tags.`recscale.kind` = 'search'")
-    assert parent.info.status == "KILLED"
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    subprocess.run(["pkill", "-9", "-f", raytmp], check=False)
-    assert res.returncode == 0, res.stderr[-3000:]
-    parent = client.get_run(parent.info.run_id)
-    assert parent.info.status == "FINISHED" and parent.data.metrics["search.spent_flops"] > 0
 
 
 def test_analyze_export_then_train_round_trips(unified, tmp_path) -> None:
