@@ -229,10 +229,9 @@ def main() -> int:
                          "and its report under scaling_<part>_refit")
     ap.add_argument("--dry-run", action="store_true", help="plan and estimate cost only")
     args = ap.parse_args()
-    if args.refit_recorded:
-        return refit_recorded([p for p in args.parts.split(",") if p], Path(args.work),
-                              Path(args.out))
     parts = [p for p in args.parts.split(",") if p]
+    if args.refit_recorded:
+        return refit_recorded(parts, Path(args.work), Path(args.out))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{work / 'mlflow.db'}"

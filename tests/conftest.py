@@ -24,10 +24,6 @@ def _threads() -> None:
 SERIAL_MODULES = {"test_chaos", "test_cluster"}
 
 
-def _module(item: pytest.Item) -> str:
-    return item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
-
-
 def _uses_a_shared_fixture(item: pytest.Item) -> bool:
     """Whether the test uses a module- or class-scoped fixture (a search, a cluster)."""
     info = getattr(item, "_fixtureinfo", None)
@@ -43,7 +39,7 @@ def pytest_itemcollected(item: pytest.Item) -> None:
     wherever a worker is free. Without xdist the mark is inert. (Marked as each item is
     collected: xdist reads the marks in its own ``pytest_collection_modifyitems``, which
     runs before a conftest's.)"""
-    module = _module(item)
+    module = item.path.stem
     if module in SERIAL_MODULES:
         item.add_marker(pytest.mark.xdist_group("serial"))
     elif _uses_a_shared_fixture(item):
