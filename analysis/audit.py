@@ -94,7 +94,10 @@ def _series_problems(client: Any, run: Any, trial_id: str,
     if report_every_flops and fpe and bs:
         gap = eval_interval(report_every_flops, float(fpe), int(bs)) * (1 + 1e-9)
     for key in SERIES:
-        points = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.timestamp)
+        # in the order logged: by time, and by step among reports stamped alike (one
+        # filled in after a restore carries the time of the report before it)
+        points = sorted(client.get_metric_history(run.info.run_id, key),
+                        key=lambda m: (m.timestamp, m.step))
         steps = [int(m.step) for m in points]
         if len(set(steps)) != len(steps):
             out.append(f"trial {trial_id}: {key} logged twice at "

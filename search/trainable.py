@@ -355,9 +355,10 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: SharedData) -> No
         float(cost.train_flops(int(resume["examples_seen"]))) if resume is not None else 0.0)
     if tracker is not None and resume is not None and tracker.finished is None:
         # reports the checkpoint holds but MLflow lacks: a trial's writes are batched off
-        # its thread, and a worker killed (out of memory, a lost node) right after a
-        # checkpoint takes the last ones with it; the resume starts past them, so they
-        # are logged now (tracker.log skips what MLflow has), leaving no gap
+        # its thread, and a worker killed (out of memory, a lost node) takes the unsent
+        # ones with it, or one still retrying through an MLflow outage while a later one
+        # landed; the resume starts past them, so they are logged now, each in its place
+        # (tracker.log skips what MLflow has), leaving no gap
         for past in resume.get("history", []):
             if STEP_AXIS in past:
                 tracker.log(dict(past))

@@ -110,6 +110,38 @@ def test_a_restored_trial_does_not_log_its_reports_twice(tmp_path: Path) -> None
     assert experiment_id(client, "s") == exp_id
 
 
+def test_a_report_lost_with_a_killed_worker_is_filled_in_its_place(tmp_path: Path) -> None:
+    """MLflow writes a trial's batches on several threads: a worker killed while the
+    report at 300 still retried through an outage leaves 400 in MLflow and 300 out. The
+    restored trial (checkpoint at 300, history 100-300) fills 300 in, in its place, and
+    the audit finds no gap and nothing out of order; a report MLflow holds is not
+    logged again."""
+    from analysis.audit import _series_problems
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp_id, parent, _ = find_or_create_parent(client, "s", {}, tags={})
+    first = TrialTracker(uri, exp_id, parent, "t1", "wukong", {"train.batch_size": 1}, "s")
+    client.log_metric(first.run_id, "flops_per_example", 100 / 3, step=0)
+    for step in (100, 200, 400):  # 300 lost with the worker
+        first.log({"val_logloss": 0.6 - step / 1e4, "train_flops": float(step)})
+    first.flush()
+    run = client.get_run(first.run_id)
+    assert any("gap" in p for p in _series_problems(client, run, "t1", 100.0))
+
+    again = TrialTracker(uri, exp_id, parent, "t1", "wukong", {}, "s")  # restored at 300
+    assert sorted(again.logged_steps) == [100, 200, 400] and again.logged_upto == 400
+    for step in (100, 200, 300, 400, 500):  # the checkpoint's history, then trained on
+        again.log({"val_logloss": 0.6 - step / 1e4, "train_flops": float(step)})
+    again.flush()
+    history = client.get_metric_history(first.run_id, "val_logloss")
+    steps = [m.step for m in sorted(history, key=lambda m: (m.timestamp, m.step))]
+    assert steps == [100, 200, 300, 400, 500]
+    stamps = {m.step: m.timestamp for m in history}
+    assert stamps[300] == stamps[200] <= stamps[400] <= stamps[500]
+    assert _series_problems(client, client.get_run(first.run_id), "t1", 100.0) == []
+
+
 def test_a_retried_trial_does_not_give_back_its_spend() -> None:
     """Tune retries a failed trial (killed worker, lost node, memory kill) from its last
     checkpoint: its reports start lower again, but what it trained before stays spent."""

@@ -128,9 +128,11 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> 
         client.log_batch(run_id, params=items[i : i + _PARAM_BATCH])
 
 
-def metric_batch(metrics: Mapping[str, Any], step: int) -> list[Metric]:
-    """The numeric entries of ``metrics`` as MLflow metrics at ``step``, stamped now."""
-    now = int(time.time() * 1000)
+def metric_batch(metrics: Mapping[str, Any], step: int,
+                 timestamp: int | None = None) -> list[Metric]:
+    """The numeric entries of ``metrics`` as MLflow metrics at ``step``, stamped
+    ``timestamp`` (milliseconds; now when None)."""
+    now = int(time.time() * 1000) if timestamp is None else int(timestamp)
     return [Metric(k, float(v), now, step) for k, v in metrics.items()
             if isinstance(v, int | float) and not isinstance(v, bool)]
 
@@ -226,7 +228,12 @@ def finish_run(client: MlflowClient, run_id: str, status: str) -> None:
 
 def last_step(client: MlflowClient, run_id: str) -> int:
     """The largest step at which a run logged the objective (-1 when it logged none)."""
-    return max((int(m.step) for m in client.get_metric_history(run_id, OBJECTIVE)), default=-1)
+    return max(logged_steps(client, run_id), default=-1)
+
+
+def logged_steps(client: MlflowClient, run_id: str) -> dict[int, int]:
+    """The steps at which a run logged the objective, each with its time stamp (ms)."""
+    return {int(m.step): int(m.timestamp) for m in client.get_metric_history(run_id, OBJECTIVE)}
 
 
 def logged_work(client: MlflowClient, run: Run, step: int | None = None) -> float:
@@ -298,9 +305,13 @@ class TrialTracker:
         # A restored trial re-runs from its checkpoint, which may be older than its last
         # logged report: the loop's resume is exact, so those reports repeat what MLflow
         # already holds, and are not logged twice (no duplicate or backward steps).
-        self.logged_upto = last_step(self.client, run_id) if existing else -1
+        #: the steps MLflow holds a report at, with their time stamps (ms)
+        self.logged_steps = logged_steps(self.client, run_id) if existing else {}
+        self.logged_upto = max(self.logged_steps, default=-1)
+        #: the last report MLflow held when this tracker started (its val-loss files too)
+        self.restored_upto = self.logged_upto
         #: what the trial had cost by its last logged report (``WORK_ATTR``; 0 if new)
-        self.logged_work = (logged_work(self.client, before, self.logged_upto)
+        self.logged_work = (logged_work(self.client, before, self.restored_upto)
                             if before is not None else 0.0)
         #: MLflow's asynchronous metric writes, each with the batch it sends
         self._pending: list[tuple[Any, list[Metric]]] = []
@@ -308,18 +319,32 @@ class TrialTracker:
         self._file_writes: list[tuple[Any, int, Any]] = []  # (future, train_flops, losses)
 
     def log(self, metrics: dict[str, float]) -> None:
-        """One batched, asynchronous write per report, at ``step = train_flops``."""
-        if int(metrics[STEP_AXIS]) <= self.logged_upto:
+        """One batched, asynchronous write per report, at ``step = train_flops``.
+
+        A report MLflow already holds is not logged again. One it lacks below its last
+        step (MLflow writes batches on several threads: a worker killed while an earlier
+        write still retried through an outage leaves a later report in and that one out)
+        is filled in by the restored trial, which re-runs it or finds it in its
+        checkpoint's history, stamped with the time of the report before it, so the
+        series stays in order by (time, step)."""
+        step = int(metrics[STEP_AXIS])
+        if step in self.logged_steps:
             return
+        stamp = None
+        if step < self.logged_upto:
+            below = [t for s, t in self.logged_steps.items() if s < step]
+            stamp = max(below) if below else min(self.logged_steps.values())
         varying = {k: v for k, v in metrics.items() if k not in CONSTANT_METRICS}
-        batch = metric_batch(varying, int(metrics[STEP_AXIS]))
+        batch = metric_batch(varying, step, stamp)
+        self.logged_steps[step] = batch[0].timestamp if batch else int(time.time() * 1000)
+        self.logged_upto = max(self.logged_upto, step)
         self._pending.append((self.client.log_batch(self.run_id, metrics=batch, synchronous=False),
                               batch))
 
     def log_val_losses(self, train_flops: int, losses: Any) -> None:
         """The per-example validation losses of the report at ``train_flops`` (an ASHA
         milestone), as ``val_losses/<train_flops>.npy`` (float16, no pickle)."""
-        if int(train_flops) <= self.logged_upto:
+        if int(train_flops) <= self.restored_upto:
             return
         import numpy as np
 
@@ -350,9 +375,8 @@ class TrialTracker:
         error. Each is waited for, even after one failed; then the first failure is
         raised, or with ``raise_errors=False`` (a trial already failing) logged.
 
-        Without the retry, a report lost in an outage stayed missing: the trial failed
-        here, Tune retried it from its checkpoint, and the restored trial logs only
-        reports past the last one MLflow holds (``logged_upto``)."""
+        A worker killed before its flush loses what was still unsent or retrying; the
+        restored trial fills those reports in (:meth:`log`)."""
         errors: list[BaseException] = []
         # every write is waited for first: the later ones, still retrying, drain while
         # the store comes back, and the failed ones are then sent into a store that is up
