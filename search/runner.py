@@ -47,7 +47,7 @@ from search.resources import TrialResources
 from search.schedulers import make_scheduler, scheduler_milestones
 from search.settings import SearchConfig
 from search.space import Choice, IntRange, SearchSpace, bundled_space, load_space
-from search.tracking import TrialStatusCallback
+from search.tracking import TrialStatusCallback, settle_trial_runs
 from trainers.contracts import (
     CONSTANT_METRICS,
     DATA_ARTIFACT,
@@ -692,7 +692,9 @@ def collect_outcome(plan: SearchPlan, tracking: Tracking, wall: float) -> Search
 
     client = MlflowClient(tracking.uri)
     analysis = ExperimentAnalysis(str(plan.exp_path))
-    runs = trial_runs(client, tracking.experiment_id, tracking.parent_run_id)
+    # once the trials' last writes have landed, with what Tune received and MLflow lacked
+    runs = settle_trial_runs(client, tracking.experiment_id, tracking.parent_run_id,
+                             analysis.trials)
     lost_now, closed = close_lost_runs(client, runs, {t.trial_id for t in analysis.trials})
     closed += close_stopped_runs(client, runs, analysis.trials)
     if closed:  # read again: the closed runs' status tags changed

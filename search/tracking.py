@@ -1,20 +1,49 @@
-"""Tune callbacks that write a search's MLflow runs through :mod:`trainers.tracking`.
+"""Tune callbacks that write a search's MLflow runs through :mod:`trainers.tracking`,
+and the driver's last pass over the trial runs once Tune has ended.
 
 The driver only writes the parent run and each trial's final status, from a background
-thread; trials write their own child runs (``trainers.tracking.TrialTracker``).
+thread; trials write their own child runs (``trainers.tracking.TrialTracker``). A
+trial's writes are asynchronous, and Tune ends a search by killing the trials' actors
+(``ray.kill``, without waiting for their threads): :func:`settle_trial_runs` waits for
+this node's trial processes to be gone, then writes into each trial run the reports Tune
+received (the trial's ``result.json``) that the run lacks, so that MLflow and Tune hold
+the same result for every trial.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from trainers.tracking import set_trial_status
+from trainers.contracts import (
+    CONSTANT_METRICS,
+    METRICS,
+    OBJECTIVE,
+    STEP_AXIS,
+    TAG_TRIAL_ID,
+    VAL_SE,
+    WORK_ATTR,
+)
+from trainers.tracking import (
+    logged_steps,
+    metric_batch,
+    set_trial_status,
+    stamp_in_place,
+    trial_runs,
+)
 
-__all__ = ["TrialStatusCallback"]
+__all__ = ["TrialStatusCallback", "settle_trial_runs", "tune_reports"]
+
+log = logging.getLogger(__name__)
+
+#: the longest the driver waits for this node's killed trial processes to be gone
+SETTLE_TIMEOUT_S = 10.0
 
 
 class TrialStatusCallback(tune.Callback):
@@ -84,3 +113,94 @@ class TrialStatusCallback(tune.Callback):
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+
+
+def tune_reports(trial: Any) -> list[dict[str, Any]]:
+    """Every report Tune received from ``trial``, oldest first (its ``result.json`` in the
+    search's storage); a line cut short by a kill is skipped; [] when there is none."""
+    try:
+        fs, path = trial.storage.storage_filesystem, str(trial.storage.trial_fs_path)
+        with fs.open_input_stream(f"{path}/result.json") as stream:
+            text = stream.read().decode("utf-8", errors="replace")
+    except (AttributeError, OSError):
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            report = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(report, dict):
+            out.append(report)
+    return out
+
+
+def _wait_for_processes(pids: set[int], timeout: float) -> int:
+    """Wait (at most ``timeout`` s) for the Ray worker processes among ``pids`` to exit;
+    returns how many were still alive when the wait ended."""
+    import psutil
+
+    procs = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if proc.name().startswith("ray::"):  # not a pid reused since
+                procs.append(proc)
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return len(alive)
+
+
+def settle_trial_runs(client: MlflowClient, exp_id: str, parent_run_id: str,
+                      trials: list[Any]) -> list[Any]:
+    """After Tune has ended: wait for this node's trial processes (the ``pid`` of each
+    trial's last report from this node, by its ``node_id``) to exit, so no write of theirs lands
+    after this, then log into each trial run every report Tune received that the run
+    lacks (a worker killed while its write was queued or retrying), stamped in place
+    (:func:`trainers.tracking.stamp_in_place`). Returns the trial runs
+    (:func:`trainers.tracking.trial_runs`) as they then are.
+
+    Only the report's metrics (those the run has, the contract's report metrics) are
+    written, so a filled report looks like the trial's own. Trials on other nodes are not waited for: a write of theirs may still
+    land after this (and then carries a later report than Tune's, which
+    ``search.runner`` takes as the trial's result).
+    """
+    import ray
+
+    reports = {t.trial_id: tune_reports(t) for t in trials}
+    here = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    pids = {int(r[-1]["pid"]) for r in reports.values()
+            if r and "pid" in r[-1] and r[-1].get("node_id") == here}
+    if pids:
+        started = time.perf_counter()
+        alive = _wait_for_processes(pids, SETTLE_TIMEOUT_S)
+        log.debug("waited %.1f s for %d trial process(es); %d still alive",
+                  time.perf_counter() - started, len(pids), alive)
+    runs = trial_runs(client, exp_id, parent_run_id)  # read once nothing else writes
+    filled = 0
+    for run in runs:
+        received = reports.get(str(run.data.tags.get(TAG_TRIAL_ID)), [])
+        by_step = {int(r[STEP_AXIS]): r for r in received
+                   if STEP_AXIS in r and OBJECTIVE in r}  # a repeated step: the later report
+        if not by_step:
+            continue
+        held = logged_steps(client, run.info.run_id)
+        missing = sorted(set(by_step) - set(held))
+        if not missing:
+            continue
+        # the report's metrics as the trial logs them (TrialTracker.log)
+        keys = (set(run.data.metrics) | {*METRICS, VAL_SE, WORK_ATTR}) - set(CONSTANT_METRICS)
+        for step in missing:
+            report = {k: v for k, v in by_step[step].items() if k in keys}
+            batch = metric_batch(report, step, stamp_in_place(held, step))
+            if not batch:
+                continue
+            client.log_batch(run.info.run_id, metrics=batch)
+            held[step] = batch[0].timestamp
+            filled += 1
+    if filled:
+        log.info("%d report(s) Tune received were missing from their MLflow runs; written now",
+                 filled)
+        runs = trial_runs(client, exp_id, parent_run_id)
+    return runs

@@ -142,6 +142,47 @@ def test_a_report_lost_with_a_killed_worker_is_filled_in_its_place(tmp_path: Pat
     assert _series_problems(client, client.get_run(first.run_id), "t1", 100.0) == []
 
 
+def test_reports_tune_received_but_mlflow_lacks_are_written_at_the_end(tmp_path: Path) -> None:
+    """Tune ends a search by killing the trials' actors, without waiting for their
+    writes: a run may lack reports Tune received (here 200 and the last, 300; a cut
+    line in result.json is skipped). The driver's last pass writes them in place, with
+    the report's metrics only, so MLflow's result for the trial is Tune's."""
+    import json
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+
+    from analysis.audit import _series_problems
+    from search.tracking import settle_trial_runs, tune_reports
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp_id, parent, _ = find_or_create_parent(client, "s", {}, tags={})
+    tracker = TrialTracker(uri, exp_id, parent, "t1", "wukong", {"train.batch_size": 1}, "s",
+                           constants={"flops_per_example": 100 / 3})
+    received = [{"val_logloss": 0.6 - s / 1e4, "val_auc": 0.5 + s / 1e4, "train_flops": s,
+                 "trial_id": "t1", "pid": os.getpid(), "node_id": "elsewhere",
+                 "device": "cpu"} for s in (100, 200, 300)]  # what Tune got; MLflow: 100
+    tracker.log({k: received[0][k] for k in ("val_logloss", "val_auc", "train_flops")})
+    tracker.flush()
+    trial_dir = tmp_path / "run_trial_t1"
+    trial_dir.mkdir()
+    (trial_dir / "result.json").write_text(
+        "".join(json.dumps(r) + "\n" for r in received) + '{"val_logloss": 0.5, "train_fl')
+    trial = SimpleNamespace(trial_id="t1", storage=SimpleNamespace(
+        storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(trial_dir)))
+    assert [r["train_flops"] for r in tune_reports(trial)] == [100, 200, 300]
+
+    runs = settle_trial_runs(client, exp_id, parent, [trial])
+    (run,) = runs
+    assert run.data.metrics["val_logloss"] == pytest.approx(0.57)  # Tune's last, 300
+    assert run.data.metrics["val_auc"] == pytest.approx(0.53)
+    assert "pid" not in run.data.metrics and "device" not in run.data.metrics
+    assert _series_problems(client, run, "t1", 100.0) == []
+    again = settle_trial_runs(client, exp_id, parent, [trial])  # nothing more to write
+    assert len(client.get_metric_history(again[0].info.run_id, "val_logloss")) == 3
+
+
 def test_a_retried_trial_does_not_give_back_its_spend() -> None:
     """Tune retries a failed trial (killed worker, lost node, memory kill) from its last
     checkpoint: its reports start lower again, but what it trained before stays spent."""

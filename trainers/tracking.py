@@ -73,6 +73,7 @@ __all__ = [
     "find_trial_run",
     "finish_run",
     "last_step",
+    "logged_steps",
     "logged_work",
     "log_files",
     "log_metric_series",
@@ -81,6 +82,7 @@ __all__ = [
     "metric_batch",
     "set_tags",
     "set_trial_status",
+    "stamp_in_place",
 ]
 
 log = logging.getLogger(__name__)
@@ -135,6 +137,24 @@ def metric_batch(metrics: Mapping[str, Any], step: int,
     now = int(time.time() * 1000) if timestamp is None else int(timestamp)
     return [Metric(k, float(v), now, step) for k, v in metrics.items()
             if isinstance(v, int | float) and not isinstance(v, bool)]
+
+
+def stamp_in_place(logged: Mapping[int, int], step: int) -> int | None:
+    """The time stamp (ms) for a report at ``step`` written after later ones: that of the
+    report before it (of the first one when none is before), so that a series ordered by
+    (time, step) keeps the order of its steps; None (now) when ``step`` is past every
+    logged one.
+
+    Example:
+        >>> stamp_in_place({100: 5, 200: 9, 400: 12}, 300)
+        9
+        >>> stamp_in_place({100: 5}, 300) is None
+        True
+    """
+    if not logged or step > max(logged):
+        return None
+    below = [t for s, t in logged.items() if s < step]
+    return max(below) if below else min(logged.values())
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, Any], step: int,
@@ -330,10 +350,7 @@ class TrialTracker:
         step = int(metrics[STEP_AXIS])
         if step in self.logged_steps:
             return
-        stamp = None
-        if step < self.logged_upto:
-            below = [t for s, t in self.logged_steps.items() if s < step]
-            stamp = max(below) if below else min(self.logged_steps.values())
+        stamp = stamp_in_place(self.logged_steps, step)
         varying = {k: v for k, v in metrics.items() if k not in CONSTANT_METRICS}
         batch = metric_batch(varying, step, stamp)
         self.logged_steps[step] = batch[0].timestamp if batch else int(time.time() * 1000)
