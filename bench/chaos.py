@@ -319,6 +319,17 @@ class Chaos:
                 continue
         return out
 
+    def parent_status(self) -> str | None:
+        """The MLflow status of the search's parent run (None before it exists)."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.uri)
+        exp = client.get_experiment_by_name(self.name)
+        if exp is None:
+            return None
+        parents = client.search_runs([exp.experiment_id], "tags.`recscale.kind` = 'search'")
+        return str(parents[0].info.status) if parents else None
+
     def reports(self) -> int:
         """Reports Tune has stored so far (lines of every trial's ``result.json``)."""
         total = 0
@@ -376,6 +387,7 @@ class Chaos:
             entry["exit"] = proc.returncode
             err = self.stderr_tail(4000)
             entry["last_line"] = ([ln for ln in err.splitlines() if ln.strip()] or [""])[-1]
+            entry["parent_status"] = self.parent_status()
             self.cleanup()
         elif fault in ("trial", "oom", "mlflow-down", "node"):
             if fault == "trial":

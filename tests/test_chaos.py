@@ -260,12 +260,29 @@ def test_a_search_survives_kills_ctrl_c_a_killed_trial_and_a_truncated_checkpoin
     faults = [e for e in chaos.log if e["fault"]]
     assert [e["fault"] for e in faults] == ["kill", "truncate", "ctrl-c", "trial"][:len(faults)]
     ctrl_c = [e for e in faults if e["fault"] == "ctrl-c" and "exit" in e]
-    assert all(e["exit"] == 130 for e in ctrl_c)
-    report = audit_search(chaos.name, chaos.uri)
+    for e in ctrl_c:  # exit 130, one line saying how to resume, the parent run KILLED
+        assert e["exit"] == 130, e
+        assert e["last_line"].startswith("recscale: interrupted"), e
+        assert "same command again to resume" in e["last_line"], e
+        assert e["parent_status"] == "KILLED", e
+    report = audit_search(chaos.name, chaos.uri)  # no trial run or logged twice, ...
     assert report.ok, (report.problems, chaos.log)
     n = report.numbers
     assert n["trained_flops"] <= n["spent_flops"] <= n["overshoot_bound"]
     assert structure is not None and set(structure["keys"]) >= REPORT_KEYS
+    # the driver's memory series of every segment kept, one sample per finished trial
+    client = MlflowClient(chaos.uri)
+    exp = client.get_experiment_by_name(chaos.name)
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`recscale.kind` = 'search'")
+    assert parent.info.status == "FINISHED"
+    memory = [int(m.step) for m in client.get_metric_history(parent.info.run_id,
+                                                             "search.driver_rss_mb")]
+    runs = client.search_runs([exp.experiment_id], "tags.`recscale.kind` = 'trial'",
+                              max_results=1000)
+    finished = sum(r.data.tags.get("trial_status") in {"COMPLETED", "STOPPED", "DIVERGED", "ERROR"}
+                   for r in runs if "recscale.reference" not in r.data.tags)
+    assert memory and memory == sorted(set(memory)), memory
+    assert finished - 2 <= memory[-1] <= finished, (memory, finished, chaos.log)
     assert time.time() - start < 1200
 
 

@@ -69,3 +69,17 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for command in ("search", "train", "ui", "analyze", "export", "demo"):
         assert command in out
+
+
+def test_resume_of_a_search_that_never_ran_is_refused(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """``--resume`` requires an interrupted search: without one, one line and exit 2."""
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", "--data", "synthetic", "--budget-flops", "1e9", "--name", "gone",
+                 "--storage", str(tmp_path / "ray"), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no interrupted search 'gone'" in err[0] and "to resume" in err[0], err
+    assert not ray.is_initialized()

@@ -9,11 +9,9 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -272,24 +270,6 @@ def test_bad_input_exits_2_with_one_line(tmp_path) -> None:
         assert "Traceback" not in proc.stderr
 
 
-def _search_cmd(tmp: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "recscale", "search", "--space", "unified", "--data",
-            "synthetic", "--max-rows", "6000", "--name", "resume-test",
-            "--budget-flops", "5e10", "--trial-flops", "1e10", "--max-flops-per-example", str(CAP),
-            "--storage", str(tmp / "ray"), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-            "--max-concurrent", "2", "--gpus", "off", "-v", "0", *extra]
-
-
-def _finished_trials(client: MlflowClient, name: str) -> dict[str, str]:
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        return {}
-    runs = client.search_runs([exp.experiment_id], "tags.`recscale.kind` = 'trial'")
-    return {r.data.tags["trial_id"]: r.info.run_id for r in runs  # searched trials only
-            if r.data.tags.get("trial_status") in {"COMPLETED", "STOPPED"}
-            and "recscale.reference" not in r.data.tags}
-
-
 def _saved_rejections(exp_dir: Path, saved: bool = True) -> int:
     """The rejections in the searcher state Tune saved last (this test's own search wrote
     it: ``OptunaSearch.save`` pickles the searcher's ``__dict__``); 0 when none was
@@ -300,93 +280,6 @@ def _saved_rejections(exp_dir: Path, saved: bool = True) -> int:
         return 0
     with files[-1].open("rb") as f:
         return len(pickle.load(f)["rejected"])
-
-
-def _run_trials(client: MlflowClient, name: str) -> int:
-    exp = client.get_experiment_by_name(name)
-    return len(client.search_runs([exp.experiment_id], "tags.`recscale.kind` = 'trial'",
-                                  max_results=1000)) if exp else 0
-
-
-def test_resume_after_sigkill_then_ctrl_c(tmp_path) -> None:
-    """One search, interrupted twice: SIGKILLed after two finished trials, resumed with
-    ``--resume``, that stopped with Ctrl-C (exit 130, one line saying how to resume, the
-    parent run KILLED), then the same command again runs it to the end: no trial run
-    twice or logged twice, the searcher's rejections and the memory series kept."""
-    raytmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
-    env = {**os.environ, "RAY_TMPDIR": raytmp, "RAY_ADDRESS": "",
-           "RECSCALE_CACHE": str(tmp_path / "cache")}
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    proc = subprocess.Popen(_search_cmd(tmp_path), env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if len(_finished_trials(client, "resume-test")) >= 2:
-                break
-            time.sleep(1)
-        assert proc.poll() is None, f"search ended before it could be killed: {proc.stderr.read()[-2000:]}"
-        before = _finished_trials(client, "resume-test")
-        assert len(before) >= 2
-        time.sleep(2)  # let Tune write an experiment checkpoint that includes them
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        subprocess.run(["pkill", "-9", "-f", raytmp], check=False)
-    history_before = {t: len(client.get_metric_history(r, "val_logloss")) for t, r in before.items()}
-    rejected_before = _saved_rejections(tmp_path / "ray" / "resume-test", saved=False)
-
-    # resumed, then Ctrl-C once the resumed driver has started a trial of its own
-    cmd = _search_cmd(tmp_path, "--resume")
-    runs_before = _run_trials(client, "resume-test")
-    proc2 = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc2.poll() is None:
-            if _run_trials(client, "resume-test") > runs_before:
-                break
-            time.sleep(1)
-        assert proc2.poll() is None, f"search ended before Ctrl-C: {proc2.stderr.read()[-2000:]}"
-        proc2.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
-        _, err = proc2.communicate(timeout=180)
-    finally:
-        if proc2.poll() is None:
-            proc2.kill()
-        subprocess.run(["pkill", "-9", "-f", raytmp], check=False)
-    assert proc2.returncode == 130, err[-2000:]
-    last = [ln for ln in err.splitlines() if ln.strip()][-1]
-    assert last.startswith("recscale: interrupted") and "same command again to resume" in last
-    exp = client.get_experiment_by_name("resume-test")
-    (parent,) = client.search_runs([exp.experiment_id], "tags.`recscale.kind` = 'search'")
-    assert parent.info.status == "KILLED"
-
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    subprocess.run(["pkill", "-9", "-f", raytmp], check=False)
-    assert res.returncode == 0, res.stderr[-3000:]
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    trial_ids = [r.data.tags["trial_id"] for r in runs if r.data.tags.get("recscale.kind") == "trial"]
-    assert len(trial_ids) == len(set(trial_ids)), "duplicate MLflow runs for a trial"
-    assert sum(r.data.tags.get("recscale.kind") == "search" for r in runs) == 1
-    for t, run_id in before.items():  # finished trials were not run again
-        assert len(client.get_metric_history(run_id, "val_logloss")) == history_before[t]
-    parent = next(r for r in runs if r.data.tags.get("recscale.kind") == "search")
-    assert parent.info.status == "FINISHED"
-    spent = parent.data.metrics["search.spent_flops"]
-    assert spent <= 5e10 * 1.2 and not math.isnan(spent)
-    # the restored searcher keeps its rejections (how many the sampler drew infeasible
-    # before the kill depends on timing: none is possible), and the memory series of
-    # every segment
-    assert parent.data.metrics["search.rejected_samples"] >= rejected_before
-    memory = [int(m.step) for m in client.get_metric_history(parent.info.run_id,
-                                                             "search.driver_rss_mb")]
-    finished = sum(r.data.tags.get("trial_status") in {"COMPLETED", "STOPPED", "DIVERGED", "ERROR"}
-                   for r in runs if r.data.tags.get("recscale.kind") == "trial"
-                   and "recscale.reference" not in r.data.tags)
-    assert memory == sorted(set(memory))
-    # one sample per finished trial; trials the budget ends with the experiment have none
-    assert finished - 2 <= memory[-1] <= finished, (memory, finished)
-    assert memory[0] <= len(before), "the first segment's samples were lost on resume"
 
 
 def test_analyze_export_then_train_round_trips(unified, tmp_path) -> None:

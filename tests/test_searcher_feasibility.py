@@ -56,3 +56,19 @@ def test_a_search_whose_every_sample_fails_still_ends() -> None:
                                   policy=BudgetPolicy(1e12, 1e6, (1e6, 1e7)),
                                   metric="loss", mode="min", seed=0)
     assert search.suggest("t0") == BudgetedOptunaSearch.FINISHED
+
+
+def test_a_restored_searcher_keeps_its_rejections(tmp_path) -> None:
+    """What Tune saves of the searcher (``save``, each experiment checkpoint) holds the
+    samples it rejected; a resumed search's searcher starts from them, so the count the
+    parent run reports covers every segment."""
+    search = _searcher([{"block": "wide"}, {"block": "narrow"}])
+    assert isinstance(search.suggest("t0"), dict)
+    assert search.rejected  # `wide` never fits
+    path = str(tmp_path / "searcher.pkl")
+    search.save(path)
+    again = _searcher([])
+    again.restore(path)
+    assert again.rejected == search.rejected
+    assert isinstance(again.suggest("t1"), dict)
+    assert len(again.rejected) >= len(search.rejected)
