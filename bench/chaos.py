@@ -60,6 +60,8 @@ import psutil
 GIB = 2**30
 #: the environment variable that marks the processes of a harness-started Ray node
 NODE_MARK = "RECSCALE_CHAOS_NODE"
+#: the faults a driver lives through (the search goes on by itself); the others end it
+IN_DRIVER = ("trial", "oom", "mlflow-down", "node")
 
 ROOT = Path(__file__).resolve().parents[1]
 if sys.path[0] != str(ROOT):  # run as a script: bench/search.py must not shadow `search`
@@ -352,33 +354,48 @@ class Chaos:
         target.write_bytes(data[: len(data) // 2])
         return str(target)
 
-    def segment(self, fault: str | None, wait: float) -> int | None:
+    def segment(self, fault: str | tuple[str, ...] | None, wait: float,
+                last: bool = False) -> int | None:
         """Run the command; inject ``fault`` after ``wait`` seconds (if it still runs).
-        Returns the exit code when the search ended by itself, else None."""
+        ``fault`` may be a tuple of faults the driver lives through (:data:`IN_DRIVER`):
+        they strike the same driver one after another, ``wait`` seconds apart once the
+        search has reported again after the one before. After a fault the driver lives
+        through, the search is killed ``wait`` seconds later for the next fault, or, when
+        this is the ``last`` one, left to run to its end. Returns the exit code when the
+        search ended by itself, else None."""
+        group = fault if isinstance(fault, tuple) else (fault,)
+        if len(group) > 1 and not set(group) <= set(IN_DRIVER):
+            raise ValueError(f"only faults the driver lives through strike together: {group}")
         t0 = time.time()
-        proc = self.start(oom=fault == "oom")
+        proc = self.start(oom="oom" in group)
         if fault is not None:  # the clock starts once the search has reported anew
             start_reports, deadline = self.reports(), time.time() + 300
             while proc.poll() is None and time.time() < deadline and \
                     self.reports() <= start_reports:
                 time.sleep(0.5)
-        started = time.time()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=wait)
-        entry: dict[str, Any] = {"fault": fault, "at_s": round(time.time() - t0, 1),
-                                 "after_new_report_s": round(time.time() - started, 1)}
-        if proc.poll() is not None:
-            entry.update(ended=proc.returncode, stderr=self.stderr_tail())
-            self.log.append(entry)
-            self.cleanup()
-            return proc.returncode
-        if fault in ("kill", "truncate"):
+        for one in group:
+            started = time.time()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=wait)
+            entry: dict[str, Any] = {"fault": one, "at_s": round(time.time() - t0, 1),
+                                     "after_new_report_s": round(time.time() - started, 1)}
+            if proc.poll() is not None:
+                entry.update(ended=proc.returncode, stderr=self.stderr_tail())
+                self.log.append(entry)
+                self.cleanup()
+                return proc.returncode
+            if one not in IN_DRIVER:
+                break
+            entry.update(self.strike(proc, one, started, wait))
+            if one != group[-1]:
+                self.log.append(entry)
+        if one in ("kill", "truncate"):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
             self.cleanup()
-            if fault == "truncate":
+            if one == "truncate":
                 entry["truncated"] = self.truncate_a_checkpoint()
-        elif fault == "ctrl-c":
+        elif one == "ctrl-c":
             proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(180)
@@ -389,39 +406,9 @@ class Chaos:
             entry["last_line"] = ([ln for ln in err.splitlines() if ln.strip()] or [""])[-1]
             entry["parent_status"] = self.parent_status()
             self.cleanup()
-        elif fault in ("trial", "oom", "mlflow-down", "node"):
-            if fault == "trial":
-                victims = self.trial_processes()
-                entry["trial_processes"] = len(victims)
-                if victims:
-                    self.rng.choice(victims).kill()
-            else:
-                before = self.reports()
-                if fault == "oom":
-                    entry.update(self.fill_memory_until_a_trial_dies(proc))
-                elif fault == "node":
-                    on_worker = [p for p in self.trial_processes()
-                                 if p in self.node_processes("worker")]
-                    entry["trials_on_worker"] = len(on_worker)
-                    entry["killed_processes"] = self.kill_node("worker")
-                    time.sleep(self.outage)
-                    self.start_node("worker")
-                    entry["outage_s"] = self.outage
-                else:
-                    self.stop_server()
-                    time.sleep(self.outage)
-                    self.start_server()
-                    entry["outage_s"] = self.outage
-                # the search carries on by itself: two new reports (or its end) show it
-                while proc.poll() is None and self.reports() < before + 2 and \
-                        time.time() < started + wait + 600:
-                    time.sleep(0.5)
-                entry["reports_after"] = self.reports() - before
-                entry["waited_s"] = round(time.time() - started, 1)
-                entry["errored_trials"] = len(list(
-                    self.storage.glob(f"{self.name}/*/error.txt")))
+        elif one in IN_DRIVER:
             try:  # the search goes on: let it end or be hit by the next fault
-                proc.wait(timeout=wait)
+                proc.wait(timeout=900.0 if last else wait)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(30)
@@ -436,12 +423,49 @@ class Chaos:
         self.log.append(entry)
         return None
 
-    def run(self, faults: list[str], wait: tuple[float, float] = (0.0, 20.0),
-            max_segments: int = 60) -> int:
-        """Inject ``faults`` in order at random moments, then resume until the search
-        ends by itself; returns its exit code."""
-        for fault in faults:
-            rc = self.segment(fault, self.rng.uniform(*wait))
+    def strike(self, proc: subprocess.Popen[bytes], fault: str, started: float,
+               wait: float) -> dict[str, Any]:
+        """Inject a fault the driver lives through into the running search, and wait
+        until the search has reported twice more (or ended): what happened, for the log."""
+        entry: dict[str, Any] = {}
+        if fault == "trial":
+            victims = self.trial_processes()
+            entry["trial_processes"] = len(victims)
+            if victims:
+                self.rng.choice(victims).kill()
+            return entry
+        before = self.reports()
+        if fault == "oom":
+            entry.update(self.fill_memory_until_a_trial_dies(proc))
+        elif fault == "node":
+            on_worker = [p for p in self.trial_processes()
+                         if p in self.node_processes("worker")]
+            entry["trials_on_worker"] = len(on_worker)
+            entry["killed_processes"] = self.kill_node("worker")
+            time.sleep(self.outage)
+            self.start_node("worker")
+            entry["outage_s"] = self.outage
+        else:
+            self.stop_server()
+            time.sleep(self.outage)
+            self.start_server()
+            entry["outage_s"] = self.outage
+        # the search carries on by itself: two new reports (or its end) show it
+        while proc.poll() is None and self.reports() < before + 2 and \
+                time.time() < started + wait + 600:
+            time.sleep(0.5)
+        entry["reports_after"] = self.reports() - before
+        entry["waited_s"] = round(time.time() - started, 1)
+        entry["errored_trials"] = len(list(self.storage.glob(f"{self.name}/*/error.txt")))
+        return entry
+
+    def run(self, faults: list[str | tuple[str, ...]],
+            wait: tuple[float, float] = (0.0, 20.0), max_segments: int = 60) -> int:
+        """Inject ``faults`` in order at random moments (a tuple: into one driver, see
+        :meth:`segment`), then resume until the search ends by itself; returns its exit
+        code."""
+        for i, fault in enumerate(faults):
+            rc = self.segment(fault, self.rng.uniform(*wait), last=i == len(faults) - 1)
             if rc is not None:
                 return rc
         for _ in range(max_segments):
