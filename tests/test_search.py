@@ -49,7 +49,7 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def unified(ray_session, dataset, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("unified")
-    cfg = SearchConfig(name="unified-test", space="unified", data=DATA, budget_flops=6e10,
+    cfg = SearchConfig(name="unified-test", space="unified", data=DATA, budget_flops=3e10,
                        trial_flops=6e9, grace_flops=6e9 / 9, max_flops_per_example=CAP,
                        eval_max_examples=500, max_concurrent=2, seed=0,
                        resources=ResourceConfig(gpus="on", gpu_full_at_flops=2e5,
