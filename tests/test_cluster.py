@@ -406,7 +406,7 @@ def test_a_job_on_two_nodes_survives_losing_the_worker_and_getting_it_back(clust
 
     name, storage = "lose-worker", cluster.tmp / "shared"
     worker, head = cluster.node_ids["worker"], cluster.node_ids["head"]
-    res = cluster.submit(*_search_args(name, "1.2e11", cluster.uri, storage), wait=False)
+    res = cluster.submit(*_search_args(name, "8e10", cluster.uri, storage), wait=False)
     assert res.returncode == 0, res.stderr[-2000:]
     job_id = _job_id(res)
 
@@ -646,7 +646,7 @@ def test_ray_up_local_provider_end_to_end(ssh_node, tmp_path) -> None:
         uri = f"http://127.0.0.1:{ports['mlflow']}"  # as the job on the head sees it
         job = _job_submit(f"http://127.0.0.1:{ports['dash_local']}",
                           [f"{node.home}/venv/bin/recscale", "search",  # as the docs do
-                           *_search_args("ray-up", "4e10", uri, node.shared / "ray")], env)
+                           *_search_args("ray-up", "2.5e10", uri, node.shared / "ray")], env)
         assert job.returncode == 0 and "succeeded" in (job.stdout + job.stderr).lower(), (
             job.stdout[-3000:], job.stderr[-3000:], _ray_log_tails(node.raytmp))
         runs = _trial_runs(f"http://127.0.0.1:{ports['mlflow_local']}", "ray-up")
