@@ -22,6 +22,12 @@ command, until it ends by itself. Faults, in a shuffled schedule:
   worker node killed (its raylet and the trials on it), the node started again after
   ``--outage`` seconds; trials it ran are retried.
 
+After a fault the driver lives through (``trial``, ``oom``, ``mlflow-down``, ``node``)
+the driver is killed a moment later for the next fault, or, after the schedule's last
+fault, left to end the search. :meth:`Chaos.run` also takes a tuple of such faults,
+which strike one driver in turn (``tests/test_chaos.py`` puts an outage and a memory
+kill in one driver).
+
 Then :func:`analysis.audit.audit_search` checks the result (one run per trial, nothing
 RUNNING, no duplicate or backward steps, spent FLOPs within the budget's bound and
 covering every trained FLOP, Tune and MLflow agreeing), and the same search run once
