@@ -379,7 +379,7 @@ class Chaos:
             while proc.poll() is None and time.time() < deadline and \
                     self.reports() <= start_reports:
                 time.sleep(0.5)
-        for one in group:
+        for i, one in enumerate(group):
             started = time.time()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=wait)
@@ -393,7 +393,7 @@ class Chaos:
             if one not in IN_DRIVER:
                 break
             entry.update(self.strike(proc, one, started, wait))
-            if one != group[-1]:
+            if i < len(group) - 1:  # the last one's entry is finished below
                 self.log.append(entry)
         if one in ("kill", "truncate"):
             os.killpg(proc.pid, signal.SIGKILL)

@@ -301,7 +301,7 @@ def test_a_search_survives_an_mlflow_server_outage_and_a_node_out_of_memory(
 
     chaos_mod = _bench_chaos()
     # a budget the search is still spending when the memory fault strikes on a quiet
-    # machine too (there it had spent 2.2e10-2.4e10 by then); Ray's kill threshold 6 GiB
+    # machine too (there it had spent 2.1e10-2.4e10 by then); Ray's kill threshold 6 GiB
     # above the memory in use at the start, so that a test on the other pytest-xdist
     # worker growing by a few GiB does not reach it before the fault
     chaos = chaos_mod.Chaos(tmp_path / "chaos", budget_flops=6e10, trial_flops=6e9, seed=5,
